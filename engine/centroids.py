@@ -1,0 +1,73 @@
+"""Running per-speaker statistics.
+
+A centroid is kept as a float64 running sum and a count, so that the mean is exact
+(to float precision) however many utterances were added, and so that removing an
+utterance or merging two profiles is exact as well. Scoring uses the mean; cosine
+scoring makes its length irrelevant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class RunningCentroid:
+    """Sum and count of the embeddings of one speaker under one model version.
+
+    >>> c = RunningCentroid(dim=2).learn_one(np.array([1.0, 0.0])).learn_one(np.array([0.0, 1.0]))
+    >>> c.count, c.mean.tolist()
+    (2, [0.5, 0.5])
+    >>> c.remove_one(np.array([0.0, 1.0])).mean.tolist()
+    [1.0, 0.0]
+    """
+
+    dim: int
+    sum: np.ndarray = field(default=None)  # type: ignore[assignment]
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        if self.sum is None:
+            self.sum = np.zeros(self.dim, dtype=np.float64)
+        else:
+            self.sum = np.asarray(self.sum, dtype=np.float64).copy()
+            if self.sum.shape != (self.dim,):
+                raise ValueError(f"centroid sum has shape {self.sum.shape}, expected ({self.dim},)")
+
+    @property
+    def mean(self) -> np.ndarray:
+        if self.count == 0:
+            raise ValueError("an empty centroid has no mean")
+        return self.sum / self.count
+
+    def learn_one(self, embedding: np.ndarray) -> RunningCentroid:
+        self.sum += self._check(embedding)
+        self.count += 1
+        return self
+
+    def remove_one(self, embedding: np.ndarray) -> RunningCentroid:
+        if self.count == 0:
+            raise ValueError("cannot remove from an empty centroid")
+        self.sum -= self._check(embedding)
+        self.count -= 1
+        if self.count == 0:
+            # Forget accumulated rounding error: an empty profile is exactly zero.
+            self.sum[:] = 0.0
+        return self
+
+    def merge(self, other: RunningCentroid) -> RunningCentroid:
+        if other.dim != self.dim:
+            raise ValueError(f"cannot merge centroids of dimension {self.dim} and {other.dim}")
+        self.sum += other.sum
+        self.count += other.count
+        return self
+
+    def _check(self, embedding: np.ndarray) -> np.ndarray:
+        x = np.asarray(embedding, dtype=np.float64).reshape(-1)
+        if x.shape != (self.dim,):
+            raise ValueError(f"embedding has {x.shape[0]} values, expected {self.dim}")
+        if not np.all(np.isfinite(x)):
+            raise ValueError("embedding has non-finite values")
+        return x

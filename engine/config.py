@@ -1,0 +1,103 @@
+"""Typed configuration: defaults, then ``config.toml`` in the home folder, then environment.
+
+Environment overrides are named ``VOICEPRINT_<SECTION>__<KEY>`` (double underscore),
+e.g. ``VOICEPRINT_AUDIO__MIN_SPEECH_S=2``. Unknown sections or keys are errors, in the
+file and in the environment alike, so a typo never silently falls back to a default.
+The resolved configuration is stored with every model version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from engine.errors import ConfigError
+
+ENV_PREFIX = "VOICEPRINT_"
+
+
+@dataclass(frozen=True)
+class AudioConfig:
+    min_speech_s: float = 1.0  # less speech than this after VAD is rejected
+    max_duration_s: float = 600.0  # longer inputs are rejected before being decoded
+    vad_threshold: float = 0.5  # silero-vad speech probability
+    target_dbfs: float = -30.0  # speech is normalised to this RMS level (Resemblyzer's choice)
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    name: str = "ge2e-lstm"
+    device: str = "auto"  # "auto" picks CUDA when present
+    batch_windows: int = 256  # windows per encoder forward pass
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    # Cosine thresholds between an utterance and a speaker centroid (see README, "Thresholds").
+    identify_threshold: float = 0.75
+    verify_threshold: float = 0.75
+
+
+@dataclass(frozen=True)
+class Config:
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, origin: str = "config") -> Config:
+        sections = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(data) - set(sections)
+        if unknown:
+            raise ConfigError(f"{origin}: unknown section(s) {sorted(unknown)}; valid: {sorted(sections)}")
+        built = {}
+        for name, f in sections.items():
+            section_cls = f.default_factory  # type: ignore[misc]
+            values = data.get(name, {})
+            if not isinstance(values, Mapping):
+                raise ConfigError(f"{origin}: [{name}] must be a table of keys")
+            built[name] = _build_section(section_cls, values, f"{origin} [{name}]")
+        return cls(**built)
+
+
+def _build_section(section_cls: type, values: Mapping[str, Any], origin: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(section_cls)}
+    unknown = set(values) - set(fields)
+    if unknown:
+        raise ConfigError(f"{origin}: unknown key(s) {sorted(unknown)}; valid: {sorted(fields)}")
+    kwargs = {}
+    for key, value in values.items():
+        expected = type(fields[key].default)
+        try:
+            if expected is bool and isinstance(value, str):
+                kwargs[key] = value.strip().lower() in {"1", "true", "yes", "on"}
+            else:
+                kwargs[key] = expected(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{origin}: {key}={value!r} is not a valid {expected.__name__}") from None
+    return section_cls(**kwargs)
+
+
+def load_config(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Resolve the configuration from defaults, an optional TOML file and the environment."""
+    data: dict[str, dict[str, Any]] = {}
+    if path is not None and Path(path).exists():
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    environ = os.environ if environ is None else environ
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, _, key = name[len(ENV_PREFIX):].lower().partition("__")
+        data.setdefault(section, {})[key] = value
+    return Config.from_dict(data, origin=str(path) if path else "environment")

@@ -1,0 +1,104 @@
+"""The project's exception hierarchy.
+
+Every error a user can cause or meet carries a stable ``code`` so the CLI and the
+HTTP service can report it to machines, and a message written for a person.
+Library code raises these; it never prints or exits.
+"""
+
+
+class VoiceprintError(Exception):
+    """Base class of every error voiceprint raises on purpose."""
+
+    code = "error"
+
+
+class ConfigError(VoiceprintError):
+    """A configuration file or environment override is invalid."""
+
+    code = "config_error"
+
+
+class AudioError(VoiceprintError):
+    """Audio that cannot be used; nothing is stored when this is raised."""
+
+    code = "audio_error"
+
+
+class UndecodableAudio(AudioError):
+    code = "undecodable_audio"
+
+
+class EmptyAudio(AudioError):
+    code = "empty_audio"
+
+
+class NonFiniteAudio(AudioError):
+    code = "non_finite_audio"
+
+
+class NoSpeech(AudioError):
+    code = "no_speech"
+
+
+class TooShort(AudioError):
+    code = "too_short"
+
+
+class TooLong(AudioError):
+    code = "too_long"
+
+
+class UnknownSpeaker(VoiceprintError):
+    code = "unknown_speaker"
+
+
+class UnknownVersion(VoiceprintError):
+    code = "unknown_version"
+
+
+class UnknownName(VoiceprintError):
+    """A registry lookup (encoder, frontend, loss) named something unregistered."""
+
+    code = "unknown_name"
+
+
+class CheckpointError(VoiceprintError):
+    """A model checkpoint is missing, corrupted or does not match its checksum."""
+
+    code = "checkpoint_error"
+
+
+class StorageError(VoiceprintError):
+    """The database refused or failed an operation."""
+
+    code = "storage_error"
+
+
+class NotInitialised(StorageError):
+    """The database has no active model version yet (run ``voiceprint init``)."""
+
+    code = "not_initialised"
+
+
+class SchemaOutdated(StorageError):
+    """The database schema is not at the newest revision (run ``voiceprint db upgrade``)."""
+
+    code = "schema_outdated"
+
+
+class DuplicateUtterance(StorageError):
+    """The same audio content was already enrolled for this speaker."""
+
+    code = "duplicate_utterance"
+
+
+class MissingAudio(AudioError):
+    """The audio file named does not exist or cannot be read."""
+
+    code = "missing_audio"
+
+
+class InvalidInput(VoiceprintError):
+    """An argument is malformed (an empty speaker name, a bad stream row, ...)."""
+
+    code = "invalid_input"
