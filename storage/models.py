@@ -1,0 +1,184 @@
+"""SQLAlchemy models: the only place where tables are defined.
+
+The schema itself changes only through an Alembic revision in ``migrations/``;
+``tests/test_migrations.py`` proves the two never drift apart.
+
+Vectors are raw little-endian bytes (float32 embeddings and means, float64 centroid
+sums) so the same schema works on SQLite and PostgreSQL without extensions.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    CheckConstraint,
+    DateTime,
+    Double,
+    ForeignKey,
+    LargeBinary,
+    MetaData,
+    String,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+VERSION_STATUSES = ("candidate", "active", "rejected", "retired")
+
+# Named so that the store can recognise a duplicate enrollment from the database error.
+UTTERANCE_CONTENT_UNIQUE = "uq_utterances_speaker_id_content_sha256"
+
+
+class UTCDateTime(TypeDecorator):
+    """Timezone-aware UTC timestamps on every backend.
+
+    SQLite has no time zone type: it stores the wall clock and hands back naive
+    values, so times are converted to UTC on the way in and marked UTC on the way out.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetimes are ambiguous; pass a timezone-aware one")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    # Deterministic constraint names, identical on both backends, so later revisions
+    # (and SQLite batch migrations) can refer to them.
+    metadata = MetaData(
+        naming_convention={
+            "ix": "ix_%(column_0_label)s",
+            "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+            "ck": "ck_%(table_name)s_%(constraint_name)s",
+            "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+            "pk": "pk_%(table_name)s",
+        }
+    )
+    type_annotation_map = {
+        datetime: UTCDateTime,
+        dict[str, Any]: JSON,
+        float: Double,
+        bytes: LargeBinary,
+    }
+
+
+class Speaker(Base):
+    __tablename__ = "speakers"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String, unique=True)
+    created_at: Mapped[datetime]
+
+
+class Utterance(Base):
+    __tablename__ = "utterances"
+    __table_args__ = (UniqueConstraint("speaker_id", "content_sha256"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    speaker_id: Mapped[int] = mapped_column(ForeignKey("speakers.id", ondelete="CASCADE"))
+    source: Mapped[str]
+    content_sha256: Mapped[str] = mapped_column(String(64))  # of the original input bytes
+    duration_s: Mapped[float]  # input length
+    speech_s: Mapped[float]  # after VAD
+    quality: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime]
+
+
+class UtteranceAudio(Base):
+    """The 16 kHz speech-only audio of an utterance, kept for re-embedding and replay.
+
+    A table of its own so that listing utterances never loads audio.
+    """
+
+    __tablename__ = "utterance_audio"
+
+    utterance_id: Mapped[int] = mapped_column(
+        ForeignKey("utterances.id", ondelete="CASCADE"), primary_key=True, autoincrement=False
+    )
+    codec: Mapped[str]
+    sample_rate: Mapped[int]
+    data: Mapped[bytes]
+
+
+class ModelVersion(Base):
+    __tablename__ = "model_versions"
+    __table_args__ = (
+        CheckConstraint(
+            "status IN (" + ", ".join(f"'{s}'" for s in VERSION_STATUSES) + ")", name="status"
+        ),
+    )
+
+    # Numbered by the store (max + 1 inside the creating transaction), never by a sequence,
+    # so version numbers are dense and the same on every backend.
+    number: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    parent: Mapped[int | None] = mapped_column(ForeignKey("model_versions.number"))
+    status: Mapped[str]
+    encoder: Mapped[str]
+    config: Mapped[dict[str, Any]]
+    checkpoint: Mapped[str]
+    checkpoint_sha256: Mapped[str] = mapped_column(String(64))
+    metrics: Mapped[dict[str, Any]]
+    note: Mapped[str | None]
+    created_at: Mapped[datetime]
+
+
+class Alias(Base):
+    __tablename__ = "aliases"
+
+    name: Mapped[str] = mapped_column(primary_key=True)
+    version: Mapped[int] = mapped_column(ForeignKey("model_versions.number"))
+    updated_at: Mapped[datetime]
+
+
+class AliasMove(Base):
+    """Append-only log of alias moves: who moved which alias, when and why."""
+
+    __tablename__ = "alias_history"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    alias: Mapped[str]
+    version: Mapped[int]
+    previous_version: Mapped[int | None]
+    actor: Mapped[str]
+    reason: Mapped[str]
+    moved_at: Mapped[datetime]
+
+
+class Embedding(Base):
+    __tablename__ = "embeddings"
+
+    utterance_id: Mapped[int] = mapped_column(
+        ForeignKey("utterances.id", ondelete="CASCADE"), primary_key=True
+    )
+    version: Mapped[int] = mapped_column(ForeignKey("model_versions.number"), primary_key=True)
+    vector: Mapped[bytes]  # float32 little-endian
+    created_at: Mapped[datetime]
+
+
+class Centroid(Base):
+    __tablename__ = "centroids"
+
+    speaker_id: Mapped[int] = mapped_column(
+        ForeignKey("speakers.id", ondelete="CASCADE"), primary_key=True
+    )
+    version: Mapped[int] = mapped_column(ForeignKey("model_versions.number"), primary_key=True)
+    dim: Mapped[int]
+    count: Mapped[int]
+    sum: Mapped[bytes]  # float64 little-endian, exact running sum
+    mean: Mapped[bytes]  # float32 little-endian, sum / count, what 1:N search loads
+    updated_at: Mapped[datetime]

@@ -1,0 +1,77 @@
+"""Plain, frozen values returned by :class:`storage.Store`.
+
+Callers never see ORM rows or sessions: these records stay valid after the session
+that produced them is closed, and cannot be changed by accident.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SpeakerSummary:
+    name: str
+    utterances: int
+    speech_s: float  # total speech after VAD
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class UtteranceRecord:
+    id: int
+    speaker: str
+    source: str
+    content_sha256: str
+    duration_s: float
+    speech_s: float
+    quality: dict[str, Any]
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    number: int
+    parent: int | None
+    status: str  # candidate / active / rejected / retired
+    encoder: str
+    config: dict[str, Any]
+    checkpoint: str
+    checkpoint_sha256: str
+    metrics: dict[str, Any]
+    note: str | None
+    created_at: datetime
+    active: bool  # the "active" alias points at this version
+
+
+@dataclass(frozen=True)
+class AliasMove:
+    alias: str
+    version: int
+    previous_version: int | None
+    actor: str
+    reason: str
+    moved_at: datetime
+
+
+# eq=False: a generated __eq__ would compare numpy arrays and raise on truth testing.
+@dataclass(frozen=True, eq=False)
+class Centroid:
+    speaker: str
+    version: int
+    count: int
+    sum: np.ndarray  # float64
+    mean: np.ndarray  # float64, sum / count
+
+
+@dataclass(frozen=True, eq=False)
+class Enrollment:
+    utterance: UtteranceRecord
+    version: int
+    count: int  # utterances in the speaker's centroid after this one
+    previous_mean: np.ndarray | None  # None when the speaker had no centroid at this version
+    mean: np.ndarray

@@ -1,0 +1,74 @@
+"""The schema changes only through Alembic, and the revisions match the models."""
+
+from __future__ import annotations
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import create_engine, inspect
+
+from engine.errors import SchemaOutdated
+from storage import Store
+from storage.models import Base
+
+MODEL_TABLES = {table.name for table in Base.metadata.sorted_tables}
+
+
+def _tables(url: str) -> set[str]:
+    engine = create_engine(url)
+    try:
+        return set(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def test_models_define_the_expected_tables() -> None:
+    assert MODEL_TABLES == {
+        "speakers",
+        "utterances",
+        "utterance_audio",
+        "model_versions",
+        "aliases",
+        "alias_history",
+        "embeddings",
+        "centroids",
+    }
+
+
+def test_empty_to_head_to_base_to_head(db_url: str) -> None:
+    with Store(db_url) as store:
+        assert store.current_revision() is None
+        assert _tables(db_url) == set()
+
+        store.upgrade()
+        assert store.current_revision() == store.head_revision()
+        assert _tables(db_url) == MODEL_TABLES | {"alembic_version"}
+
+        store.downgrade()
+        assert store.current_revision() is None
+        assert _tables(db_url) == {"alembic_version"}
+
+        store.upgrade()
+        assert store.current_revision() == store.head_revision()
+        assert _tables(db_url) == MODEL_TABLES | {"alembic_version"}
+
+
+def test_autogenerate_finds_no_difference(store: Store, db_url: str) -> None:
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as connection:
+            context = MigrationContext.configure(connection, opts={"compare_type": True})
+            assert compare_metadata(context, Base.metadata) == []
+    finally:
+        engine.dispose()
+
+
+def test_check_schema(db_url: str) -> None:
+    with Store(db_url) as store:
+        with pytest.raises(SchemaOutdated, match="voiceprint db upgrade"):
+            store.check_schema()
+        store.upgrade()
+        store.check_schema()
+        store.downgrade()
+        with pytest.raises(SchemaOutdated, match=f"code expects {store.head_revision()}"):
+            store.check_schema()

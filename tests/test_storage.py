@@ -1,0 +1,290 @@
+"""Store against real SQLite and PostgreSQL databases (no mocks).
+
+Embeddings are random unit vectors: the storage layer is under test, not the encoder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import threading
+from datetime import UTC
+
+import numpy as np
+import pytest
+from sqlalchemy.engine import make_url
+
+from engine.errors import (
+    DuplicateUtterance,
+    NotInitialised,
+    StorageError,
+    UnknownSpeaker,
+    UnknownVersion,
+)
+from storage import Store
+
+DIM = 256
+
+
+def unit_vector(rng: np.random.Generator, dim: int = DIM) -> np.ndarray:
+    x = rng.standard_normal(dim).astype(np.float32)
+    return x / np.linalg.norm(x)
+
+
+def new_version(store: Store, **overrides) -> int:
+    fields = dict(
+        encoder="ge2e-lstm",
+        config={"encoder": {"name": "ge2e-lstm"}},
+        checkpoint="checkpoints/v.pt",
+        checkpoint_sha256="0" * 64,
+    )
+    return store.create_version(**(fields | overrides)).number
+
+
+def enroll(store: Store, speaker: str, version: int, embedding: np.ndarray, content: bytes):
+    return store.enroll(
+        speaker=speaker,
+        version=version,
+        source=f"{speaker}.wav",
+        content_sha256=hashlib.sha256(content).hexdigest(),
+        duration_s=3.0,
+        speech_s=2.5,
+        quality={"clipping_ratio": 0.0, "rms_dbfs": -30.0, "input_sample_rate": 44100},
+        audio=b"fLaC" + content,
+        codec="flac",
+        sample_rate=16000,
+        embedding=embedding,
+    )
+
+
+def test_versions_aliases_and_history(store: Store) -> None:
+    with pytest.raises(NotInitialised):
+        store.active_version()
+    v1 = store.create_version(
+        encoder="ge2e-lstm",
+        config={"a": 1},
+        checkpoint="v1.pt",
+        checkpoint_sha256="1" * 64,
+        metrics={"eer": 0.05},
+        note="pretrained",
+    )
+    assert (v1.number, v1.status, v1.parent, v1.active) == (1, "candidate", None, False)
+    assert v1.created_at.tzinfo == UTC
+    v2 = new_version(store, parent=1)
+
+    store.set_alias("active", 1, actor="init", reason="first version")
+    assert store.active_version().number == 1
+    assert store.get_version(1).status == "active"
+
+    store.set_alias("active", v2, actor="refresh", reason="passed the gate")
+    versions = store.list_versions()
+    assert [(v.number, v.status, v.active, v.parent) for v in versions] == [
+        (1, "retired", False, None),
+        (2, "active", True, 1),
+    ]
+    assert versions[0].config == {"a": 1} and versions[0].metrics == {"eer": 0.05}
+    assert versions[1].metrics == {}
+
+    store.set_alias("active", 1, actor="alice", reason="rollback")
+    assert store.active_version().number == 1
+    assert store.get_version(2).status == "retired"
+    history = store.alias_history()
+    assert [(h.version, h.previous_version, h.actor, h.reason) for h in history] == [
+        (1, None, "init", "first version"),
+        (2, 1, "refresh", "passed the gate"),
+        (1, 2, "alice", "rollback"),
+    ]
+    assert all(h.alias == "active" and h.moved_at.tzinfo == UTC for h in history)
+
+    # Other aliases move without touching statuses.
+    store.set_alias("staging", 2, actor="ci", reason="try it")
+    assert store.get_version(2).status == "retired"
+    assert len(store.alias_history("staging")) == 1
+
+
+def test_unknown_versions(store: Store) -> None:
+    with pytest.raises(UnknownVersion):
+        store.get_version(7)
+    with pytest.raises(UnknownVersion):
+        new_version(store, parent=7)
+    with pytest.raises(UnknownVersion):
+        store.set_alias("active", 7, actor="x", reason="y")
+    with pytest.raises(ValueError, match="status"):
+        new_version(store, status="shiny")
+    assert store.list_versions() == []
+    assert store.counts()["alias_history"] == 0
+
+
+def test_enroll_keeps_centroids_equal_to_the_mean_of_embeddings(store: Store) -> None:
+    rng = np.random.default_rng(0)
+    version = new_version(store)
+    means: dict[str, np.ndarray] = {}
+    for i in range(40):
+        speaker = ("bob", "alice")[i % 2]
+        result = enroll(store, speaker, version, unit_vector(rng), f"{speaker}-{i}".encode())
+        if speaker in means:
+            np.testing.assert_array_equal(result.previous_mean, means[speaker])
+        else:
+            assert result.previous_mean is None
+        means[speaker] = result.mean
+        assert result.count == i // 2 + 1
+        assert result.utterance.speaker == speaker and result.version == version
+
+    for speaker in ("alice", "bob"):
+        stored = store.embeddings(speaker, version)
+        assert stored.shape == (20, DIM) and stored.dtype == np.float32
+        centroid = store.centroid(speaker, version)
+        assert centroid.count == 20
+        np.testing.assert_allclose(centroid.mean, stored.astype(np.float64).mean(0), atol=1e-6)
+        np.testing.assert_allclose(centroid.mean, means[speaker], atol=1e-12)
+
+    names, matrix = store.centroid_matrix(version)
+    assert names == ["alice", "bob"]
+    assert matrix.shape == (2, DIM) and matrix.dtype == np.float32
+    np.testing.assert_allclose(matrix[0], store.centroid("alice", version).mean, atol=1e-6)
+
+    summaries = store.speakers()
+    assert [(s.name, s.utterances, s.speech_s) for s in summaries] == [
+        ("alice", 20, 50.0),
+        ("bob", 20, 50.0),
+    ]
+    assert store.has_speaker("alice") and not store.has_speaker("carol")
+
+    utterances = store.utterances("alice")
+    assert len(utterances) == 20 and len(store.utterances()) == 40
+    first = utterances[0]
+    assert first.quality["input_sample_rate"] == 44100 and first.created_at.tzinfo == UTC
+    assert store.utterance_audio(first.id) == (b"fLaCalice-1", "flac", 16000)
+
+
+def test_duplicate_content_stores_nothing(store: Store) -> None:
+    rng = np.random.default_rng(1)
+    version = new_version(store)
+    enroll(store, "alice", version, unit_vector(rng), b"same audio")
+    before = store.counts()
+    with pytest.raises(DuplicateUtterance, match="alice"):
+        enroll(store, "alice", version, unit_vector(rng), b"same audio")
+    assert store.counts() == before
+    assert store.centroid("alice", version).count == 1
+    # The same recording may be enrolled for another speaker (a mislabel is theirs to fix).
+    enroll(store, "bob", version, unit_vector(rng), b"same audio")
+
+
+def test_failed_enrollment_of_a_new_speaker_stores_nothing(store: Store) -> None:
+    rng = np.random.default_rng(2)
+    with pytest.raises(UnknownVersion):
+        enroll(store, "alice", 1, unit_vector(rng), b"x")
+    version = new_version(store)
+    enroll(store, "alice", version, unit_vector(rng), b"x")
+    before = store.counts()
+    with pytest.raises(ValueError, match="stores 256"):
+        enroll(store, "bob", version, unit_vector(rng, dim=192), b"y")
+    with pytest.raises(ValueError, match="finite"):
+        enroll(store, "bob", version, np.full(DIM, np.nan, dtype=np.float32), b"y")
+    assert store.counts() == before
+    assert not store.has_speaker("bob")
+
+
+def test_unknown_speakers(store: Store) -> None:
+    rng = np.random.default_rng(3)
+    v1, v2 = new_version(store), new_version(store)
+    enroll(store, "alice", v1, unit_vector(rng), b"a")
+    for call in (
+        lambda: store.centroid("nobody", v1),
+        lambda: store.centroid("alice", v2),
+        lambda: store.embeddings("nobody", v1),
+        lambda: store.utterances("nobody"),
+    ):
+        with pytest.raises(UnknownSpeaker):
+            call()
+    assert store.embeddings("alice", v2).shape == (0, 0)
+    names, matrix = store.centroid_matrix(v2)
+    assert names == [] and matrix.shape == (0, 0)
+
+
+def test_records_are_frozen(store: Store) -> None:
+    rng = np.random.default_rng(4)
+    version = new_version(store)
+    store.set_alias("active", version, actor="t", reason="t")
+    result = enroll(store, "alice", version, unit_vector(rng), b"a")
+    records = [
+        result,
+        result.utterance,
+        store.get_version(version),
+        store.alias_history()[0],
+        store.speakers()[0],
+        store.centroid("alice", version),
+    ]
+    for record in records:
+        assert dataclasses.is_dataclass(record)
+        field = dataclasses.fields(record)[0].name
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(record, field, None)
+
+
+@pytest.mark.postgres
+def test_url_password_is_masked(fresh_pg_url: str) -> None:
+    # The test server trusts local connections, so any password is accepted.
+    url = make_url(fresh_pg_url).set(password="s3cret").render_as_string(hide_password=False)
+    with Store(url) as store:
+        assert "s3cret" not in store.url + repr(store) + str(store)
+        assert "***" in store.url
+
+
+def test_unopenable_databases_raise_storage_error(tmp_path) -> None:
+    with pytest.raises(StorageError, match="open the database"):
+        Store(f"sqlite:///{tmp_path / 'missing' / 'voiceprint.db'}")
+    with pytest.raises(StorageError) as raised:
+        Store("postgresql+psycopg://postgres:s3cret@127.0.0.1:1/voiceprint")
+    assert "s3cret" not in str(raised.value) and "127.0.0.1:1" in str(raised.value)
+    with pytest.raises(StorageError, match="unsupported"):
+        Store("mysql://localhost/voiceprint")
+
+
+def test_in_memory_sqlite_shares_one_database() -> None:
+    with Store("sqlite://") as store:
+        store.upgrade()
+        version = new_version(store)
+        enroll(store, "alice", version, unit_vector(np.random.default_rng(5)), b"a")
+        assert store.has_speaker("alice")
+
+
+def test_concurrent_enrollments(db_url: str, store: Store) -> None:
+    """Writers with their own Store (own connections) race on three shared speakers."""
+    version = new_version(store)
+    workers, per_worker, speakers = 8, 20, ("alice", "bob", "carol")
+    barrier = threading.Barrier(workers)
+    acknowledged: list[list[tuple[str, int, np.ndarray]]] = [[] for _ in range(workers)]
+    errors: list[BaseException] = []
+
+    def work(worker: int) -> None:
+        rng = np.random.default_rng(100 + worker)
+        try:
+            with Store(db_url) as own:
+                barrier.wait()
+                for i in range(per_worker):
+                    speaker = speakers[(worker + i) % len(speakers)]
+                    vector = unit_vector(rng)
+                    result = enroll(own, speaker, version, vector, f"{worker}/{i}".encode())
+                    acknowledged[worker].append((speaker, result.utterance.id, vector))
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+
+    done = [entry for entries in acknowledged for entry in entries]
+    assert len(done) == workers * per_worker
+    stored_ids = {u.id: u.speaker for u in store.utterances()}
+    assert stored_ids == {utterance_id: speaker for speaker, utterance_id, _ in done}
+    for speaker in speakers:
+        mine = sorted((uid, vec) for s, uid, vec in done if s == speaker)
+        stored = store.embeddings(speaker, version)
+        np.testing.assert_array_equal(stored, np.stack([vec for _, vec in mine]))
+        centroid = store.centroid(speaker, version)
+        assert centroid.count == len(mine)
+        np.testing.assert_allclose(centroid.mean, stored.astype(np.float64).mean(0), atol=1e-6)
