@@ -1,0 +1,393 @@
+"""Turn an audio file or its bytes into 16 kHz mono speech with a quality report.
+
+The first step of every utterance's path: decode (soundfile: WAV, FLAC, OGG, MP3),
+downmix to mono, resample to 16 kHz, keep only the speech that silero-vad finds, and
+normalise its level. Bad input raises one of the :class:`engine.errors.AudioError`
+subclasses, with a one-line message that names the source.
+
+The VAD does not use ``silero_vad.get_speech_timestamps``: that loops in Python over
+512-sample chunks. The JIT model's ``audio_forward`` runs the whole (padded) batch in
+one call, and only the cheap probabilities-to-segments step stays in Python.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import io
+import logging
+import math
+import os
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import BinaryIO, Sequence
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio
+
+from engine.config import AudioConfig
+from engine.errors import (
+    AudioError,
+    EmptyAudio,
+    MissingAudio,
+    NonFiniteAudio,
+    NoSpeech,
+    TooLong,
+    TooShort,
+    UndecodableAudio,
+)
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16_000
+
+_CLIP_LEVEL = 0.999  # |x| at or above this counts as clipped
+_PEAK_CEILING = 0.99  # normalisation gain is limited so the peak stays below full scale
+_VAD_CHUNK = 512  # samples per silero-vad probability at 16 kHz (fixed by the model)
+_VAD_PAD_MS = 50  # kept around each speech segment so word onsets are not cut
+_VAD_MIN_SILENCE_MS = 300  # shorter pauses stay inside a segment: natural rhythm is kept
+# Padded samples per VAD forward pass: as much as one 10-minute utterance needs anyway,
+# so a large load_many costs no more memory than the longest input allowed by default.
+_VAD_MAX_BATCH_SAMPLES = 600 * SAMPLE_RATE
+# A batch step costs a fixed overhead plus a little per row, so padding a short signal to
+# twice its length still beats a separate pass (measured on speechocean762 batches).
+_VAD_BATCH_LENGTH_RATIO = 2.0
+
+Source = str | os.PathLike | bytes
+
+
+@dataclass(frozen=True)
+class Quality:
+    """What was measured on an input; stored with the utterance and shown to users."""
+
+    duration_s: float  # input length
+    speech_s: float  # after VAD
+    clipping_ratio: float  # fraction of input samples with |x| >= 0.999 (before any gain)
+    rms_dbfs: float  # level of the speech before normalisation
+    input_sample_rate: int
+    channels: int
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# eq=False: a dataclass __eq__ would compare the numpy arrays, whose truth value is ambiguous.
+@dataclass(frozen=True, eq=False)
+class Speech:
+    """Speech ready for the frontends, plus where it came from."""
+
+    samples: np.ndarray  # float32, 1-D, 16 kHz, speech only, level-normalised
+    quality: Quality
+    source: str  # file name (str(path)) or the name given for bytes input
+    content_sha256: str  # sha256 hex of the original input bytes, used for de-duplication
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    """An input after decoding and resampling, waiting for the VAD."""
+
+    samples: np.ndarray  # float32, 1-D, 16 kHz, full length
+    source: str
+    content_sha256: str
+    duration_s: float
+    clipping_ratio: float
+    input_sample_rate: int
+    channels: int
+
+
+def load(source: Source, config: AudioConfig = AudioConfig(), *, name: str | None = None) -> Speech:
+    """Decode one input and keep its level-normalised speech.
+
+    Parameters
+    ----------
+    source
+        A path, or the raw bytes of an audio file (WAV, FLAC, OGG or MP3).
+    config
+        Limits, VAD threshold and target level.
+    name
+        What to call the input in ``Speech.source`` and in error messages; defaults to
+        the path, or ``"<bytes>"`` for bytes.
+
+    Returns
+    -------
+    Speech
+
+    Raises
+    ------
+    AudioError
+        One of its subclasses (``MissingAudio``, ``EmptyAudio``, ``UndecodableAudio``,
+        ``TooLong``, ``NonFiniteAudio``, ``NoSpeech``, ``TooShort``).
+    """
+    decoded = _decode(source, name, config)
+    return _keep_speech(decoded, _speech_probabilities([decoded.samples])[0], config)
+
+
+def load_many(
+    sources: Sequence[Source],
+    config: AudioConfig = AudioConfig(),
+    *,
+    names: Sequence[str | None] | None = None,
+) -> list[Speech | AudioError]:
+    """Like ``[load(s) for s in sources]``, with one batched VAD pass for all of them.
+
+    An input that fails gets its ``AudioError`` in its slot and the others go on, so
+    one bad file in a batch of enrollments does not cost the rest. Every decoded input
+    is held in memory until the VAD has run, so pass batches, not a whole corpus.
+
+    Parameters
+    ----------
+    sources
+        Paths or bytes, as for :func:`load`.
+    config
+        As for :func:`load`.
+    names
+        One name (or None) per source, as ``name`` for :func:`load`.
+
+    Returns
+    -------
+    list of Speech or AudioError, in the order of ``sources``
+    """
+    if names is None:
+        names = [None] * len(sources)
+    if len(names) != len(sources):
+        raise ValueError(f"{len(names)} names given for {len(sources)} sources")
+    results: list[Speech | AudioError | _Decoded] = []
+    for source, name in zip(sources, names):
+        try:
+            results.append(_decode(source, name, config))
+        except AudioError as exc:
+            results.append(exc)
+    pending = [i for i, r in enumerate(results) if isinstance(r, _Decoded)]
+    probabilities = _speech_probabilities([results[i].samples for i in pending])
+    for i, probs in zip(pending, probabilities):
+        try:
+            results[i] = _keep_speech(results[i], probs, config)
+        except AudioError as exc:
+            results[i] = exc
+    return results
+
+
+def encode_flac(samples: np.ndarray) -> bytes:
+    """Encode 16 kHz float samples as 16-bit FLAC bytes, for storing speech in the database."""
+    samples = np.asarray(samples, dtype=np.float32)
+    if samples.ndim != 1:
+        raise ValueError(f"expected 1-D samples, got shape {samples.shape}")
+    # Quantise here with the same 32768 scale soundfile uses when reading back: libsndfile
+    # writes floats with 32767, which would add up to one extra step of error per sample.
+    pcm = np.clip(np.round(samples * 32768.0), -32768, 32767).astype(np.int16)
+    buffer = io.BytesIO()
+    sf.write(buffer, pcm, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def decode_flac(data: bytes) -> np.ndarray:
+    """Decode bytes from :func:`encode_flac` back to float32 1-D samples."""
+    try:
+        samples, _ = sf.read(io.BytesIO(data), dtype="float32")
+    except sf.SoundFileError as exc:
+        raise UndecodableAudio(f"stored FLAC: cannot be decoded ({_reason(exc)})") from None
+    return samples
+
+
+def _decode(source: Source, name: str | None, config: AudioConfig) -> _Decoded:
+    """Check, decode, downmix and resample one input; everything before the VAD."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        label = name if name is not None else "<bytes>"
+        data = _read_checked(io.BytesIO(source), label, config)
+    else:
+        label = name if name is not None else str(source)
+        try:
+            with open(source, "rb") as fh:
+                data = _read_checked(fh, label, config)
+        except OSError as exc:
+            raise MissingAudio(f"{label}: cannot be read ({exc.strerror or exc})") from None
+
+    try:
+        frames, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except sf.SoundFileError as exc:
+        raise UndecodableAudio(f"{label}: cannot be decoded ({_reason(exc)})") from None
+    if frames.size == 0:
+        raise EmptyAudio(f"{label}: contains no audio frames")
+    duration_s = len(frames) / rate
+    if duration_s > config.max_duration_s:  # the header understated the length
+        raise TooLong(f"{label}: {duration_s:.1f} s is longer than the limit of {config.max_duration_s:g} s")
+    if not np.isfinite(frames).all():
+        raise NonFiniteAudio(f"{label}: contains NaN or infinite samples")
+    if not frames.any():
+        raise NoSpeech(f"{label}: is digital silence")
+
+    mono = frames.mean(axis=1, dtype=np.float32) if frames.shape[1] > 1 else frames[:, 0]
+    return _Decoded(
+        samples=_resample(mono, rate),
+        source=label,
+        content_sha256=hashlib.sha256(data).hexdigest(),
+        duration_s=duration_s,
+        clipping_ratio=float(np.mean(np.abs(frames) >= _CLIP_LEVEL)),
+        input_sample_rate=rate,
+        channels=frames.shape[1],
+    )
+
+
+def _read_checked(fh: BinaryIO, label: str, config: AudioConfig) -> bytes:
+    """Read an input's bytes, after checking its header so that too long input is never read."""
+    if fh.seek(0, io.SEEK_END) == 0:
+        raise EmptyAudio(f"{label}: is empty (0 bytes)")
+    fh.seek(0)
+    try:
+        info = sf.info(fh)
+    except sf.SoundFileError as exc:
+        raise UndecodableAudio(f"{label}: not a readable audio file ({_reason(exc)})") from None
+    if info.frames == 0:
+        raise EmptyAudio(f"{label}: contains no audio frames")
+    if info.duration > config.max_duration_s:
+        raise TooLong(f"{label}: {info.duration:.1f} s is longer than the limit of {config.max_duration_s:g} s")
+    fh.seek(0)
+    return fh.read()
+
+
+def _reason(exc: sf.SoundFileError) -> str:
+    # libsndfile's own words; str(exc) would name an in-memory buffer by its address.
+    return getattr(exc, "error_string", None) or str(exc)
+
+
+def _resample(samples: np.ndarray, rate: int) -> np.ndarray:
+    if rate == SAMPLE_RATE:
+        return np.ascontiguousarray(samples)
+    with torch.inference_mode():
+        return _resampler(rate)(torch.from_numpy(samples)).numpy()
+
+
+@functools.lru_cache(maxsize=None)
+def _resampler(rate: int) -> torchaudio.transforms.Resample:
+    # Cached per input rate: building the windowed-sinc kernel costs more than applying it
+    # to a short utterance, and real inputs come in a handful of rates.
+    return torchaudio.transforms.Resample(rate, SAMPLE_RATE)
+
+
+def _keep_speech(decoded: _Decoded, probs: np.ndarray, config: AudioConfig) -> Speech:
+    """Cut the speech out of a decoded input and normalise its level."""
+    label = decoded.source
+    segments = _silero().get_speech_timestamps_from_probs(
+        probs.tolist(),
+        sampling_rate=SAMPLE_RATE,
+        threshold=config.vad_threshold,
+        min_silence_duration_ms=_VAD_MIN_SILENCE_MS,
+        speech_pad_ms=_VAD_PAD_MS,
+        audio_length_samples=len(decoded.samples),
+    )
+    if not segments:
+        raise NoSpeech(f"{label}: no speech found")
+    speech = np.concatenate([decoded.samples[s["start"]:s["end"]] for s in segments])
+    speech_s = len(speech) / SAMPLE_RATE
+    if speech_s < config.min_speech_s:
+        raise TooShort(f"{label}: {speech_s:.2f} s of speech, at least {config.min_speech_s:g} s needed")
+    rms = float(np.sqrt(np.mean(np.square(speech, dtype=np.float64))))
+    if rms == 0.0:
+        raise NoSpeech(f"{label}: the speech found is digital silence")
+    rms_dbfs = 20.0 * math.log10(rms)
+    gain = min(10.0 ** ((config.target_dbfs - rms_dbfs) / 20.0), _PEAK_CEILING / float(np.max(np.abs(speech))))
+    quality = Quality(
+        duration_s=decoded.duration_s,
+        speech_s=speech_s,
+        clipping_ratio=decoded.clipping_ratio,
+        rms_dbfs=rms_dbfs,
+        input_sample_rate=decoded.input_sample_rate,
+        channels=decoded.channels,
+    )
+    logger.debug("%s: %.2f s of speech in %.2f s", label, speech_s, decoded.duration_s)
+    return Speech(
+        samples=speech * np.float32(gain),  # float32 stays float32
+        quality=quality,
+        source=label,
+        content_sha256=decoded.content_sha256,
+    )
+
+
+def _speech_probabilities(signals: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Silero-vad speech probability per 512-sample chunk of each 16 kHz signal.
+
+    The model is causal, so zero padding after a signal does not change its own chunks'
+    probabilities; each row is cut back to its chunk count. A forward pass steps through
+    every chunk of its widest row, so signals are sorted by length and a batch holds
+    lengths within a factor of ``_VAD_BATCH_LENGTH_RATIO`` of each other; batches are
+    also bounded by ``_VAD_MAX_BATCH_SAMPLES``.
+    """
+    chunks = [-(-len(s) // _VAD_CHUNK) for s in signals]
+    result: list[np.ndarray] = [np.empty(0, np.float32)] * len(signals)
+    batch: list[int] = []
+    for i in sorted(range(len(signals)), key=chunks.__getitem__):
+        # Sorted ascending: batch[0] is the shortest member and i sets the padded width.
+        if batch and (
+            chunks[i] > _VAD_BATCH_LENGTH_RATIO * chunks[batch[0]]
+            or (len(batch) + 1) * chunks[i] * _VAD_CHUNK > _VAD_MAX_BATCH_SAMPLES
+        ):
+            _run_vad_batch(signals, chunks, batch, result)
+            batch = []
+        batch.append(i)
+    if batch:
+        _run_vad_batch(signals, chunks, batch, result)
+    return result
+
+
+def _run_vad_batch(
+    signals: Sequence[np.ndarray], chunks: list[int], batch: list[int], result: list[np.ndarray]
+) -> None:
+    padded = torch.zeros(len(batch), max(chunks[i] for i in batch) * _VAD_CHUNK)
+    for row, i in enumerate(batch):
+        padded[row, : len(signals[i])] = torch.from_numpy(signals[i])
+    probs = _vad_forward(padded).numpy()
+    for row, i in enumerate(batch):
+        result[i] = probs[row, : chunks[i]]
+
+
+_vad_lock = threading.Lock()
+_vad_model: torch.jit.ScriptModule | None = None
+
+
+def _vad_forward(batch: torch.Tensor) -> torch.Tensor:
+    """Run silero-vad over a batch; one call at a time, as the JIT model keeps its state on itself.
+
+    The model's per-chunk operations are too small to split across threads: with two
+    threads instead of one, the forward pass was about 10% faster on a quiet 2-core
+    machine but at times 5-30 times slower on a busy one, where the threads wait on each
+    other. Under OpenMP the thread count is per OS thread, so lowering it here for the
+    call leaves other threads alone.
+    """
+    global _vad_model
+    with _vad_lock:
+        if _vad_model is None:
+            logger.info("loading the silero-vad model")
+            with warnings.catch_warnings():
+                # silero-vad locates its file with the deprecated importlib.resources.path.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                _vad_model = _silero().load_silero_vad()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return _vad_model.audio_forward(batch, SAMPLE_RATE)
+        finally:
+            torch.set_num_threads(threads)
+
+
+_import_lock = threading.Lock()
+
+
+@functools.cache
+def _silero():
+    """The silero_vad package, imported without its side effect on torch's thread count.
+
+    Its import calls ``torch.set_num_threads(1)``, which would leave every encoder in
+    this process on one core. The lock keeps a concurrent first call from saving the
+    temporary count of 1 as the one to restore.
+    """
+    with _import_lock:
+        threads = torch.get_num_threads()
+        try:
+            import silero_vad
+        finally:
+            torch.set_num_threads(threads)
+    return silero_vad
