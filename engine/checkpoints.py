@@ -1,0 +1,56 @@
+"""Encoder checkpoints on disk, verified by sha256 before every load.
+
+A checkpoint is the encoder's ``state_dict`` saved with ``torch.save``. It is written to
+a temporary file, flushed to disk and renamed into place, so a crash never leaves a
+half-written checkpoint under the final name; the sha256 stored with the model version
+catches any later corruption, and ``weights_only=True`` means a tampered file cannot
+execute code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from pathlib import Path
+
+import torch
+
+from engine.errors import CheckpointError
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def save_checkpoint(state_dict: dict[str, torch.Tensor], path: Path) -> str:
+    """Write ``state_dict`` atomically to ``path`` and return its sha256."""
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, buffer)
+    data = buffer.getvalue()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return sha256_bytes(data)
+
+
+def load_checkpoint(path: Path, sha256: str) -> dict[str, torch.Tensor]:
+    """Read a checkpoint, refusing it unless its sha256 matches the recorded one."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
+    actual = sha256_bytes(data)
+    if actual != sha256:
+        raise CheckpointError(f"checkpoint {path} is corrupted: sha256 {actual[:12]}... != recorded {sha256[:12]}...")
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # the checksum matched, so this is a bug in whoever wrote it
+        raise CheckpointError(f"checkpoint {path} cannot be loaded: {exc}") from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} does not hold a state dict")
+    return state

@@ -1,0 +1,29 @@
+"""Speaker encoders, one architecture per file, registered by name.
+
+An encoder is an ``nn.Module`` that maps a batch of fixed-length feature windows
+``[batch, frames, dims]`` to L2-normalised embeddings ``[batch, embedding_dim]``. Each
+class declares the front end it expects (``frontend``), its window length in frames
+(``window_frames``) and ``embedding_dim``; ``pretrained_state()`` returns the weights a
+fresh installation starts from.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from engine.registry import Registry
+
+ENCODERS: Registry[type[nn.Module]] = Registry("encoder")
+
+
+def create_encoder(name: str, *, pretrained: bool = False) -> nn.Module:
+    """Build the encoder registered as ``name``, optionally with its shipped weights."""
+    encoder_cls = ENCODERS.get(name)
+    encoder = encoder_cls()
+    if pretrained:
+        encoder.load_state_dict(encoder_cls.pretrained_state())
+    return encoder
+
+
+# Importing the architecture modules registers them.
+from engine.encoders import ge2e_lstm  # noqa: E402,F401
