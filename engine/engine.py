@@ -1,0 +1,319 @@
+"""The Engine facade: one object for the CLI, the service and the tests.
+
+It ties the path of an utterance together (audio -> features -> encoder -> embedding)
+with the store (utterance, embedding and centroid written in one transaction) and the
+model registry (which version is active, and its verified checkpoint).
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from engine import audio
+from engine.checkpoints import load_checkpoint, save_checkpoint
+from engine.config import Config, load_config
+from engine.embedder import Embedder
+from engine.encoders import create_encoder
+from engine.errors import InvalidInput, UnknownSpeaker, VoiceprintError
+from engine.index import CentroidIndex, Hit
+from engine.scoring import cosine
+from storage import ModelVersion, SpeakerSummary, Store
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOME = "voiceprint-home"
+CONFIG_FILE = "config.toml"
+DB_FILE = "voiceprint.db"
+MAX_SPEAKER_NAME = 200
+
+Source = str | os.PathLike | bytes
+
+
+def resolve_home(home: str | os.PathLike | None = None) -> Path:
+    """``home``, else ``$VOICEPRINT_HOME``, else ``./voiceprint-home``."""
+    return Path(home or os.environ.get("VOICEPRINT_HOME") or DEFAULT_HOME).expanduser().resolve()
+
+
+def resolve_db(db: str | None, home: Path) -> str:
+    """``db``, else ``$VOICEPRINT_DATABASE_URL``, else SQLite inside the home folder."""
+    return db or os.environ.get("VOICEPRINT_DATABASE_URL") or f"sqlite:///{home / DB_FILE}"
+
+
+def ensure_sqlite_folder(url: str) -> None:
+    """SQLite creates its file but not the folder it lives in; do that for it."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return  # not a URL at all; the store reports that with the URL in the message
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+
+
+def check_speaker_name(name: str) -> str:
+    cleaned = name.strip() if isinstance(name, str) else ""
+    if not cleaned:
+        raise InvalidInput("speaker name is empty")
+    if len(cleaned) > MAX_SPEAKER_NAME:
+        raise InvalidInput(f"speaker name is longer than {MAX_SPEAKER_NAME} characters")
+    if any(not ch.isprintable() for ch in cleaned):
+        raise InvalidInput(f"speaker name {cleaned!r} contains control characters")
+    return cleaned
+
+
+@dataclass(frozen=True)
+class EnrollmentResult:
+    """Feedback for one enrolled utterance."""
+
+    speaker: str
+    utterance_id: int
+    source: str
+    version: int
+    speech_s: float
+    quality: dict
+    similarity_before: float | None  # cosine to the speaker's centroid before this utterance
+    count: int  # utterances in the speaker's profile now
+
+
+@dataclass(frozen=True)
+class Identification:
+    source: str
+    version: int
+    speech_s: float
+    candidates: tuple[Hit, ...]  # best first
+    decision: str | None  # the best speaker, or None for "unknown"
+    threshold: float
+
+
+@dataclass(frozen=True)
+class Verification:
+    speaker: str
+    source: str
+    version: int
+    speech_s: float
+    score: float
+    threshold: float
+    accepted: bool
+
+
+class Engine:
+    """Enroll, identify and verify against a persistent store.
+
+    Use :meth:`init` once to create a home folder and database, then :meth:`open`::
+
+        from engine import Engine
+        with Engine.open(home="voiceprint-home") as eng:
+            eng.enroll("alice", "a1.wav")
+            eng.identify("unknown.wav", top=5).decision
+    """
+
+    def __init__(self, home: Path, store: Store, config: Config) -> None:
+        self.home = home
+        self.store = store
+        self.config = config
+        self._embedders: dict[int, Embedder] = {}
+        self._lock = threading.Lock()
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    @classmethod
+    def init(cls, home: str | os.PathLike | None = None, db: str | None = None) -> Engine:
+        """Create the home folder, bring the database to the newest schema, and make the
+        pretrained encoder version 1 (active) unless a version already exists."""
+        home_path = resolve_home(home)
+        home_path.mkdir(parents=True, exist_ok=True)
+        config = load_config(home_path / CONFIG_FILE)
+        url = resolve_db(db, home_path)
+        ensure_sqlite_folder(url)
+        store = Store(url)
+        try:
+            store.upgrade()
+            if not store.list_versions():
+                cls._create_first_version(home_path, store, config)
+        except BaseException:
+            store.close()
+            raise
+        return cls(home_path, store, config)
+
+    @classmethod
+    def open(cls, home: str | os.PathLike | None = None, db: str | None = None) -> Engine:
+        """Open an initialised home/database; errors say which command fixes what."""
+        home_path = resolve_home(home)
+        config = load_config(home_path / CONFIG_FILE)
+        store = Store(resolve_db(db, home_path))
+        try:
+            store.check_schema()
+            store.active_version()
+        except BaseException:
+            store.close()
+            raise
+        return cls(home_path, store, config)
+
+    @staticmethod
+    def _create_first_version(home: Path, store: Store, config: Config) -> None:
+        encoder = create_encoder(config.encoder.name, pretrained=True)
+        relative = Path("checkpoints") / "v0001.pt"
+        sha = save_checkpoint(encoder.state_dict(), home / relative)
+        version = store.create_version(
+            encoder=config.encoder.name,
+            config=config.to_dict(),
+            checkpoint=str(relative),
+            checkpoint_sha256=sha,
+            note="pretrained weights shipped with resemblyzer",
+        )
+        store.set_alias("active", version.number, actor=_actor(), reason="init")
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- models ------------------------------------------------------------------------
+
+    def active_version(self) -> ModelVersion:
+        return self.store.active_version()
+
+    def versions(self) -> list[ModelVersion]:
+        return self.store.list_versions()
+
+    def embedder(self, version: ModelVersion) -> Embedder:
+        """The (cached) embedder of a model version, its checkpoint verified by sha256."""
+        with self._lock:
+            if version.number not in self._embedders:
+                path = Path(version.checkpoint)
+                if not path.is_absolute():
+                    path = self.home / path
+                encoder = create_encoder(version.encoder)
+                encoder.load_state_dict(load_checkpoint(path, version.checkpoint_sha256))
+                self._embedders[version.number] = Embedder(
+                    encoder, device=self.config.encoder.device, batch_windows=self.config.encoder.batch_windows
+                )
+            return self._embedders[version.number]
+
+    # -- enrollment --------------------------------------------------------------------
+
+    def enroll(self, speaker: str, source: Source, *, name: str | None = None) -> EnrollmentResult:
+        """Enroll one utterance; raises a :class:`VoiceprintError` and stores nothing on bad input."""
+        result = self.enroll_many([(speaker, source, name)])[0]
+        if isinstance(result, VoiceprintError):
+            raise result
+        return result
+
+    def enroll_many(
+        self, items: Sequence[tuple[str, Source, str | None]]
+    ) -> list[EnrollmentResult | VoiceprintError]:
+        """Enroll ``(speaker, source, name)`` items, one transaction per utterance.
+
+        Audio is decoded and embedded in one batch for speed, then each utterance is
+        committed on its own, so one bad item costs only itself. Results come back in
+        order: an :class:`EnrollmentResult` or the error that item raised.
+        """
+        results: list[EnrollmentResult | VoiceprintError | None] = [None] * len(items)
+        speakers: list[str | None] = []
+        for i, (speaker, _, _) in enumerate(items):
+            try:
+                speakers.append(check_speaker_name(speaker))
+            except InvalidInput as exc:
+                speakers.append(None)
+                results[i] = exc
+        todo = [i for i, r in enumerate(results) if r is None]
+        loaded = audio.load_many(
+            [items[i][1] for i in todo], self.config.audio, names=[items[i][2] for i in todo]
+        )
+        speech = {}
+        for i, item in zip(todo, loaded):
+            if isinstance(item, VoiceprintError):
+                results[i] = item
+            else:
+                speech[i] = item
+        if speech:
+            version = self.active_version()
+            embeddings = self.embedder(version).embed([s.samples for s in speech.values()])
+            for (i, utt), embedding in zip(speech.items(), embeddings):
+                try:
+                    results[i] = self._commit(speakers[i], utt, embedding, version.number)
+                except VoiceprintError as exc:
+                    results[i] = exc
+        return results  # type: ignore[return-value]
+
+    def _commit(self, speaker: str, utt: audio.Speech, embedding: np.ndarray, version: int) -> EnrollmentResult:
+        stored = self.store.enroll(
+            speaker=speaker,
+            version=version,
+            source=utt.source,
+            content_sha256=utt.content_sha256,
+            duration_s=utt.quality.duration_s,
+            speech_s=utt.quality.speech_s,
+            quality=utt.quality.to_dict(),
+            audio=audio.encode_flac(utt.samples),
+            codec="flac",
+            sample_rate=audio.SAMPLE_RATE,
+            embedding=embedding,
+        )
+        before = None
+        if stored.previous_mean is not None:
+            before = float(cosine(embedding, stored.previous_mean[None, :])[0])
+        return EnrollmentResult(
+            speaker=speaker,
+            utterance_id=stored.utterance.id,
+            source=utt.source,
+            version=version,
+            speech_s=utt.quality.speech_s,
+            quality=utt.quality.to_dict(),
+            similarity_before=before,
+            count=stored.count,
+        )
+
+    def speakers(self) -> list[SpeakerSummary]:
+        return self.store.speakers()
+
+    # -- recognition -------------------------------------------------------------------
+
+    def _embed_probe(self, source: Source, name: str | None, version: ModelVersion) -> tuple[audio.Speech, np.ndarray]:
+        utt = audio.load(source, self.config.audio, name=name)
+        return utt, self.embedder(version).embed([utt.samples])[0]
+
+    def identify(self, source: Source, *, top: int = 5, name: str | None = None) -> Identification:
+        """Rank every enrolled speaker against one utterance (1:N, open set)."""
+        if top < 1:
+            raise InvalidInput("--top must be at least 1")
+        version = self.active_version()
+        utt, embedding = self._embed_probe(source, name, version)
+        names, centroids = self.store.centroid_matrix(version.number)
+        hits = tuple(CentroidIndex(names, centroids).search(embedding, top))
+        threshold = self.config.scoring.identify_threshold
+        decision = hits[0].speaker if hits and hits[0].score >= threshold else None
+        return Identification(utt.source, version.number, utt.quality.speech_s, hits, decision, threshold)
+
+    def verify(self, speaker: str, source: Source, *, name: str | None = None) -> Verification:
+        """Score one utterance against a claimed speaker (1:1)."""
+        speaker = check_speaker_name(speaker)
+        version = self.active_version()
+        if not self.store.has_speaker(speaker):
+            raise UnknownSpeaker(f"speaker {speaker!r} is not enrolled")
+        centroid = self.store.centroid(speaker, version.number)
+        utt, embedding = self._embed_probe(source, name, version)
+        score = float(cosine(embedding, centroid.mean[None, :])[0])
+        threshold = self.config.scoring.verify_threshold
+        return Verification(speaker, utt.source, version.number, utt.quality.speech_s, score, threshold, score >= threshold)
+
+
+def _actor() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no login name in some containers
+        return "unknown"
+
