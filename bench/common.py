@@ -1,0 +1,77 @@
+"""Shared pieces of the benchmarks: data location, manifests, results, Resemblyzer."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+
+
+def data_dir() -> Path:
+    """The development data: ``$VOICEPRINT_DEV_DATA`` or ``../shared/data`` beside the repo."""
+    return Path(os.environ.get("VOICEPRINT_DEV_DATA", ROOT.parent / "shared" / "data")).resolve()
+
+
+@dataclass(frozen=True)
+class Item:
+    path: Path
+    speaker: str
+    duration_s: float
+
+
+def read_manifest(name: str) -> list[Item]:
+    folder = data_dir() / name
+    with open(folder / "manifest.csv", newline="") as fh:
+        return [Item(folder / r["path"], r["speaker"], float(r["duration_s"])) for r in csv.DictReader(fh)]
+
+
+def split_per_speaker(items: list[Item], enroll: int) -> tuple[list[Item], list[Item]]:
+    """The first ``enroll`` utterances of each speaker (manifest order) and the rest."""
+    seen: dict[str, int] = defaultdict(int)
+    enrollment, probes = [], []
+    for item in items:
+        (enrollment if seen[item.speaker] < enroll else probes).append(item)
+        seen[item.speaker] += 1
+    return enrollment, probes
+
+
+def machine() -> dict:
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def write_result(name: str, result: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    result = {"benchmark": name, "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(), **result}
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path
+
+
+class Resemblyzer:
+    """The original package, used exactly as its README shows: preprocess_wav + embed_utterance."""
+
+    def __init__(self) -> None:
+        from resemblyzer import VoiceEncoder, preprocess_wav
+
+        self._preprocess = preprocess_wav
+        self.encoder = VoiceEncoder("cpu", verbose=False)
+
+    def embed_file(self, path: Path):
+        return self.encoder.embed_utterance(self._preprocess(path))

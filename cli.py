@@ -1,0 +1,358 @@
+"""voiceprint's command line: a thin layer over :class:`engine.Engine`.
+
+Exit codes: 0 success (or "accept" for verify), 1 a negative outcome (verify rejected,
+or some rows of an enroll/stream failed while the others were stored), 2 an error
+(nothing was done). With ``--json`` every result is JSON on stdout; errors are still
+one line on stderr, plus a JSON document on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import queue
+import sys
+import threading
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterator, TextIO
+
+EXIT_OK, EXIT_NEGATIVE, EXIT_ERROR = 0, 1, 2
+GLOBAL_DEFAULTS = {"home": None, "db": None, "json": False, "verbose": False}
+STREAM_BATCH = 16  # rows embedded together when they are already waiting; never waits to fill a batch
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for option, default in GLOBAL_DEFAULTS.items():
+        if not hasattr(args, option):
+            setattr(args, option, default)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from engine.errors import VoiceprintError
+
+    try:
+        return args.run(args)
+    except VoiceprintError as exc:
+        print(f"voiceprint: error: {exc}", file=sys.stderr)
+        if args.json:
+            emit({"ok": False, "error": exc.code, "message": str(exc)})
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # Global options may come before or after the subcommand, so they live in a parent
+    # parser shared by the top level and every subcommand. Their defaults are suppressed
+    # (the action objects are shared, so a default would let the subcommand overwrite a
+    # value given before it) and filled in from GLOBAL_DEFAULTS after parsing.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--home", default=argparse.SUPPRESS, help="home folder (default $VOICEPRINT_HOME, else ./voiceprint-home)")
+    common.add_argument("--db", default=argparse.SUPPRESS, help="SQLAlchemy URL (default $VOICEPRINT_DATABASE_URL, else SQLite in the home)")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable JSON on stdout")
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log progress to stderr")
+
+    parser = argparse.ArgumentParser(prog="voiceprint", description="Incremental speaker recognition.", parents=[common])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, run, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help, description=help)
+        p.set_defaults(run=run)
+        return p
+
+    command("init", cmd_init, "create the home folder and database; the pretrained encoder becomes version 1")
+
+    p = command("enroll", cmd_enroll, "enroll audio files for one speaker")
+    p.add_argument("speaker")
+    p.add_argument("files", nargs="+", type=Path)
+
+    p = command("stream", cmd_stream, "enroll rows (speaker,path) from a CSV/JSON-lines file or stdin as they arrive")
+    p.add_argument("source", help="file, or - for stdin")
+
+    p = command("identify", cmd_identify, "rank enrolled speakers for one utterance (1:N)")
+    p.add_argument("file", type=Path)
+    p.add_argument("--top", type=int, default=5, help="how many candidates to show (default 5)")
+
+    p = command("verify", cmd_verify, "accept or reject a claimed identity (1:1)")
+    p.add_argument("speaker")
+    p.add_argument("file", type=Path)
+
+    command("speakers", cmd_speakers, "list enrolled speakers")
+    command("versions", cmd_versions, "list model versions")
+
+    p = command("db", cmd_db, "database schema")
+    p.add_argument("action", choices=["upgrade", "current"])
+    return parser
+
+
+# -- helpers -------------------------------------------------------------------------
+
+
+def emit(document: Any) -> None:
+    print(json.dumps(document, default=_json_default), flush=True)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def open_engine(args: argparse.Namespace):
+    from engine import Engine
+
+    return Engine.open(home=args.home, db=args.db)
+
+
+def describe_failure(exc: Exception) -> str:
+    return f"{exc} ({getattr(exc, 'code', 'error')})"
+
+
+def enrollment_line(result) -> str:
+    before = "new speaker" if result.similarity_before is None else f"cos-before {result.similarity_before:.3f}"
+    return f"enrolled {result.speaker}: {result.source}  speech {result.speech_s:.2f} s  {before}  n={result.count}"
+
+
+# -- commands ------------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from engine import Engine
+
+    with Engine.init(home=args.home, db=args.db) as eng:
+        active = eng.active_version()
+        doc = {"home": str(eng.home), "db": str(eng.store.url), "active_version": active.number}
+    if args.json:
+        emit(doc)
+    else:
+        print(f"initialised {doc['home']} (database {doc['db']}); active model version {doc['active_version']}")
+    return EXIT_OK
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    failed = 0
+    with open_engine(args) as eng:
+        show_bar = sys.stderr.isatty() and not args.json and len(args.files) > 1
+        with tqdm(total=len(args.files), unit="utt", disable=not show_bar, file=sys.stderr) as bar:
+            for start in range(0, len(args.files), STREAM_BATCH):
+                chunk = args.files[start : start + STREAM_BATCH]
+                results = eng.enroll_many([(args.speaker, path, None) for path in chunk])
+                for path, result in zip(chunk, results):
+                    failed += report_row(args, result, source=str(path))
+                bar.update(len(chunk))
+    if failed and len(args.files) == 1:
+        return EXIT_ERROR  # a single bad file is an error, not a partial outcome
+    return EXIT_NEGATIVE if failed else EXIT_OK
+
+
+def report_row(args: argparse.Namespace, result, *, source: str, row: int | None = None) -> int:
+    """Print one row's outcome; return 1 if it failed."""
+    from engine.errors import VoiceprintError
+
+    where = f"row {row}: " if row is not None else ""
+    if isinstance(result, VoiceprintError):
+        if args.json:
+            emit({"row": row, "ok": False, "source": source, "error": result.code, "message": str(result)})
+        else:
+            print(f"voiceprint: error: {where}{source}: {describe_failure(result)}", file=sys.stderr, flush=True)
+        return 1
+    if args.json:
+        emit({"row": row, "ok": True, **asdict(result)})
+    else:
+        print(f"{where}{enrollment_line(result)}", flush=True)
+    return 0
+
+
+def cmd_stream(args: argparse.Namespace) -> int:
+    if args.source == "-":
+        stream, base = sys.stdin, Path.cwd()
+    else:
+        path = Path(args.source)
+        try:
+            stream = open(path, encoding="utf-8", newline="")
+        except OSError as exc:
+            from engine.errors import InvalidInput
+
+            raise InvalidInput(f"cannot open stream {path}: {exc.strerror}") from None
+        base = path.parent
+    failed = total = 0
+    with open_engine(args) as eng:
+        for batch in batches(rows(stream, base)):
+            good = [(i, item) for i, item, _ in batch if not isinstance(item, Exception)]
+            outcomes = dict(zip([i for i, _ in good], eng.enroll_many([item for _, item in good])))
+            for i, item, source in batch:
+                total += 1
+                failed += report_row(args, item if isinstance(item, Exception) else outcomes[i], source=source, row=i)
+    if not args.json:
+        print(f"{total - failed} of {total} rows enrolled", file=sys.stderr)
+    return EXIT_NEGATIVE if failed else EXIT_OK
+
+
+def rows(stream: TextIO, base: Path) -> Iterator[tuple[int, Any, str]]:
+    """Parse rows as they arrive: ``(row number, (speaker, path, None) or an error, source)``.
+
+    The first non-empty line decides the format: ``{`` starts JSON lines with keys
+    ``speaker`` and ``path``; anything else is a CSV header naming ``speaker`` and
+    ``path`` columns (others ignored, e.g. a dataset manifest). Relative paths are
+    resolved against the stream file's folder (the working folder for stdin).
+    """
+    from engine.errors import InvalidInput
+
+    header: list[str] | None = None
+    json_lines = False
+    number = 0
+    # readline() rather than iterating the file: iteration reads ahead in blocks and
+    # would hold back rows that have already arrived on a pipe.
+    for line in iter(stream.readline, ""):
+        if not line.strip():
+            continue
+        if header is None and not json_lines:
+            if line.lstrip().startswith("{"):
+                json_lines = True
+            else:
+                header = [h.strip().lower() for h in next(csv.reader([line]))]
+                if "speaker" not in header or "path" not in header:
+                    raise InvalidInput(f"stream header {header} must name 'speaker' and 'path' columns")
+                continue
+        number += 1
+        try:
+            if json_lines:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError("not a JSON object")
+            else:
+                values = next(csv.reader([line]))
+                if len(values) != len(header):
+                    raise ValueError(f"{len(values)} fields, header has {len(header)}")
+                record = dict(zip(header, values))
+            speaker, raw_path = str(record["speaker"]), str(record["path"])
+        except (ValueError, KeyError) as exc:
+            yield number, InvalidInput(f"malformed row: {exc}"), line.strip()[:80]
+            continue
+        path = Path(raw_path)
+        yield number, (speaker, path if path.is_absolute() else base / path, None), raw_path
+
+
+def batches(items: Iterator[tuple[int, Any, str]]) -> Iterator[list[tuple[int, Any, str]]]:
+    """Group rows that are already waiting, without ever waiting for more.
+
+    A reader thread feeds a queue; each batch is the first row (blocking) plus whatever
+    else has arrived, so a slow interactive stream is acknowledged row by row and a file
+    is processed in efficient batches.
+    """
+    waiting: queue.Queue = queue.Queue(maxsize=4 * STREAM_BATCH)
+    done = object()
+
+    def read() -> None:
+        try:
+            for item in items:
+                waiting.put(item)
+        except BaseException as exc:  # surfaced in the main thread
+            waiting.put(exc)
+        waiting.put(done)
+
+    threading.Thread(target=read, daemon=True).start()
+    finished = False
+    while not finished:
+        batch = []
+        item = waiting.get()
+        while True:
+            if item is done:
+                finished = True
+                break
+            if isinstance(item, BaseException):
+                raise item
+            batch.append(item)
+            if len(batch) >= STREAM_BATCH:
+                break
+            try:
+                item = waiting.get_nowait()
+            except queue.Empty:
+                break
+        if batch:
+            yield batch
+
+
+def cmd_identify(args: argparse.Namespace) -> int:
+    with open_engine(args) as eng:
+        result = eng.identify(args.file, top=args.top)
+    if args.json:
+        doc = asdict(result)
+        doc["unknown"] = result.decision is None
+        emit(doc)
+        return EXIT_OK
+    print(f"decision: {result.decision or 'unknown'}  (threshold {result.threshold:.3f}, model version {result.version})")
+    for rank, hit in enumerate(result.candidates, 1):
+        print(f"{rank:>3}. {hit.speaker:<30} {hit.score:.3f}")
+    if not result.candidates:
+        print("no speakers are enrolled yet")
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    with open_engine(args) as eng:
+        result = eng.verify(args.speaker, args.file)
+    if args.json:
+        emit(asdict(result))
+    else:
+        verdict = "accept" if result.accepted else "reject"
+        print(f"{verdict} {result.speaker}: score {result.score:.3f} (threshold {result.threshold:.3f}, model version {result.version})")
+    return EXIT_OK if result.accepted else EXIT_NEGATIVE
+
+
+def cmd_speakers(args: argparse.Namespace) -> int:
+    with open_engine(args) as eng:
+        speakers = eng.speakers()
+    if args.json:
+        emit([asdict(s) for s in speakers])
+        return EXIT_OK
+    print(f"{'speaker':<30} {'utterances':>10} {'speech s':>9}")
+    for s in speakers:
+        print(f"{s.name:<30} {s.utterances:>10} {s.speech_s:>9.1f}")
+    print(f"{len(speakers)} speakers", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_versions(args: argparse.Namespace) -> int:
+    with open_engine(args) as eng:
+        versions = eng.versions()
+    if args.json:
+        emit([asdict(v) for v in versions])
+        return EXIT_OK
+    print(f"{'version':>7} {'parent':>6} {'status':<10} {'encoder':<12} {'created':<20} active")
+    for v in versions:
+        created = v.created_at.strftime("%Y-%m-%d %H:%M:%S")
+        print(f"{v.number:>7} {v.parent if v.parent is not None else '-':>6} {v.status:<10} {v.encoder:<12} {created:<20} {'*' if v.active else ''}")
+    return EXIT_OK
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    from engine.engine import ensure_sqlite_folder, resolve_db, resolve_home
+    from storage import Store
+
+    url = resolve_db(args.db, resolve_home(args.home))
+    ensure_sqlite_folder(url)
+    store = Store(url)
+    try:
+        if args.action == "upgrade":
+            store.upgrade()
+        doc = {"db": str(store.url), "revision": store.current_revision(), "head": store.head_revision()}
+    finally:
+        store.close()
+    if args.json:
+        emit(doc)
+    else:
+        print(f"{doc['db']}: revision {doc['revision'] or '(empty)'}, newest {doc['head']}")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
