@@ -25,7 +25,7 @@ class AudioConfig:
     min_speech_s: float = 1.0  # less speech than this after VAD is rejected
     max_duration_s: float = 600.0  # longer inputs are rejected before being decoded
     vad_threshold: float = 0.5  # silero-vad speech probability
-    target_dbfs: float = -30.0  # speech is normalised to this RMS level (Resemblyzer's choice)
+    target_dbfs: float = -30.0  # quieter speech is raised to this RMS level (Resemblyzer's rule)
 
 
 @dataclass(frozen=True)

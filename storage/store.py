@@ -19,7 +19,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy import Engine, Table, create_engine, event, func, select, text
+from sqlalchemy import Engine, Table, create_engine, event, func, insert, select, text, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, make_url
@@ -290,13 +290,10 @@ class Store:
         vector = np.asarray(embedding, dtype=np.float32)
         if vector.ndim != 1 or not np.all(np.isfinite(vector)):
             raise ValueError(f"embedding must be a finite 1-D vector, got shape {vector.shape}")
+        # Core statements rather than ORM objects: enrollment is the hot path, and the
+        # unit of work's bookkeeping cost more than the SQL itself.
         with self._session(f"enroll {source!r} for speaker {speaker!r}", write=True) as s:
             _version_row(s, version)
-            dim = s.scalar(select(m.Centroid.dim).where(m.Centroid.version == version).limit(1))
-            if dim is not None and dim != vector.size:
-                raise ValueError(
-                    f"embedding has {vector.size} values, version {version} stores {dim}"
-                )
             now = _now()
             # Race-safe get-or-create: concurrent first enrollments of one speaker all
             # succeed instead of failing on the unique name.
@@ -304,43 +301,71 @@ class Store:
             # The row lock serialises enrollments of one speaker across processes, so the
             # read-modify-write of its centroid cannot lose an update (SQLite: BEGIN
             # IMMEDIATE already serialises every writer).
-            person = s.execute(
-                select(m.Speaker).where(m.Speaker.name == speaker).with_for_update()
+            speaker_id = s.execute(
+                select(m.Speaker.id).where(m.Speaker.name == speaker).with_for_update()
             ).scalar_one()
-            utterance = m.Utterance(
-                speaker_id=person.id,
+            centroid = s.execute(
+                select(m.Centroid.dim, m.Centroid.count, m.Centroid.sum).where(
+                    m.Centroid.speaker_id == speaker_id, m.Centroid.version == version
+                )
+            ).first()
+            if centroid is None:
+                # A new profile: its dimension must agree with the version's other profiles.
+                dim = s.scalar(select(m.Centroid.dim).where(m.Centroid.version == version).limit(1))
+                running, previous_mean = RunningCentroid(dim=dim or vector.size), None
+            else:
+                dim = centroid.dim
+                running = RunningCentroid(dim=dim, sum=_from_f64(centroid.sum), count=centroid.count)
+                previous_mean = running.mean
+            if dim is not None and dim != vector.size:
+                raise ValueError(f"embedding has {vector.size} values, version {version} stores {dim}")
+            utterance_id = s.execute(
+                insert(m.Utterance).returning(m.Utterance.id),
+                {
+                    "speaker_id": speaker_id,
+                    "source": source,
+                    "content_sha256": content_sha256,
+                    "duration_s": duration_s,
+                    "speech_s": speech_s,
+                    "quality": quality,
+                    "created_at": now,
+                },
+            ).scalar_one()
+            s.execute(
+                insert(m.UtteranceAudio),
+                {"utterance_id": utterance_id, "codec": codec, "sample_rate": sample_rate, "data": audio},
+            )
+            s.execute(
+                insert(m.Embedding),
+                {"utterance_id": utterance_id, "version": version, "vector": _f32(vector), "created_at": now},
+            )
+            running.learn_one(vector)
+            values = {
+                "count": running.count,
+                "sum": _f64(running.sum),
+                "mean": _f32(running.mean),
+                "updated_at": now,
+            }
+            if centroid is None:
+                s.execute(insert(m.Centroid), {"speaker_id": speaker_id, "version": version, "dim": running.dim, **values})
+            else:
+                s.execute(
+                    update(m.Centroid)
+                    .where(m.Centroid.speaker_id == speaker_id, m.Centroid.version == version)
+                    .values(**values)
+                )
+            record = UtteranceRecord(
+                id=utterance_id,
+                speaker=speaker,
                 source=source,
                 content_sha256=content_sha256,
                 duration_s=duration_s,
                 speech_s=speech_s,
-                quality=quality,
+                quality=dict(quality),
                 created_at=now,
             )
-            s.add(utterance)
-            s.flush()
-            s.add(
-                m.UtteranceAudio(
-                    utterance_id=utterance.id, codec=codec, sample_rate=sample_rate, data=audio
-                )
-            )
-            s.add(
-                m.Embedding(
-                    utterance_id=utterance.id, version=version, vector=_f32(vector), created_at=now
-                )
-            )
-            row = s.get(m.Centroid, (person.id, version))
-            if row is None:
-                running, previous_mean = RunningCentroid(dim=vector.size), None
-                row = m.Centroid(speaker_id=person.id, version=version, dim=vector.size)
-                s.add(row)
-            else:
-                running = RunningCentroid(dim=row.dim, sum=_from_f64(row.sum), count=row.count)
-                previous_mean = running.mean
-            running.learn_one(vector)
-            row.count, row.sum, row.mean = running.count, _f64(running.sum), _f32(running.mean)
-            row.updated_at = now
             return Enrollment(
-                utterance=_utterance_record(utterance, speaker),
+                utterance=record,
                 version=version,
                 count=running.count,
                 previous_mean=previous_mean,

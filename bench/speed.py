@@ -1,0 +1,132 @@
+"""Speed on this machine: embedding real-time factor and end-to-end enrollment throughput,
+with the original Resemblyzer package measured side by side in the same run.
+
+    .venv/bin/python bench/speed.py [--files 300] [--postgres URL]
+
+* RTF (compute seconds per second of audio) of the embedder alone, for 1 s, 3 s and
+  10 s cuts of real speech, one utterance at a time and batched.
+* End-to-end enrollment: a CSV of speechocean762-train files streamed through
+  ``voiceprint stream`` in-process (decode, resample, VAD, embed, commit to SQLite;
+  also PostgreSQL with --postgres). Utterances per second including every commit.
+* Resemblyzer end to end on the same files: ``preprocess_wav`` + ``embed_utterance``
+  (what its README shows), after a warm-up on other files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Resemblyzer, read_manifest, write_result  # noqa: E402
+
+import cli  # noqa: E402
+from engine.embedder import Embedder  # noqa: E402
+from engine.encoders import create_encoder  # noqa: E402
+
+WARMUP = 20
+
+
+def rtf(files: list[Path]) -> dict:
+    """Embedder real-time factor on cuts of real speech (audio already decoded)."""
+    embedder = Embedder(create_encoder("ge2e-lstm", pretrained=True))
+    speech = np.concatenate([sf.read(f, dtype="float32")[0] for f in files])
+    out = {}
+    for seconds in (1, 3, 10):
+        n = seconds * 16000
+        cuts = [speech[i * n : (i + 1) * n] for i in range(min(32, len(speech) // n))]
+        embedder.embed(cuts[:2])  # warm-up
+        start = time.perf_counter()
+        for cut in cuts:
+            embedder.embed([cut])
+        single = (time.perf_counter() - start) / (len(cuts) * seconds)
+        start = time.perf_counter()
+        embedder.embed(cuts)
+        batched = (time.perf_counter() - start) / (len(cuts) * seconds)
+        out[f"{seconds}s"] = {"one_at_a_time": round(single, 5), f"batch_of_{len(cuts)}": round(batched, 5)}
+    return out
+
+
+def voiceprint_enroll(items, db: str | None) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp) / "home"
+        url = db or f"sqlite:///{home / 'voiceprint.db'}"
+        quiet = io.StringIO()
+        with contextlib.redirect_stdout(quiet):
+            cli.main(["--home", str(home), "--db", url, "init"])
+        manifest = Path(tmp) / "rows.csv"
+        warm, timed = items[:WARMUP], items[WARMUP:]
+        for rows, name in ((warm, "warm.csv"), (timed, "rows.csv")):
+            (Path(tmp) / name).write_text("speaker,path\n" + "".join(f"{it.speaker},{it.path}\n" for it in rows))
+        with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(io.StringIO()):
+            cli.main(["--home", str(home), "--db", url, "stream", str(Path(tmp) / "warm.csv")])
+            start = time.perf_counter()
+            code = cli.main(["--home", str(home), "--db", url, "--json", "stream", str(manifest)])
+            elapsed = time.perf_counter() - start
+        acks = [json.loads(line) for line in quiet.getvalue().splitlines() if line.startswith('{"row"')][-len(timed):]
+        enrolled = sum(a["ok"] for a in acks)
+        if db:  # leave the shared database as we found it
+            from storage import Store
+
+            with Store(url) as store:
+                store.downgrade("base")
+    return {
+        "db": "postgresql" if db else "sqlite",
+        "utterances": len(timed),
+        "enrolled": enrolled,
+        "rejected_by_quality_checks": len(timed) - enrolled,
+        "exit_code": code,
+        "seconds": round(elapsed, 3),
+        "utterances_per_s": round(len(timed) / elapsed, 2),
+        "audio_seconds_per_s": round(sum(it.duration_s for it in timed) / elapsed, 1),
+    }
+
+
+def resemblyzer_enroll(items) -> dict:
+    model = Resemblyzer()
+    for item in items[:WARMUP]:
+        model.embed_file(item.path)
+    timed = items[WARMUP:]
+    start = time.perf_counter()
+    for item in timed:
+        model.embed_file(item.path)
+    elapsed = time.perf_counter() - start
+    return {
+        "utterances": len(timed),
+        "seconds": round(elapsed, 3),
+        "utterances_per_s": round(len(timed) / elapsed, 2),
+        "audio_seconds_per_s": round(sum(it.duration_s for it in timed) / elapsed, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--files", type=int, default=300, help="speechocean762-train files to enroll")
+    parser.add_argument("--postgres", help="also measure enrollment into this (empty) PostgreSQL database")
+    args = parser.parse_args()
+    items = read_manifest("speechocean762-train")[: args.files + WARMUP]
+    result = {"embedding_rtf_cpu": rtf([it.path for it in items[:60]])}
+    runs = [voiceprint_enroll(items, None)]
+    if args.postgres:
+        runs.append(voiceprint_enroll(items, args.postgres))
+    result["voiceprint_enroll"] = runs
+    result["resemblyzer_end_to_end"] = resemblyzer_enroll(items)
+    result["speedup_vs_resemblyzer_sqlite"] = round(
+        runs[0]["utterances_per_s"] / result["resemblyzer_end_to_end"]["utterances_per_s"], 2
+    )
+    path = write_result("speed", result)
+    print(json.dumps(result, indent=2))
+    print(f"written to {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
