@@ -12,9 +12,8 @@ import argparse
 import csv
 import json
 import logging
-import queue
 import sys
-import threading
+from collections import deque
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
@@ -22,7 +21,6 @@ from typing import Any, Iterator, TextIO
 
 EXIT_OK, EXIT_NEGATIVE, EXIT_ERROR = 0, 1, 2
 GLOBAL_DEFAULTS = {"home": None, "db": None, "json": False, "verbose": False}
-STREAM_BATCH = 16  # rows embedded together when they are already waiting; never waits to fill a batch
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,13 +139,9 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     failed = 0
     with open_engine(args) as eng:
         show_bar = sys.stderr.isatty() and not args.json and len(args.files) > 1
-        with tqdm(total=len(args.files), unit="utt", disable=not show_bar, file=sys.stderr) as bar:
-            for start in range(0, len(args.files), STREAM_BATCH):
-                chunk = args.files[start : start + STREAM_BATCH]
-                results = eng.enroll_many([(args.speaker, path, None) for path in chunk])
-                for path, result in zip(chunk, results):
-                    failed += report_row(args, result, source=str(path))
-                bar.update(len(chunk))
+        results = eng.enroll_stream((args.speaker, path, None) for path in args.files)
+        for path, result in zip(args.files, tqdm(results, total=len(args.files), unit="utt", disable=not show_bar, file=sys.stderr)):
+            failed += report_row(args, result, source=str(path))
     if failed and len(args.files) == 1:
         return EXIT_ERROR  # a single bad file is an error, not a partial outcome
     return EXIT_NEGATIVE if failed else EXIT_OK
@@ -183,14 +177,25 @@ def cmd_stream(args: argparse.Namespace) -> int:
 
             raise InvalidInput(f"cannot open stream {path}: {exc.strerror}") from None
         base = path.parent
+    # Rows and results come in the same order; the row number and the path as written
+    # travel beside the engine's items, appended before each item is handed over.
+    labels: deque[tuple[int, str]] = deque()
+
+    def items() -> Iterator[Any]:
+        for number, item, source in rows(stream, base):
+            labels.append((number, source))
+            yield item
+
     failed = total = 0
-    with open_engine(args) as eng:
-        for batch in batches(rows(stream, base)):
-            good = [(i, item) for i, item, _ in batch if not isinstance(item, Exception)]
-            outcomes = dict(zip([i for i, _ in good], eng.enroll_many([item for _, item in good])))
-            for i, item, source in batch:
+    try:
+        with open_engine(args) as eng:
+            for result in eng.enroll_stream(items()):
+                number, source = labels.popleft()
                 total += 1
-                failed += report_row(args, item if isinstance(item, Exception) else outcomes[i], source=source, row=i)
+                failed += report_row(args, result, source=source, row=number)
+    finally:
+        if stream is not sys.stdin:
+            stream.close()
     if not args.json:
         print(f"{total - failed} of {total} rows enrolled", file=sys.stderr)
     return EXIT_NEGATIVE if failed else EXIT_OK
@@ -239,46 +244,6 @@ def rows(stream: TextIO, base: Path) -> Iterator[tuple[int, Any, str]]:
             continue
         path = Path(raw_path)
         yield number, (speaker, path if path.is_absolute() else base / path, None), raw_path
-
-
-def batches(items: Iterator[tuple[int, Any, str]]) -> Iterator[list[tuple[int, Any, str]]]:
-    """Group rows that are already waiting, without ever waiting for more.
-
-    A reader thread feeds a queue; each batch is the first row (blocking) plus whatever
-    else has arrived, so a slow interactive stream is acknowledged row by row and a file
-    is processed in efficient batches.
-    """
-    waiting: queue.Queue = queue.Queue(maxsize=4 * STREAM_BATCH)
-    done = object()
-
-    def read() -> None:
-        try:
-            for item in items:
-                waiting.put(item)
-        except BaseException as exc:  # surfaced in the main thread
-            waiting.put(exc)
-        waiting.put(done)
-
-    threading.Thread(target=read, daemon=True).start()
-    finished = False
-    while not finished:
-        batch = []
-        item = waiting.get()
-        while True:
-            if item is done:
-                finished = True
-                break
-            if isinstance(item, BaseException):
-                raise item
-            batch.append(item)
-            if len(batch) >= STREAM_BATCH:
-                break
-            try:
-                item = waiting.get_nowait()
-            except queue.Empty:
-                break
-        if batch:
-            yield batch
 
 
 def cmd_identify(args: argparse.Namespace) -> int:

@@ -39,7 +39,7 @@ class EncoderConfig:
 class ScoringConfig:
     # Cosine thresholds between an utterance and a speaker centroid (see README, "Thresholds").
     identify_threshold: float = 0.75
-    verify_threshold: float = 0.75
+    verify_threshold: float = 0.80
 
 
 @dataclass(frozen=True)

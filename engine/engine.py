@@ -13,7 +13,7 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 from sqlalchemy.engine import make_url
@@ -27,6 +27,7 @@ from engine.encoders import create_encoder
 from engine.errors import InvalidInput, UnknownSpeaker, VoiceprintError
 from engine.index import CentroidIndex, Hit
 from engine.scoring import cosine
+from engine.streaming import pipelined
 from storage import ModelVersion, SpeakerSummary, Store
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,10 @@ DEFAULT_HOME = "voiceprint-home"
 CONFIG_FILE = "config.toml"
 DB_FILE = "voiceprint.db"
 MAX_SPEAKER_NAME = 200
+STREAM_BATCH = 64  # utterances prepared and embedded together when they are already waiting
 
 Source = str | os.PathLike | bytes
+Item = tuple[str, Source, str | None]  # speaker, audio, display name (defaults to the path)
 
 
 def resolve_home(home: str | os.PathLike | None = None) -> Path:
@@ -103,6 +106,9 @@ class Verification:
     score: float
     threshold: float
     accepted: bool
+
+
+Outcome = EnrollmentResult | VoiceprintError
 
 
 class Engine:
@@ -212,42 +218,53 @@ class Engine:
             raise result
         return result
 
-    def enroll_many(
-        self, items: Sequence[tuple[str, Source, str | None]]
-    ) -> list[EnrollmentResult | VoiceprintError]:
+    def enroll_many(self, items: Sequence[Item | VoiceprintError]) -> list[Outcome]:
         """Enroll ``(speaker, source, name)`` items, one transaction per utterance.
 
         Audio is decoded and embedded in one batch for speed, then each utterance is
         committed on its own, so one bad item costs only itself. Results come back in
-        order: an :class:`EnrollmentResult` or the error that item raised.
+        order: an :class:`EnrollmentResult` or the error that item raised. An item that
+        is already an error (e.g. a malformed stream row) comes back as it is.
         """
-        results: list[EnrollmentResult | VoiceprintError | None] = [None] * len(items)
-        speakers: list[str | None] = []
-        for i, (speaker, _, _) in enumerate(items):
-            try:
-                speakers.append(check_speaker_name(speaker))
-            except InvalidInput as exc:
-                speakers.append(None)
-                results[i] = exc
-        todo = [i for i, r in enumerate(results) if r is None]
-        loaded = audio.load_many(
-            [items[i][1] for i in todo], self.config.audio, names=[items[i][2] for i in todo]
-        )
-        speech = {}
-        for i, item in zip(todo, loaded):
-            if isinstance(item, VoiceprintError):
-                results[i] = item
-            else:
-                speech[i] = item
-        if speech:
-            version = self.active_version()
-            embeddings = self.embedder(version).embed([s.samples for s in speech.values()])
-            for (i, utt), embedding in zip(speech.items(), embeddings):
+        return self._embed_and_commit(self._prepare(items))
+
+    def enroll_stream(self, items: Iterable[Item | VoiceprintError], *, batch_size: int = STREAM_BATCH) -> Iterator[Outcome]:
+        """Enroll items as they arrive from an iterable (a pipe, a socket, a file).
+
+        Each result is yielded as soon as its transaction has committed. Items that are
+        already waiting are batched (up to ``batch_size``) and the audio of the next
+        batch is prepared while the current one is embedded and committed.
+        """
+        return pipelined(items, self._prepare, self._embed_and_commit, batch_size=batch_size)
+
+    def _prepare(self, items: Sequence[Item | VoiceprintError]) -> list[tuple[str, audio.Speech] | VoiceprintError]:
+        """Check names and load audio (decode, resample, VAD): everything before the encoder."""
+        prepared: list = list(items)
+        speakers = {}
+        for i, item in enumerate(items):
+            if not isinstance(item, VoiceprintError):
                 try:
-                    results[i] = self._commit(speakers[i], utt, embedding, version.number)
+                    speakers[i] = check_speaker_name(item[0])
+                except InvalidInput as exc:
+                    prepared[i] = exc
+        todo = list(speakers)
+        loaded = audio.load_many([items[i][1] for i in todo], self.config.audio, names=[items[i][2] for i in todo])
+        for i, speech in zip(todo, loaded):
+            prepared[i] = speech if isinstance(speech, VoiceprintError) else (speakers[i], speech)
+        return prepared
+
+    def _embed_and_commit(self, prepared: Sequence[tuple[str, audio.Speech] | VoiceprintError]) -> list[Outcome]:
+        results: list = list(prepared)
+        ready = [(i, p) for i, p in enumerate(prepared) if not isinstance(p, VoiceprintError)]
+        if ready:
+            version = self.active_version()
+            embeddings = self.embedder(version).embed([speech.samples for _, (_, speech) in ready])
+            for (i, (speaker, speech)), embedding in zip(ready, embeddings):
+                try:
+                    results[i] = self._commit(speaker, speech, embedding, version.number)
                 except VoiceprintError as exc:
                     results[i] = exc
-        return results  # type: ignore[return-value]
+        return results
 
     def _commit(self, speaker: str, utt: audio.Speech, embedding: np.ndarray, version: int) -> EnrollmentResult:
         stored = self.store.enroll(
