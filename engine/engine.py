@@ -24,7 +24,7 @@ from engine.checkpoints import load_checkpoint, save_checkpoint
 from engine.config import Config, load_config
 from engine.embedder import Embedder
 from engine.encoders import create_encoder
-from engine.errors import InvalidInput, UnknownSpeaker, VoiceprintError
+from engine.errors import InvalidInput, NotInitialised, UnknownSpeaker, VoiceprintError
 from engine.index import CentroidIndex, Hit
 from engine.scoring import cosine
 from engine.streaming import pipelined
@@ -52,14 +52,22 @@ def resolve_db(db: str | None, home: Path) -> str:
     return db or os.environ.get("VOICEPRINT_DATABASE_URL") or f"sqlite:///{home / DB_FILE}"
 
 
-def ensure_sqlite_folder(url: str) -> None:
-    """SQLite creates its file but not the folder it lives in; do that for it."""
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a SQLite URL; None for other databases and in-memory SQLite."""
     try:
         parsed = make_url(url)
     except ArgumentError:
-        return  # not a URL at all; the store reports that with the URL in the message
+        return None  # not a URL at all; the store reports that with the URL in the message
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        return Path(parsed.database).expanduser()
+    return None
+
+
+def ensure_sqlite_folder(url: str) -> None:
+    """SQLite creates its file but not the folder it lives in; do that for it."""
+    path = sqlite_file(url)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
 
 
 def check_speaker_name(name: str) -> str:
@@ -155,7 +163,12 @@ class Engine:
         """Open an initialised home/database; errors say which command fixes what."""
         home_path = resolve_home(home)
         config = load_config(home_path / CONFIG_FILE)
-        store = Store(resolve_db(db, home_path))
+        url = resolve_db(db, home_path)
+        path = sqlite_file(url)
+        if path is not None and not path.exists():
+            # Opening would create an empty database file as a side effect.
+            raise NotInitialised(f"no database at {path}: run `voiceprint init` (or pass --home/--db)")
+        store = Store(url)
         try:
             store.check_schema()
             store.active_version()

@@ -5,6 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 DATA="${VOICEPRINT_DEV_DATA:-../shared/data}"
+if [ ! -f "$DATA/vctk-4/manifest.csv" ]; then
+  echo "quickstart: no speech data at $DATA (set VOICEPRINT_DEV_DATA to the folder holding vctk-4/)" >&2
+  exit 1
+fi
 export VOICEPRINT_HOME="${VOICEPRINT_HOME:-$PWD/voiceprint-home}"
 vp=.venv/bin/voiceprint
 
