@@ -1,0 +1,46 @@
+"""Metrics against hand-computed cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine.metrics import eer, top_k_accuracy
+
+
+def test_eer_perfect_separation_is_zero():
+    rate, threshold = eer([0.8, 0.9], [0.1, 0.2, 0.3])
+    assert rate == 0.0 and 0.3 < threshold <= 0.8
+
+
+def test_eer_identical_distributions_is_one_half():
+    scores = np.linspace(0, 1, 101)
+    rate, _ = eer(scores, scores)
+    assert rate == pytest.approx(0.5, abs=0.01)
+
+
+def test_eer_matches_a_brute_force_sweep():
+    rng = np.random.default_rng(0)
+    target, nontarget = rng.normal(1.0, 1.0, 300), rng.normal(-1.0, 1.0, 500)
+    rate, threshold = eer(target, nontarget)
+    # Brute force over the same thresholds with Python loops.
+    best = min(
+        (abs(np.mean(target < t) - np.mean(nontarget >= t)), (np.mean(target < t) + np.mean(nontarget >= t)) / 2)
+        for t in np.unique(np.concatenate([target, nontarget]))
+    )
+    assert rate == pytest.approx(best[1])
+    # Two unit-variance Gaussians 2 apart: EER = Phi(-1) = 0.1587.
+    assert rate == pytest.approx(0.1587, abs=0.03)
+
+
+def test_eer_needs_both_kinds():
+    with pytest.raises(ValueError):
+        eer([], [0.1])
+
+
+def test_top_k():
+    scores = np.array([[0.1, 0.5, 0.4], [0.3, 0.2, 0.1], [0.2, 0.3, 0.25]])
+    truth = np.array([2, 0, 0])
+    assert top_k_accuracy(scores, truth, k=1) == pytest.approx(1 / 3)
+    assert top_k_accuracy(scores, truth, k=2) == pytest.approx(2 / 3)
+    assert top_k_accuracy(scores, truth, k=3) == 1.0
