@@ -290,38 +290,10 @@ class Store:
         vector = np.asarray(embedding, dtype=np.float32)
         if vector.ndim != 1 or not np.all(np.isfinite(vector)):
             raise ValueError(f"embedding must be a finite 1-D vector, got shape {vector.shape}")
-        try:
-            return self._enroll(
-                speaker, version, source, content_sha256, duration_s, speech_s, quality, audio, codec, sample_rate, vector
-            )
-        except StorageError as exc:
-            # The version's foreign keys refused the rows; say so in the project's terms.
-            # Checked only on failure so that the hot path pays no extra query.
-            if not isinstance(exc, DuplicateUtterance) and not self._version_exists(version):
-                raise UnknownVersion(f"model version {version} does not exist") from None
-            raise
-
-    def _version_exists(self, number: int) -> bool:
-        with self._session(f"look up model version {number}") as s:
-            return s.get(m.ModelVersion, number) is not None
-
-    def _enroll(
-        self,
-        speaker: str,
-        version: int,
-        source: str,
-        content_sha256: str,
-        duration_s: float,
-        speech_s: float,
-        quality: dict,
-        audio: bytes,
-        codec: str,
-        sample_rate: int,
-        vector: np.ndarray,
-    ) -> Enrollment:
         # Core statements rather than ORM objects: enrollment is the hot path, and the
         # unit of work's bookkeeping cost more than the SQL itself.
-        with self._session(f"enroll {source!r} for speaker {speaker!r}", write=True) as s:
+        doing = f"enroll {source!r} for speaker {speaker!r}"
+        with self._version_checked(version), self._session(doing, write=True) as s:
             now = _now()
             # Race-safe get-or-create: concurrent first enrollments of one speaker all
             # succeed instead of failing on the unique name.
@@ -399,6 +371,24 @@ class Store:
                 previous_mean=previous_mean,
                 mean=running.mean,
             )
+
+    @contextmanager
+    def _version_checked(self, version: int) -> Iterator[None]:
+        """Report a refused write as UnknownVersion when the version it names does not exist.
+
+        The foreign keys already enforce the version; looking it up only after a failure
+        keeps the enrollment hot path to the statements it needs.
+        """
+        try:
+            yield
+        except StorageError as exc:
+            if not isinstance(exc, DuplicateUtterance) and not self._version_exists(version):
+                raise UnknownVersion(f"model version {version} does not exist") from None
+            raise
+
+    def _version_exists(self, number: int) -> bool:
+        with self._session(f"look up model version {number}") as s:
+            return s.get(m.ModelVersion, number) is not None
 
     # --------------------------------------------------------------------- reads
 
