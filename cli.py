@@ -80,7 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", type=Path)
 
     command("speakers", cmd_speakers, "list enrolled speakers")
-    command("versions", cmd_versions, "list model versions")
+    command("versions", cmd_versions, "list model versions with their status, gate metrics and why any was rejected")
+
+    p = command("refresh", cmd_refresh, "fine-tune a candidate version now; promote it if it passes the gate")
+    p.add_argument("--dry-run", action="store_true", help="train and evaluate the candidate, never promote it")
+    p.add_argument("--reason", default="manual", help="recorded with the job (default: manual)")
+
+    p = command("rollback", cmd_rollback, "make an earlier (or any kept) version active again")
+    p.add_argument("version", type=int)
+    p.add_argument("--reason", default="rollback", help="recorded in the alias history (default: rollback)")
 
     p = command("db", cmd_db, "database schema")
     p.add_argument("action", choices=["upgrade", "current"])
@@ -292,11 +300,72 @@ def cmd_versions(args: argparse.Namespace) -> int:
     if args.json:
         emit([asdict(v) for v in versions])
         return EXIT_OK
-    print(f"{'version':>7} {'parent':>6} {'status':<10} {'encoder':<12} {'created':<20} active")
+    print(f"{'version':>7} {'parent':>6} {'status':<9} {'created':<19} {'top-1':>13} {'EER':>13}  note")
     for v in versions:
         created = v.created_at.strftime("%Y-%m-%d %H:%M:%S")
-        print(f"{v.number:>7} {v.parent if v.parent is not None else '-':>6} {v.status:<10} {v.encoder:<12} {created:<20} {'*' if v.active else ''}")
+        marker = "*" if v.active else " "
+        print(
+            f"{marker}{v.number:>6} {v.parent if v.parent is not None else '-':>6} {v.status:<9} {created:<19} "
+            f"{_gate_change(v.metrics, 'accuracy', '.1%'):>13} {_gate_change(v.metrics, 'eer', '.2%'):>13}  {v.note or ''}"
+        )
+    print("* active; top-1 and EER: parent -> this version on held-out utterances (refresh gate)", file=sys.stderr)
     return EXIT_OK
+
+
+def _gate_change(metrics: dict, key: str, spec: str) -> str:
+    try:
+        before, after = metrics["parent"]["overall"][key], metrics["candidate"]["overall"][key]
+    except (KeyError, TypeError):
+        return "-"
+    return f"{before:{spec}}->{after:{spec}}"
+
+
+def cmd_refresh(args: argparse.Namespace) -> int:
+    with open_engine(args) as eng:
+        report = eng.refresh(dry_run=args.dry_run, reason=args.reason, progress=_show_progress(args))
+    if args.json:
+        emit({"ok": True, **report.to_dict()})
+    else:
+        gate = report.metrics.get("parent"), report.metrics.get("candidate")
+        what = {
+            "promoted": f"version {report.version} promoted (now active)",
+            "rejected": f"version {report.version} rejected, version {report.parent} stays active",
+            "dry-run": "dry run: nothing stored",
+            "skipped": "skipped",
+        }[report.status]
+        print(f"refresh job {report.job}: {what}")
+        if all(gate):
+            for group in ("overall", "old", "new"):
+                if group in gate[0]:
+                    p, c = gate[0][group], gate[1][group]
+                    print(
+                        f"  {group:<8} {p['probes']:>4} held-out  top-1 {p['accuracy']:.1%} -> {c['accuracy']:.1%}"
+                        f"  EER {p['eer']:.2%} -> {c['eer']:.2%}"
+                    )
+        for reason in report.reasons:
+            print(f"  {'why' if report.status != 'skipped' else 'because'}: {reason}")
+        if report.timings:
+            print("  " + "  ".join(f"{k} {v}" for k, v in report.timings.items()), file=sys.stderr)
+    return EXIT_NEGATIVE if report.status == "rejected" else EXIT_OK
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    with open_engine(args) as eng:
+        result = eng.rollback(args.version, reason=args.reason, progress=_show_progress(args))
+    if args.json:
+        emit({"ok": True, **result})
+    elif result["changed"]:
+        print(
+            f"version {result['version']} is active again (was {result['previous']}); "
+            f"{result['embedded']} utterances embedded under it, {result['seconds']:.1f} s"
+        )
+    else:
+        print(f"version {result['version']} was already active; nothing changed")
+    return EXIT_OK
+
+
+def _show_progress(args: argparse.Namespace) -> bool:
+    return not args.json and sys.stderr.isatty()
 
 
 def cmd_db(args: argparse.Namespace) -> int:

@@ -43,10 +43,34 @@ class ScoringConfig:
 
 
 @dataclass(frozen=True)
+class RefreshConfig:
+    """How a refresh trains, what it replays, and the gate a candidate must pass (README, "Refresh")."""
+
+    loss: str = "ge2e-softmax"  # any name in the loss registry (classification losses get a head)
+    steps: int = 100  # optimiser steps per refresh
+    time_budget_s: float = 1800.0  # training stops early when this is spent
+    lr: float = 1e-4  # Adam learning rate of the encoder
+    loss_lr: float = 1e-2  # of the loss's own parameters (heads, GE2E scale and bias)
+    speakers_per_batch: int = 16  # N (fewer when fewer speakers qualify)
+    utterances_per_speaker: int = 4  # M: crops per speaker in a batch
+    distill_weight: float = 1.0  # pull toward the parent's embeddings on replayed crops
+    replay_size: int = 2000  # utterances kept in the replay reservoir
+    max_new: int = 4000  # newest-first cap on new utterances loaded for training
+    holdout_fraction: float = 0.2  # of each speaker's utterances, never trained on, for the gate
+    min_holdout: int = 5  # fewer held-out utterances than this: the gate cannot judge, reject
+    old_tolerance: float = 0.02  # accuracy the candidate may lose on old speakers
+    old_eer_tolerance: float = 0.01  # EER it may gain on old speakers
+    noise_dir: str = ""  # folder of noise recordings to mix in (augmentation); empty: off
+    noise_snr_db: float = 10.0  # mean SNR of the mixed noise (uniform +/- 5 dB)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class Config:
     audio: AudioConfig = field(default_factory=AudioConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    refresh: RefreshConfig = field(default_factory=RefreshConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)

@@ -10,7 +10,10 @@ from __future__ import annotations
 import getpass
 import logging
 import os
+import socket
 import threading
+import time
+from dataclasses import asdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -24,11 +27,12 @@ from engine.checkpoints import load_checkpoint, save_checkpoint
 from engine.config import Config, load_config
 from engine.embedder import Embedder
 from engine.encoders import create_encoder
-from engine.errors import InvalidInput, NotInitialised, UnknownSpeaker, VoiceprintError
+from engine import refresh as refreshing
+from engine.errors import InvalidInput, NotInitialised, UnknownSpeaker, VersionChanged, VoiceprintError
 from engine.index import CentroidIndex, Hit
 from engine.scoring import cosine
 from engine.streaming import pipelined
-from storage import ModelVersion, SpeakerSummary, Store
+from storage import Job, ModelVersion, SpeakerSummary, Store
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +193,7 @@ class Engine:
             checkpoint_sha256=sha,
             note="pretrained weights shipped with resemblyzer",
         )
-        store.set_alias("active", version.number, actor=_actor(), reason="init")
+        store.set_alias("active", version.number, actor=actor(), reason="init")
 
     def close(self) -> None:
         self.store.close()
@@ -280,6 +284,17 @@ class Engine:
         return results
 
     def _commit(self, speaker: str, utt: audio.Speech, embedding: np.ndarray, version: int) -> EnrollmentResult:
+        for _ in range(3):
+            try:
+                return self._commit_under(speaker, utt, embedding, version)
+            except VersionChanged:
+                # A refresh or rollback moved "active" after this utterance was embedded:
+                # embed it again under the new version so that version holds it too.
+                active = self.active_version()
+                embedding, version = self.embedder(active).embed([utt.samples])[0], active.number
+        return self._commit_under(speaker, utt, embedding, version)
+
+    def _commit_under(self, speaker: str, utt: audio.Speech, embedding: np.ndarray, version: int) -> EnrollmentResult:
         stored = self.store.enroll(
             speaker=speaker,
             version=version,
@@ -292,6 +307,7 @@ class Engine:
             codec="flac",
             sample_rate=audio.SAMPLE_RATE,
             embedding=embedding,
+            expect_active=True,
         )
         before = None
         if stored.previous_mean is not None:
@@ -309,6 +325,67 @@ class Engine:
 
     def speakers(self) -> list[SpeakerSummary]:
         return self.store.speakers()
+
+    # -- refresh and rollback ----------------------------------------------------------
+
+    def refresh(self, *, dry_run: bool = False, reason: str = "manual", progress: bool = False) -> refreshing.RefreshReport:
+        """Fine-tune a candidate from the active version, gate it, promote or reject it.
+
+        Synchronous. Raises :class:`~engine.errors.RefreshBusy` when another process is
+        refreshing or rolling back. See :mod:`engine.refresh` for the steps.
+        """
+        return refreshing.run(self, dry_run=dry_run, reason=reason, progress=progress)
+
+    def rollback(self, number: int, *, reason: str = "rollback", progress: bool = False) -> dict:
+        """Make version ``number`` active again.
+
+        Its checkpoint is verified first; utterances enrolled since it was active are
+        embedded under it, so its centroids cover every speaker; then the alias moves (and
+        the move is appended to the alias history). Nothing changes on any error.
+        """
+        started = time.perf_counter()
+        target = self.store.get_version(number)
+        self.embedder(target)  # verifies the checkpoint before anything is written
+        with self.store.exclusive("refresh"):
+            job, _ = self.store.start_job("rollback", reason, owner=f"{socket.gethostname()}:{os.getpid()}")
+            previous = self.active_version().number
+            try:
+                added = 0
+                if previous != number:
+                    added = refreshing.activate_complete(self, target, reason=f"{reason} (job {job.id})", progress=progress)
+            except BaseException as exc:
+                self.store.update_job(job.id, status="failed", result={"error": str(exc) or type(exc).__name__})
+                raise
+            result = {
+                "job": job.id,
+                "version": number,
+                "previous": previous,
+                "embedded": added,
+                "seconds": round(time.perf_counter() - started, 2),
+                "changed": previous != number,
+            }
+            self.store.update_job(job.id, status="succeeded", version=number, result=result)
+            return result
+
+    def pending_utterances(self) -> int:
+        """Utterances enrolled after the active version's training data was taken."""
+        return self.store.count_utterances_after(self.active_version().trained_through)
+
+    def request_refresh(self, reason: str) -> Job:
+        """Queue a refresh request; the scheduler (or the next refresh) picks it up."""
+        return self.store.queue_job("refresh", reason)
+
+    def status(self) -> dict:
+        active = self.active_version()
+        running = self.store.list_jobs(limit=1, status="running")
+        finished = [j for j in self.store.list_jobs(limit=20) if j.finished_at is not None]
+        return {
+            "active_version": active.number,
+            "pending_utterances": self.store.count_utterances_after(active.trained_through),
+            "queued": len(self.store.list_jobs(limit=1000, status="queued")),
+            "running_job": _job_dict(running[0]) if running else None,
+            "last_job": _job_dict(finished[0]) if finished else None,
+        }
 
     # -- recognition -------------------------------------------------------------------
 
@@ -341,7 +418,14 @@ class Engine:
         return Verification(speaker, utt.source, version.number, utt.quality.speech_s, score, threshold, score >= threshold)
 
 
-def _actor() -> str:
+def _job_dict(job: Job) -> dict:
+    out = asdict(job)
+    for key in ("requested_at", "started_at", "finished_at"):
+        out[key] = out[key].isoformat() if out[key] else None
+    return out
+
+
+def actor() -> str:
     try:
         return getpass.getuser()
     except Exception:  # no login name in some containers

@@ -102,3 +102,24 @@ class InvalidInput(VoiceprintError):
     """An argument is malformed (an empty speaker name, a bad stream row, ...)."""
 
     code = "invalid_input"
+
+
+class RefreshBusy(VoiceprintError):
+    """Another process holds the refresh lock (a refresh or rollback is running)."""
+
+    code = "refresh_busy"
+
+
+class VersionChanged(StorageError):
+    """The active version moved while this write was prepared for the previous one.
+
+    The Engine catches it and redoes the write under the new active version.
+    """
+
+    code = "version_changed"
+
+
+class IncompleteVersion(StorageError):
+    """A version cannot become active: some utterances have no embedding under it yet."""
+
+    code = "incomplete_version"

@@ -27,6 +27,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 VERSION_STATUSES = ("candidate", "active", "rejected", "retired")
+JOB_STATUSES = ("queued", "running", "succeeded", "rejected", "failed", "skipped")
 
 # Named so that the store can recognise a duplicate enrollment from the database error.
 UTTERANCE_CONTENT_UNIQUE = "uq_utterances_speaker_id_content_sha256"
@@ -135,6 +136,8 @@ class ModelVersion(Base):
     metrics: Mapped[dict[str, Any]]
     note: Mapped[str | None]
     created_at: Mapped[datetime]
+    # Highest utterance id its training saw (0: trained elsewhere); later ones are "new".
+    trained_through: Mapped[int] = mapped_column(server_default="0")
 
 
 class Alias(Base):
@@ -182,3 +185,29 @@ class Centroid(Base):
     sum: Mapped[bytes]  # float64 little-endian, exact running sum
     mean: Mapped[bytes]  # float32 little-endian, sum / count, what 1:N search loads
     updated_at: Mapped[datetime]
+
+
+class Job(Base):
+    """A refresh, queued (by a drift signal or a request), running, or finished.
+
+    Only one job runs at a time (a database-level lock, see ``Store.exclusive``); a job
+    left "running" by a killed process is marked failed by the next one to start.
+    """
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        CheckConstraint(
+            "status IN (" + ", ".join(f"'{s}'" for s in JOB_STATUSES) + ")", name="status"
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str]
+    status: Mapped[str] = mapped_column(index=True)
+    reason: Mapped[str]
+    owner: Mapped[str | None]  # host:pid of the process running it
+    version: Mapped[int | None] = mapped_column(ForeignKey("model_versions.number"))
+    result: Mapped[dict[str, Any]]
+    requested_at: Mapped[datetime]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]

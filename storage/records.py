@@ -46,6 +46,7 @@ class ModelVersion:
     note: str | None
     created_at: datetime
     active: bool  # the "active" alias points at this version
+    trained_through: int = 0  # highest utterance id its training saw; later ones are new to it
 
 
 @dataclass(frozen=True)
@@ -75,3 +76,17 @@ class Enrollment:
     count: int  # utterances in the speaker's centroid after this one
     previous_mean: np.ndarray | None  # None when the speaker had no centroid at this version
     mean: np.ndarray
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    kind: str
+    status: str  # queued / running / succeeded / rejected / failed / skipped
+    reason: str
+    owner: str | None
+    version: int | None  # the candidate version it built, if any
+    result: dict[str, Any]
+    requested_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None

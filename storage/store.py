@@ -7,7 +7,11 @@ commits, rolls back and closes, and turns SQLAlchemy errors into the project's o
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import fcntl
+import os
+import threading
+import zlib
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,7 +23,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy import Engine, Table, create_engine, event, func, insert, select, text, update
+from sqlalchemy import Engine, Table, create_engine, delete, event, func, insert, select, text, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, make_url
@@ -31,23 +35,31 @@ import migrations
 from engine.centroids import RunningCentroid
 from engine.errors import (
     DuplicateUtterance,
+    IncompleteVersion,
+    InvalidInput,
     NotInitialised,
+    RefreshBusy,
     SchemaOutdated,
     StorageError,
     UnknownSpeaker,
     UnknownVersion,
+    VersionChanged,
 )
 from storage import models as m
 from storage.records import (
     AliasMove,
     Centroid,
     Enrollment,
+    Job,
     ModelVersion,
     SpeakerSummary,
     UtteranceRecord,
 )
 
 ACTIVE = "active"
+FINISHED_JOB = ("succeeded", "rejected", "failed", "skipped")
+# In-memory SQLite lives in one process, so an in-process lock is the whole story there.
+_MEMORY_LOCKS: dict[str, threading.Lock] = {}
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 _INSERTS = {"postgresql": postgresql_insert, "sqlite": sqlite_insert}
 
@@ -159,8 +171,13 @@ class Store:
         status: str = "candidate",
         metrics: dict | None = None,
         note: str | None = None,
+        trained_through: int = 0,
     ) -> ModelVersion:
-        """Record a new model version, numbered one past the highest so far."""
+        """Record a new model version, numbered one past the highest so far.
+
+        ``trained_through`` is the highest utterance id its training saw: utterances
+        after it are "new" to the version (what the next refresh learns from).
+        """
         if status not in m.VERSION_STATUSES:
             raise ValueError(f"status {status!r} is not one of {', '.join(m.VERSION_STATUSES)}")
         with self._session("create a model version", write=True) as s:
@@ -182,6 +199,7 @@ class Store:
                 metrics=metrics or {},
                 note=note,
                 created_at=_now(),
+                trained_through=trained_through,
             )
             s.add(row)
             s.flush()
@@ -207,11 +225,19 @@ class Store:
                 raise NotInitialised("no active model version: run `voiceprint init`")
             return _version_record(_version_row(s, active), active)
 
-    def set_alias(self, alias: str, version: int, *, actor: str, reason: str) -> None:
+    def set_alias(
+        self, alias: str, version: int, *, actor: str, reason: str, require_complete: bool = False
+    ) -> None:
         """Point ``alias`` at ``version`` and append the move to the alias history.
 
         Moving "active" also marks the new version active and the one it replaces
         retired, in the same transaction.
+
+        With ``require_complete`` the move happens only if every utterance has an
+        embedding under ``version``; otherwise :class:`IncompleteVersion` is raised and
+        nothing changes. The check runs after the alias row is locked, and enrollments
+        hold a share lock on that row (see :meth:`enroll`), so no enrollment can slip in
+        between the check and the move.
         """
         with self._session(f"move alias {alias!r} to version {version}", write=True) as s:
             target = _version_row(s, version)
@@ -224,6 +250,12 @@ class Store:
                 select(m.Alias).where(m.Alias.name == alias).with_for_update()
             ).scalar_one()
             previous = None if created else row.version
+            if require_complete:
+                missing = s.scalar(select(func.count()).select_from(_missing_embeddings_query(version).subquery()))
+                if missing:
+                    raise IncompleteVersion(
+                        f"version {version} has no embedding for {missing} utterance(s) yet"
+                    )
             row.version, row.updated_at = version, now
             if alias == ACTIVE:
                 if previous is not None and previous != version:
@@ -239,6 +271,28 @@ class Store:
                     moved_at=now,
                 )
             )
+
+    def update_version(
+        self, number: int, *, status: str | None = None, metrics: dict | None = None, note: str | None = None
+    ) -> ModelVersion:
+        """Change a version's status, metrics (replaced whole) or note.
+
+        The "active" status belongs to the alias: it is set only by :meth:`set_alias`.
+        """
+        if status is not None and status not in m.VERSION_STATUSES:
+            raise ValueError(f"status {status!r} is not one of {', '.join(m.VERSION_STATUSES)}")
+        if status == "active":
+            raise ValueError("a version becomes active by moving the alias: use set_alias")
+        with self._session(f"update model version {number}", write=True) as s:
+            row = _version_row(s, number)
+            if status is not None:
+                row.status = status
+            if metrics is not None:
+                row.metrics = metrics
+            if note is not None:
+                row.note = note
+            s.flush()
+            return _version_record(row, _alias_target(s, ACTIVE))
 
     def alias_history(self, alias: str = ACTIVE) -> list[AliasMove]:
         """Every move of ``alias``, oldest first."""
@@ -267,8 +321,14 @@ class Store:
         codec: str,
         sample_rate: int,
         embedding: np.ndarray,
+        expect_active: bool = False,
     ) -> Enrollment:
         """Store one utterance of ``speaker`` and fold its embedding into the centroid.
+
+        With ``expect_active``, ``version`` must still be the active version when the
+        transaction runs, else :class:`VersionChanged` is raised and nothing is stored:
+        an utterance embedded for a version that was just replaced would otherwise be
+        missing from the new one.
 
         Speaker (created on first use), utterance, audio, embedding and centroid are
         written in one transaction: on any failure nothing is stored.
@@ -294,6 +354,14 @@ class Store:
         # unit of work's bookkeeping cost more than the SQL itself.
         doing = f"enroll {source!r} for speaker {speaker!r}"
         with self._version_checked(version), self._session(doing, write=True) as s:
+            if expect_active:
+                # A share lock: enrollments run side by side, but an alias move waits for
+                # them, and they wait for it (see set_alias(require_complete=True)).
+                active = s.execute(
+                    select(m.Alias.version).where(m.Alias.name == ACTIVE).with_for_update(read=True)
+                ).scalar()
+                if active != version:
+                    raise VersionChanged(f"the active version is now {active}, not {version}")
             now = _now()
             # Race-safe get-or-create: concurrent first enrollments of one speaker all
             # succeed instead of failing on the unique name.
@@ -382,13 +450,242 @@ class Store:
         try:
             yield
         except StorageError as exc:
-            if not isinstance(exc, DuplicateUtterance) and not self._version_exists(version):
+            if not isinstance(exc, (DuplicateUtterance, VersionChanged)) and not self._version_exists(version):
                 raise UnknownVersion(f"model version {version} does not exist") from None
             raise
 
     def _version_exists(self, number: int) -> bool:
         with self._session(f"look up model version {number}") as s:
             return s.get(m.ModelVersion, number) is not None
+
+    # ------------------------------------------------- embeddings of a whole version
+
+    def missing_embeddings(self, version: int) -> list[tuple[int, str]]:
+        """``(utterance id, speaker)`` of every utterance without an embedding at ``version``, by id."""
+        with self._session(f"find utterances not embedded under version {version}") as s:
+            return [(uid, name) for uid, name in s.execute(_missing_embeddings_query(version))]
+
+    def add_embeddings(self, version: int, items: Sequence[tuple[int, np.ndarray]]) -> int:
+        """Store embeddings of existing utterances under ``version`` and fold them into
+        that version's centroids, in one transaction (re-embedding after a refresh, or
+        catching a version up before a rollback).
+
+        Utterances that already have an embedding at ``version``, or that were deleted
+        meanwhile, are skipped, so a retry after a crash never counts one twice.
+        Returns how many were added.
+        """
+        if not items:
+            return 0
+        vectors = {int(uid): np.asarray(vec, dtype=np.float32) for uid, vec in items}
+        for uid, vec in vectors.items():
+            if vec.ndim != 1 or not np.all(np.isfinite(vec)):
+                raise ValueError(f"embedding of utterance {uid} must be a finite 1-D vector")
+        with self._version_checked(version), self._session(f"store embeddings under version {version}", write=True) as s:
+            present = set(
+                s.scalars(
+                    select(m.Embedding.utterance_id).where(
+                        m.Embedding.version == version, m.Embedding.utterance_id.in_(vectors)
+                    )
+                )
+            )
+            owners = dict(
+                s.execute(select(m.Utterance.id, m.Utterance.speaker_id).where(m.Utterance.id.in_(vectors))).all()
+            )
+            todo = [uid for uid in vectors if uid in owners and uid not in present]
+            if not todo:
+                return 0
+            now = _now()
+            s.execute(
+                insert(m.Embedding),
+                [{"utterance_id": uid, "version": version, "vector": _f32(vectors[uid]), "created_at": now} for uid in todo],
+            )
+            by_speaker: dict[int, list[int]] = {}
+            for uid in todo:
+                by_speaker.setdefault(owners[uid], []).append(uid)
+            rows = {
+                row.speaker_id: row
+                for row in s.execute(
+                    select(m.Centroid.speaker_id, m.Centroid.dim, m.Centroid.count, m.Centroid.sum)
+                    .where(m.Centroid.version == version, m.Centroid.speaker_id.in_(by_speaker))
+                    .with_for_update()
+                )
+            }
+            for speaker_id, uids in by_speaker.items():
+                row = rows.get(speaker_id)
+                running = (
+                    RunningCentroid(dim=row.dim, sum=_from_f64(row.sum), count=row.count)
+                    if row is not None
+                    else RunningCentroid(dim=vectors[uids[0]].size)
+                )
+                for uid in uids:
+                    running.learn_one(vectors[uid])
+                values = {"count": running.count, "sum": _f64(running.sum), "mean": _f32(running.mean), "updated_at": now}
+                if row is None:
+                    s.execute(insert(m.Centroid), {"speaker_id": speaker_id, "version": version, "dim": running.dim, **values})
+                else:
+                    s.execute(
+                        update(m.Centroid)
+                        .where(m.Centroid.speaker_id == speaker_id, m.Centroid.version == version)
+                        .values(**values)
+                    )
+            return len(todo)
+
+    def version_embeddings(self, version: int) -> tuple[np.ndarray, list[str], np.ndarray]:
+        """Every stored embedding at ``version``: utterance ids (ascending), their speakers,
+        and the float32 matrix [n, D]."""
+        with self._session(f"read the embeddings of version {version}") as s:
+            rows = s.execute(
+                select(m.Embedding.utterance_id, m.Speaker.name, m.Embedding.vector)
+                .join(m.Utterance, m.Utterance.id == m.Embedding.utterance_id)
+                .join(m.Speaker, m.Speaker.id == m.Utterance.speaker_id)
+                .where(m.Embedding.version == version)
+                .order_by(m.Embedding.utterance_id)
+            ).all()
+        if not rows:
+            return np.zeros(0, dtype=np.int64), [], np.zeros((0, 0), dtype=np.float32)
+        ids = np.array([r[0] for r in rows], dtype=np.int64)
+        return ids, [r[1] for r in rows], np.stack([_from_f32(r[2]) for r in rows])
+
+    def audio_many(self, utterance_ids: Sequence[int]) -> dict[int, tuple[bytes, str, int]]:
+        """The kept audio of several utterances: ``{id: (data, codec, sample_rate)}``;
+        ids without audio (deleted meanwhile) are absent."""
+        with self._session(f"read the audio of {len(utterance_ids)} utterances") as s:
+            rows = s.execute(
+                select(m.UtteranceAudio).where(m.UtteranceAudio.utterance_id.in_([int(i) for i in utterance_ids]))
+            ).scalars()
+            return {row.utterance_id: (row.data, row.codec, row.sample_rate) for row in rows}
+
+    def discard_version_data(self, version: int) -> None:
+        """Delete every embedding and centroid stored under ``version`` (an abandoned candidate)."""
+        with self._session(f"discard the embeddings of version {version}", write=True) as s:
+            s.execute(delete(m.Centroid).where(m.Centroid.version == version))
+            s.execute(delete(m.Embedding).where(m.Embedding.version == version))
+
+    # ------------------------------------------------------------- jobs and locks
+
+    @contextmanager
+    def exclusive(self, name: str) -> Iterator[None]:
+        """Hold the lock ``name`` across every process using this database, or raise
+        :class:`RefreshBusy` at once if another holder has it.
+
+        PostgreSQL: a session-level advisory lock on a dedicated connection. SQLite: an
+        ``flock`` on a file beside the database. Both vanish with the process that holds
+        them, so a killed refresh never leaves a stale lock behind.
+        """
+        if self._backend == "postgresql":
+            key = zlib.crc32(name.encode())
+            with self._translating(f"take the {name} lock"), self._write.connect() as conn:
+                got = conn.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": key}).scalar()
+                conn.commit()
+                if not got:
+                    raise RefreshBusy(f"another process holds the {name} lock (a {name} is running)")
+                try:
+                    yield
+                finally:
+                    conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+                    conn.commit()
+        elif _in_memory(self._url):
+            lock = _MEMORY_LOCKS.setdefault(name, threading.Lock())
+            if not lock.acquire(blocking=False):
+                raise RefreshBusy(f"another thread holds the {name} lock (a {name} is running)")
+            try:
+                yield
+            finally:
+                lock.release()
+        else:
+            path = Path(self._url.database).expanduser()
+            fd = os.open(path.with_name(f"{path.name}.{name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise RefreshBusy(f"another process holds the {name} lock (a {name} is running)") from None
+                yield
+            finally:
+                os.close(fd)  # closing releases the flock
+
+    def queue_job(self, kind: str, reason: str) -> Job:
+        """Ask for a job (e.g. a refresh requested by a drift signal); it runs later."""
+        with self._session(f"queue a {kind} job", write=True) as s:
+            row = m.Job(kind=kind, status="queued", reason=reason, result={}, requested_at=_now())
+            s.add(row)
+            s.flush()
+            return _job_record(row)
+
+    def start_job(self, kind: str, reason: str, *, owner: str) -> tuple[Job, list[Job]]:
+        """Start a job of ``kind``; call it only while holding :meth:`exclusive` for it.
+
+        Because the caller holds the lock, any job still marked running belongs to a
+        process that died: it is marked failed, and the candidate version it left half
+        built is rejected and its embeddings removed. The oldest queued request of this
+        kind becomes the started job; later ones are marked skipped (covered by it).
+
+        Returns the started job and the interrupted ones that were cleaned up.
+        """
+        with self._session(f"start a {kind} job", write=True) as s:
+            now = _now()
+            # Every kind: refreshes and rollbacks share one lock.
+            interrupted = list(s.scalars(select(m.Job).where(m.Job.status == "running")))
+            for job in interrupted:
+                job.status, job.finished_at = "failed", now
+                job.result = {**job.result, "error": "interrupted: the process running it stopped"}
+                if job.version is not None:
+                    version = s.get(m.ModelVersion, job.version)
+                    if version is not None and version.status == "candidate":
+                        version.status, version.note = "rejected", "interrupted before promotion"
+                        s.execute(delete(m.Centroid).where(m.Centroid.version == job.version))
+                        s.execute(delete(m.Embedding).where(m.Embedding.version == job.version))
+            queued = list(
+                s.scalars(select(m.Job).where(m.Job.kind == kind, m.Job.status == "queued").order_by(m.Job.id))
+            )
+            if queued:
+                job, rest = queued[0], queued[1:]
+                job.reason = reason if job.reason == reason else f"{job.reason}; {reason}"
+            else:
+                job, rest = m.Job(kind=kind, reason=reason, result={}, requested_at=now), []
+                s.add(job)
+            job.status, job.owner, job.started_at = "running", owner, now
+            s.flush()
+            for other in rest:
+                other.status, other.finished_at, other.result = "skipped", now, {"covered_by": job.id}
+            s.flush()
+            return _job_record(job), [_job_record(j) for j in interrupted]
+
+    def update_job(
+        self, job_id: int, *, status: str | None = None, version: int | None = None, result: dict | None = None
+    ) -> Job:
+        """Record progress or the outcome of a job; a finished status stamps ``finished_at``."""
+        if status is not None and status not in m.JOB_STATUSES:
+            raise ValueError(f"status {status!r} is not one of {', '.join(m.JOB_STATUSES)}")
+        with self._session(f"update job {job_id}", write=True) as s:
+            row = _job_row(s, job_id)
+            if status is not None:
+                row.status = status
+                if status in FINISHED_JOB:
+                    row.finished_at = _now()
+            if version is not None:
+                row.version = version
+            if result is not None:
+                row.result = result
+            s.flush()
+            return _job_record(row)
+
+    def get_job(self, job_id: int) -> Job:
+        with self._session(f"read job {job_id}") as s:
+            return _job_record(_job_row(s, job_id))
+
+    def list_jobs(self, *, limit: int = 20, status: str | None = None) -> list[Job]:
+        """The newest ``limit`` jobs (optionally of one status), newest first."""
+        with self._session("list jobs") as s:
+            query = select(m.Job).order_by(m.Job.id.desc()).limit(limit)
+            if status is not None:
+                query = query.where(m.Job.status == status)
+            return [_job_record(row) for row in s.scalars(query)]
+
+    def count_utterances_after(self, utterance_id: int) -> int:
+        """How many utterances have an id above ``utterance_id`` (enrolled after it)."""
+        with self._session("count new utterances") as s:
+            return s.scalar(select(func.count()).select_from(m.Utterance).where(m.Utterance.id > utterance_id))
 
     # --------------------------------------------------------------------- reads
 
@@ -602,6 +899,38 @@ def _alias_target(session: Session, alias: str) -> int | None:
     return session.scalar(select(m.Alias.version).where(m.Alias.name == alias))
 
 
+def _missing_embeddings_query(version: int):
+    embedded = select(m.Embedding.utterance_id).where(m.Embedding.version == version)
+    return (
+        select(m.Utterance.id, m.Speaker.name)
+        .join(m.Speaker)
+        .where(m.Utterance.id.not_in(embedded))
+        .order_by(m.Utterance.id)
+    )
+
+
+def _job_row(session: Session, job_id: int) -> m.Job:
+    row = session.get(m.Job, job_id)
+    if row is None:
+        raise InvalidInput(f"no job {job_id}")
+    return row
+
+
+def _job_record(row: m.Job) -> Job:
+    return Job(
+        id=row.id,
+        kind=row.kind,
+        status=row.status,
+        reason=row.reason,
+        owner=row.owner,
+        version=row.version,
+        result=dict(row.result or {}),
+        requested_at=row.requested_at,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+    )
+
+
 def _speaker_id(session: Session, name: str) -> int:
     speaker_id = session.scalar(select(m.Speaker.id).where(m.Speaker.name == name))
     if speaker_id is None:
@@ -622,6 +951,7 @@ def _version_record(row: m.ModelVersion, active_number: int | None) -> ModelVers
         note=row.note,
         created_at=row.created_at,
         active=row.number == active_number,
+        trained_through=row.trained_through,
     )
 
 

@@ -32,6 +32,7 @@ def test_models_define_the_expected_tables() -> None:
         "alias_history",
         "embeddings",
         "centroids",
+        "jobs",
     }
 
 
