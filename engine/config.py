@@ -58,8 +58,10 @@ class RefreshConfig:
     max_new: int = 4000  # newest-first cap on new utterances loaded for training
     holdout_fraction: float = 0.2  # of each speaker's utterances, never trained on, for the gate
     min_holdout: int = 5  # fewer held-out utterances than this: the gate cannot judge, reject
-    old_tolerance: float = 0.02  # accuracy the candidate may lose on old speakers
-    old_eer_tolerance: float = 0.01  # EER it may gain on old speakers
+    # The gate: a candidate must lower the held-out EER, and may lose at most this much
+    # top-1 accuracy overall and on old speakers, and this much EER on old speakers.
+    accuracy_tolerance: float = 0.03
+    old_eer_tolerance: float = 0.01
     noise_dir: str = ""  # folder of noise recordings to mix in (augmentation); empty: off
     noise_snr_db: float = 10.0  # mean SNR of the mixed noise (uniform +/- 5 dB)
     seed: int = 0

@@ -13,8 +13,8 @@ A refresh, step by step (every step is undone by simply not reaching the last on
 4. Embed every utterance of the snapshot under the candidate and run the gate: top-1
    identification and EER of held-out utterances against centroids of the others, for
    parent and candidate, split into speakers the parent was trained on ("old") and the
-   rest ("new"). Promote only if the candidate is better overall and not worse on old
-   speakers beyond the configured tolerance.
+   rest ("new"). Promote only if the candidate lowers the EER overall and is not worse,
+   overall or on old speakers, beyond the configured tolerances.
 5. Promotion: store the candidate's embeddings and centroids, embed whatever was enrolled
    meanwhile, and move the "active" alias in one transaction that first checks nothing is
    missing. Until that commit the parent stays active and untouched.
@@ -318,33 +318,58 @@ def gate_metrics(
         sub, sub_truth = scores[rows], truth[rows]
         is_target = np.zeros_like(sub, dtype=bool)
         is_target[np.arange(len(sub_truth)), sub_truth] = True
-        rate = eer(sub[is_target], sub[~is_target])[0] if len(names) > 1 else float("nan")
+        target, nontarget = sub[is_target], sub[~is_target]
+        rate = eer(target, nontarget)[0] if len(names) > 1 else float("nan")
         out[group] = {
             "probes": int(rows.sum()),
             "accuracy": round(top_k_accuracy(sub, sub_truth), 4),
             "eer": round(rate, 4),
+            "d_prime": round(d_prime(target, nontarget), 3),
         }
     return out
 
 
+def d_prime(target: np.ndarray, nontarget: np.ndarray) -> float:
+    """How far apart target and non-target scores lie, in pooled standard deviations.
+
+    Continuous where EER is not: two models that both separate a small set perfectly
+    (EER 0) still differ in how widely they separate it.
+    """
+    if len(target) < 2 or len(nontarget) < 2:
+        return float("nan")
+    spread = np.sqrt((target.var(ddof=1) + nontarget.var(ddof=1)) / 2)
+    return float((target.mean() - nontarget.mean()) / max(spread, 1e-12))
+
+
 def decide(parent: dict, candidate: dict, cfg: RefreshConfig) -> list[str]:
-    """Reasons to reject the candidate; an empty list means promote."""
+    """Reasons to reject the candidate; an empty list means promote.
+
+    EER is the main criterion: it uses every (held-out utterance, speaker) trial, many
+    more than top-1 accuracy's one decision per utterance, which moves in steps of a
+    whole probe on small sets; d' breaks EER ties (both perfect on an easy set).
+    Accuracy only guards against a real loss.
+    """
     probes = parent.get("overall", {}).get("probes", 0)
     if probes < cfg.min_holdout:
         return [f"only {probes} held-out utterance(s) to judge by; the gate needs {cfg.min_holdout}"]
     reasons = []
     p, c = parent["overall"], candidate["overall"]
-    if not (c["accuracy"] > p["accuracy"] or (c["accuracy"] == p["accuracy"] and c["eer"] < p["eer"])):
+    if not (c["eer"] < p["eer"] or (c["eer"] == p["eer"] and c["d_prime"] > p["d_prime"])):
         reasons.append(
-            f"not better overall: top-1 {c['accuracy']:.1%} vs parent {p['accuracy']:.1%}, "
-            f"EER {c['eer']:.2%} vs {p['eer']:.2%}"
+            f"not better overall: EER {c['eer']:.2%} vs parent {p['eer']:.2%}, "
+            f"d' {c['d_prime']:.2f} vs {p['d_prime']:.2f}"
+        )
+    if c["accuracy"] < p["accuracy"] - cfg.accuracy_tolerance:
+        reasons.append(
+            f"less accurate: top-1 {c['accuracy']:.1%} vs parent {p['accuracy']:.1%} "
+            f"(tolerance {cfg.accuracy_tolerance:.1%})"
         )
     if "old" in parent:
         p, c = parent["old"], candidate["old"]
-        if c["accuracy"] < p["accuracy"] - cfg.old_tolerance:
+        if c["accuracy"] < p["accuracy"] - cfg.accuracy_tolerance:
             reasons.append(
                 f"forgets old speakers: top-1 {c['accuracy']:.1%} vs parent {p['accuracy']:.1%} "
-                f"(tolerance {cfg.old_tolerance:.1%})"
+                f"(tolerance {cfg.accuracy_tolerance:.1%})"
             )
         if c["eer"] > p["eer"] + cfg.old_eer_tolerance:
             reasons.append(

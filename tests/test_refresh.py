@@ -1,0 +1,418 @@
+"""Refresh, gate, promotion and rollback on real speech (speechocean762-train, vctk-4).
+
+The continual scenario runs once per module: group A is enrolled and refreshed into
+version 2, group B is enrolled and refreshed into version 3, then version 1 is made
+active again. Two files of every speaker are never enrolled; they are the probes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine import Engine
+from engine import audio
+from engine.errors import CheckpointError, RefreshBusy, TooShort, UnknownVersion
+from engine.replay import SpeakerReservoir
+
+REPO = Path(__file__).resolve().parents[1]
+GROUP = 20  # speakers per group
+PROBES = 2  # files per speaker kept out of enrollment
+
+
+def manifest(root: Path) -> dict[str, list[Path]]:
+    files: dict[str, list[Path]] = {}
+    with open(root / "manifest.csv", newline="") as fh:
+        for row in csv.DictReader(fh):
+            files.setdefault(row["speaker"], []).append(root / row["path"])
+    return files
+
+
+def write_config(home: Path, **refresh) -> None:
+    home.mkdir(parents=True, exist_ok=True)
+    lines = ["[refresh]"] + [f"{key} = {value!r}" if isinstance(value, str) else f"{key} = {value}" for key, value in refresh.items()]
+    (home / "config.toml").write_text("\n".join(lines).replace("'", '"') + "\n")
+
+
+def enroll_all(eng: Engine, files: dict[str, list[Path]]) -> None:
+    items = [(speaker, path, None) for speaker, paths in files.items() for path in paths]
+    # A few files of these sets hold less than the 1 s of speech enrollment requires.
+    failures = [r for r in eng.enroll_many(items) if isinstance(r, Exception) and not isinstance(r, TooShort)]
+    assert not failures, failures
+
+
+def usable(paths: list[Path]) -> list[Path]:
+    return [p for p in paths if not isinstance(audio.load_many([p])[0], TooShort)]
+
+
+def all_scores(eng: Engine, probes: dict[str, list[Path]]) -> list[dict[str, float]]:
+    """Every enrolled speaker's score for every probe, under the active version."""
+    total = len(eng.speakers())
+    return [
+        {hit.speaker: hit.score for hit in eng.identify(path, top=total).candidates}
+        for paths in probes.values()
+        for path in paths
+    ]
+
+
+def accuracy(scores: list[dict[str, float]], probes: dict[str, list[Path]], among: set[str]) -> float:
+    truth = [speaker for speaker, paths in probes.items() for _ in paths]
+    right = [max(among, key=lambda s: row.get(s, -1.0)) == t for row, t in zip(scores, truth)]
+    return float(np.mean(right))
+
+
+@pytest.fixture(scope="module")
+def continual(tmp_path_factory, dev_data):
+    files = manifest(dev_data / "speechocean762-train")
+    speakers = list(files)
+    groups = {"A": speakers[:GROUP], "B": speakers[GROUP : 2 * GROUP]}
+    enroll = {g: {s: files[s][:-PROBES] for s in names} for g, names in groups.items()}
+    probes = {g: {s: usable(files[s][-PROBES:]) for s in names} for g, names in groups.items()}
+    home = tmp_path_factory.mktemp("continual")
+    write_config(home, steps=60)
+    out: dict = {"groups": {g: set(names) for g, names in groups.items()}, "probes": probes}
+    with Engine.init(home=home) as eng:
+        enroll_all(eng, enroll["A"])
+        out["v1_A"] = all_scores(eng, probes["A"])
+        out["refresh1"] = eng.refresh()
+        out["v2_A"] = all_scores(eng, probes["A"])
+        enroll_all(eng, enroll["B"])
+        out["refresh2"] = eng.refresh()
+        out["v3_A"] = all_scores(eng, probes["A"])
+        out["rollback"] = eng.rollback(1, reason="test")
+        out["rolled_back_A"] = all_scores(eng, probes["A"])
+        out["versions"] = eng.versions()
+        out["history"] = eng.store.alias_history()
+        out["missing_v1"] = eng.store.missing_embeddings(1)
+        out["centroid_counts"] = {s: eng.store.centroid(s, 1).count for s in speakers[: 2 * GROUP]}
+        out["utterances"] = {s.name: s.utterances for s in eng.speakers()}
+    return out
+
+
+def test_first_refresh_is_promoted_and_identifies_better(continual):
+    report = continual["refresh1"]
+    assert report.status == "promoted", report.reasons
+    assert report.version == 2 and report.parent == 1
+    gate = report.metrics
+    assert gate["data"]["new"] > 0 and gate["data"]["replayed"] == 0  # nothing is old to version 1
+    assert "old" not in gate["parent"]
+    # The gate's own verdict: better on the enrolled speakers' held-out utterances.
+    p, c = gate["parent"]["overall"], gate["candidate"]["overall"]
+    assert c["eer"] < p["eer"] and c["accuracy"] >= p["accuracy"] - 0.03
+    # Independently, through identify, on files that were never enrolled at all: the true
+    # speaker's score rises relative to the best impostor's, and no more than one probe
+    # is lost (one probe is 2.5 points here).
+    group, probes = continual["groups"]["A"], continual["probes"]["A"]
+    assert _mean_margin(continual["v2_A"], probes) > _mean_margin(continual["v1_A"], probes)
+    assert accuracy(continual["v2_A"], probes, group) >= accuracy(continual["v1_A"], probes, group) - 0.03
+
+
+def test_second_refresh_replays_and_keeps_the_first_group(continual):
+    report = continual["refresh2"]
+    assert report.status == "promoted", report.reasons
+    assert report.version == 3 and report.parent == 2
+    data = report.metrics["data"]
+    assert data["replayed"] > 0, "group A must be replayed"
+    assert "old" in report.metrics["parent"] and "new" in report.metrics["parent"]
+    tolerance = 0.03  # the default refresh.accuracy_tolerance
+    group, probes = continual["groups"]["A"], continual["probes"]["A"]
+    # Among group A's speakers only, so that B's arrival does not count as forgetting.
+    assert accuracy(continual["v3_A"], probes, group) >= accuracy(continual["v2_A"], probes, group) - tolerance
+
+
+def test_rollback_to_version_1_restores_its_exact_scores(continual):
+    result = continual["rollback"]
+    assert result["changed"] and result["previous"] == 3 and result["version"] == 1
+    assert result["embedded"] > 0  # group B was enrolled under version 2 and is caught up
+    group = continual["groups"]["A"]
+    for before, after in zip(continual["v1_A"], continual["rolled_back_A"], strict=True):
+        assert {s: after[s] for s in group} == {s: before[s] for s in group}  # exactly, not approximately
+    # Version 1's centroids now cover everyone, each over all of the speaker's utterances.
+    assert continual["missing_v1"] == []
+    assert continual["centroid_counts"] == {s: n for s, n in continual["utterances"].items()}
+    status = {v.number: (v.status, v.active) for v in continual["versions"]}
+    assert status == {1: ("active", True), 2: ("retired", False), 3: ("retired", False)}
+    moves = [(m.version, m.previous_version) for m in continual["history"]]
+    assert moves == [(1, None), (2, 1), (3, 2), (1, 3)]
+    assert continual["history"][-1].reason.startswith("test")
+
+
+def _mean_margin(scores: list[dict[str, float]], probes: dict[str, list[Path]]) -> float:
+    truth = [speaker for speaker, paths in probes.items() for _ in paths]
+    margins = [row[t] - max(v for s, v in row.items() if s != t) for row, t in zip(scores, truth)]
+    return float(np.mean(margins))
+
+
+# -- smaller homes: vctk-4 ----------------------------------------------------------------
+
+SMALL = {"speakers_per_batch": 4, "holdout_fraction": 0.3}  # 4 speakers, 10 files each
+
+
+@pytest.fixture
+def vctk_home(tmp_path, dev_data):
+    files = manifest(dev_data / "vctk-4")
+    home = tmp_path / "home"
+    write_config(home, steps=3, **SMALL)
+    with Engine.init(home=home) as eng:
+        enroll_all(eng, files)
+    return home
+
+
+def test_dry_run_stores_no_version(vctk_home):
+    with Engine.open(home=vctk_home) as eng:
+        report = eng.refresh(dry_run=True)
+        assert report.status == "dry-run" and report.version is None
+        assert [v.number for v in eng.versions()] == [1]
+        job = eng.store.get_job(report.job)
+        assert job.status == "succeeded" and job.result["metrics"]["candidate"]["overall"]["probes"] >= 5
+        assert not (vctk_home / "checkpoints" / "v0002.pt").exists()
+
+
+def test_a_worse_candidate_is_rejected_with_reasons(vctk_home):
+    # A learning rate a thousand times too high wrecks the encoder in a few steps.
+    write_config(vctk_home, steps=10, **SMALL, lr=0.1)
+    with Engine.open(home=vctk_home) as eng:
+        before = eng.store.centroid_matrix(1)
+        report = eng.refresh()
+        assert report.status == "rejected", report.metrics
+        assert report.reasons and "not better overall: EER" in report.reasons[0]
+        rejected = eng.store.get_version(report.version)
+        assert rejected.status == "rejected" and rejected.note == "; ".join(report.reasons)
+        assert rejected.metrics["candidate"]["overall"]["accuracy"] <= rejected.metrics["parent"]["overall"]["accuracy"]
+        assert eng.active_version().number == 1
+        assert eng.store.version_embeddings(report.version)[0].size == 0  # nothing stored under it
+        after = eng.store.centroid_matrix(1)
+        assert after[0] == before[0] and np.array_equal(after[1], before[1])
+        assert eng.store.get_job(report.job).status == "rejected"
+
+
+def test_aam_softmax_refresh_trains_a_head_over_the_enrolled_speakers(vctk_home):
+    write_config(vctk_home, steps=3, **SMALL, loss="aam-softmax")
+    with Engine.open(home=vctk_home) as eng:
+        report = eng.refresh(dry_run=True)
+    training = report.metrics["training"]
+    assert training["loss"] == "aam-softmax" and training["steps"] == 3
+    assert np.isfinite(training["last_loss"])
+
+
+def test_nothing_new_is_skipped(vctk_home):
+    with Engine.open(home=vctk_home) as eng:
+        first = eng.refresh()
+        assert first.status in {"promoted", "rejected"}
+        if first.status == "rejected":
+            pytest.skip("needs a promoted version to have nothing new")  # pragma: no cover
+        second = eng.refresh()
+        assert second.status == "skipped" and "no new utterances" in second.reasons[0]
+        assert eng.pending_utterances() == 0
+        assert eng.store.get_job(second.job).status == "skipped"
+
+
+def test_rollback_to_a_corrupted_checkpoint_changes_nothing(vctk_home):
+    with Engine.open(home=vctk_home) as eng:
+        report = eng.refresh()
+        assert report.status == "promoted", report.reasons
+        path = vctk_home / "checkpoints" / "v0001.pt"
+        path.write_bytes(path.read_bytes()[:-10] + b"0123456789")
+        eng._embedders.clear()  # the cache would otherwise hide the file
+        with pytest.raises(CheckpointError):
+            eng.rollback(1)
+        assert eng.active_version().number == 2
+        assert [m.version for m in eng.store.alias_history()] == [1, 2]
+        with pytest.raises(UnknownVersion):
+            eng.rollback(9)
+
+
+def test_only_one_refresh_at_a_time(vctk_home):
+    with Engine.open(home=vctk_home) as eng, Engine.open(home=vctk_home) as other:
+        with other.store.exclusive("refresh"):
+            with pytest.raises(RefreshBusy):
+                eng.refresh()
+            with pytest.raises(RefreshBusy):
+                eng.rollback(1)
+        assert eng.store.list_jobs() == []  # refused before anything was recorded
+
+
+@pytest.mark.postgres
+def test_refresh_lock_and_rollback_on_postgresql(fresh_pg_url, tmp_path, dev_data):
+    home = tmp_path / "home"
+    write_config(home, steps=3, **SMALL)
+    with Engine.init(home=home, db=fresh_pg_url) as eng:
+        enroll_all(eng, manifest(dev_data / "vctk-4"))
+        with Engine.open(home=home, db=fresh_pg_url) as other, other.store.exclusive("refresh"):
+            with pytest.raises(RefreshBusy):
+                eng.refresh()
+        report = eng.refresh()
+        assert report.status in {"promoted", "rejected"}
+        if report.status == "promoted":
+            assert eng.store.missing_embeddings(report.version) == []
+        result = eng.rollback(1)
+        assert eng.active_version().number == 1 and result["version"] == 1
+
+
+def test_enrollments_during_a_refresh_reach_the_new_version(tmp_path, dev_data):
+    files = manifest(dev_data / "vctk-4")
+    early = {s: paths[:6] for s, paths in files.items()}
+    late = {s: paths[6:] for s, paths in files.items()}
+    home = tmp_path / "home"
+    write_config(home, steps=40, **SMALL, min_holdout=1)
+    with Engine.init(home=home) as eng:
+        enroll_all(eng, early)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli", "--home", str(home), "--json", "refresh"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        with Engine.open(home=home) as eng:
+            _wait_for(lambda: eng.store.list_jobs(status="running"), proc)
+            enroll_all(eng, late)  # while the candidate trains under the lock
+            late_ids = {u.id for u in eng.store.utterances()} - {u.id for u in eng.store.utterances()[: 6 * len(files)]}
+        out, err = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, (out, err)
+    report = json.loads(out)
+    assert report["status"] == "promoted", report
+    # The candidate's snapshot was taken before the late files arrived; promotion embedded them.
+    assert report["metrics"]["enrolled_during_refresh"] == len(late_ids) > 0
+    with Engine.open(home=home) as eng:
+        active = eng.active_version()
+        assert active.number == report["version"]
+        assert eng.store.missing_embeddings(active.number) == []
+        ids, _, _ = eng.store.version_embeddings(active.number)
+        assert late_ids <= set(ids.tolist())
+        for speaker in files:
+            centroid = eng.store.centroid(speaker, active.number)
+            vectors = eng.store.embeddings(speaker, active.number)
+            assert centroid.count == len(eng.store.utterances(speaker)) == len(vectors)
+            np.testing.assert_allclose(centroid.mean, vectors.astype(np.float64).mean(axis=0), atol=1e-6)
+
+
+def test_a_refresh_killed_midway_leaves_everything_as_it_was(tmp_path, dev_data):
+    files = manifest(dev_data / "vctk-4")
+    home = tmp_path / "home"
+    write_config(home, steps=10_000, **SMALL)
+    with Engine.init(home=home) as eng:
+        enroll_all(eng, files)
+        before = _snapshot(eng)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli", "--home", str(home), "refresh"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        with Engine.open(home=home) as eng:
+            _wait_for(lambda: eng.store.list_jobs(status="running"), proc)
+        time.sleep(3)  # well into training
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    with Engine.open(home=home) as eng:
+        assert _snapshot(eng) == before
+        assert eng.store.list_jobs(status="running")[0].owner.endswith(f":{proc.pid}")
+    # The next refresh starts clean: it marks the dead job failed and runs to the end.
+    write_config(home, steps=3, **SMALL)
+    with Engine.open(home=home) as eng:
+        report = eng.refresh()
+        assert report.status in {"promoted", "rejected"}
+        jobs = {j.id: j for j in eng.store.list_jobs()}
+        dead = jobs[min(jobs)]
+        assert dead.status == "failed" and "interrupted" in dead.result["error"]
+
+
+def test_a_crash_after_the_candidate_was_stored_is_cleaned_up(tmp_path, dev_data):
+    """A process dies between storing the candidate's embeddings and moving the alias."""
+    home = tmp_path / "home"
+    write_config(home, steps=3, **SMALL)
+    with Engine.init(home=home) as eng:
+        enroll_all(eng, manifest(dev_data / "vctk-4"))
+        before = _snapshot(eng)
+    crash = f"""
+import os, numpy as np
+from engine import Engine
+eng = Engine.open(home={str(home)!r})
+with eng.store.exclusive("refresh"):
+    job, _ = eng.store.start_job("refresh", "crash test", owner="test:1")
+    v1 = eng.active_version()
+    version = eng.store.create_version(encoder=v1.encoder, config={{}}, checkpoint=v1.checkpoint,
+                                       checkpoint_sha256=v1.checkpoint_sha256, parent=1, trained_through=10**9)
+    eng.store.update_job(job.id, version=version.number)
+    ids, _, vectors = eng.store.version_embeddings(1)
+    eng.store.add_embeddings(version.number, list(zip(ids[:5].tolist(), vectors[:5])))
+    os._exit(9)
+"""
+    proc = subprocess.run([sys.executable, "-c", crash], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 9, proc.stderr
+    with Engine.open(home=home) as eng:
+        assert _snapshot(eng) == before
+        assert eng.store.get_version(2).status == "candidate"
+        assert eng.store.version_embeddings(2)[0].size == 5
+        report = eng.refresh()
+        stale = eng.store.get_version(2)
+        assert stale.status == "rejected" and stale.note == "interrupted before promotion"
+        assert eng.store.version_embeddings(2)[0].size == 0
+        assert report.version == 3 or report.status != "promoted"
+
+
+def _snapshot(eng: Engine) -> tuple:
+    """Everything a killed refresh must not change: the active version and its data."""
+    active = eng.active_version().number
+    names, matrix = eng.store.centroid_matrix(active)
+    ids, _, vectors = eng.store.version_embeddings(active)
+    return (
+        active,
+        [(m.version, m.reason) for m in eng.store.alias_history()],
+        [(u.id, u.speaker, u.content_sha256) for u in eng.store.utterances()],
+        names,
+        matrix.tobytes(),
+        ids.tolist(),
+        vectors.tobytes(),
+    )
+
+
+def _wait_for(condition, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(f"the refresh process ended early: {proc.communicate()}")
+        if time.monotonic() > deadline:
+            pytest.fail("timed out waiting for the refresh to start")
+        time.sleep(0.2)
+
+
+# -- replay reservoir -------------------------------------------------------------------
+
+
+def test_reservoir_is_bounded_and_balanced():
+    reservoir = SpeakerReservoir(capacity=60, seed=1)
+    rng = np.random.default_rng(0)
+    sizes = {"big": 5000, "mid": 400, "small": 7}
+    stream = [(s, i) for s, n in sizes.items() for i in range(n)]
+    for index in rng.permutation(len(stream)):
+        reservoir.learn_one(*stream[index])
+    kept = reservoir.by_speaker()
+    assert len(reservoir) == 60
+    assert len(kept["small"]) == 7  # a speaker with little data keeps all of it
+    assert abs(len(kept["big"]) - len(kept["mid"])) <= 1  # the rest is shared evenly
+    assert all(0 <= i < sizes[s] for s, items in kept.items() for i in items)
+
+
+def test_reservoir_samples_each_speaker_uniformly():
+    # Each of 100 items of one speaker should be kept about equally often.
+    hits = np.zeros(100)
+    for seed in range(400):
+        reservoir = SpeakerReservoir(capacity=10, seed=seed)
+        for i in range(100):
+            reservoir.learn_one("only", i)
+        hits[reservoir.items()] += 1
+    expected = 400 * 10 / 100
+    assert hits.min() > expected * 0.3 and hits.max() < expected * 2.0
+    assert abs(hits.mean() - expected) < 1e-9
