@@ -1,4 +1,4 @@
-"""Evaluation metrics: equal error rate and identification accuracy.
+"""Evaluation metrics: equal error rate, d' and identification accuracy.
 
 Scores are "higher means more likely the same speaker" (cosines, LLRs).
 """
@@ -31,6 +31,24 @@ def eer(target: np.ndarray, nontarget: np.ndarray) -> tuple[float, float]:
     false_alarm = 1.0 - np.searchsorted(np.sort(nontarget), thresholds, side="left") / nontarget.size
     best = int(np.argmin(np.abs(miss - false_alarm)))
     return float((miss[best] + false_alarm[best]) / 2), float(thresholds[best])
+
+
+def d_prime(target: np.ndarray, nontarget: np.ndarray) -> float:
+    """How far apart target and non-target scores lie, in pooled standard deviations.
+
+    ``(mean(target) - mean(nontarget)) / sqrt((var(target) + var(nontarget)) / 2)``, with
+    sample variances. Continuous where EER is not: two models that both separate a small
+    set perfectly (EER 0) still differ in how widely they separate it.
+
+    >>> round(d_prime(np.array([0.8, 0.9, 1.0]), np.array([0.1, 0.2, 0.3])), 6)
+    7.0
+    """
+    target = np.asarray(target, dtype=np.float64).ravel()
+    nontarget = np.asarray(nontarget, dtype=np.float64).ravel()
+    if target.size < 2 or nontarget.size < 2:
+        raise ValueError("d' needs at least two target and two non-target scores")
+    spread = np.sqrt((target.var(ddof=1) + nontarget.var(ddof=1)) / 2)
+    return float((target.mean() - nontarget.mean()) / max(spread, 1e-12))
 
 
 def top_k_accuracy(scores: np.ndarray, truth: np.ndarray, k: int = 1) -> float:

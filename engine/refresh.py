@@ -13,8 +13,8 @@ A refresh, step by step (every step is undone by simply not reaching the last on
 4. Embed every utterance of the snapshot under the candidate and run the gate: top-1
    identification and EER of held-out utterances against centroids of the others, for
    parent and candidate, split into speakers the parent was trained on ("old") and the
-   rest ("new"). Promote only if the candidate lowers the EER overall and is not worse,
-   overall or on old speakers, beyond the configured tolerances.
+   rest ("new"). Promote only if the candidate separates speakers better (d') and is
+   not worse in top-1 or EER, overall or on old speakers, beyond the tolerances.
 5. Promotion: store the candidate's embeddings and centroids, embed whatever was enrolled
    meanwhile, and move the "active" alias in one transaction that first checks nothing is
    missing. Until that commit the parent stays active and untouched.
@@ -45,7 +45,7 @@ from engine.encoders import create_encoder
 from engine.errors import IncompleteVersion, InvalidInput
 from engine.frontends import create_frontend
 from engine.losses import LOSSES, create_loss
-from engine.metrics import eer, top_k_accuracy
+from engine.metrics import d_prime, eer, top_k_accuracy
 from engine.replay import SpeakerReservoir
 from engine.samplers import ClassBatchSampler, SpeakerBalancedSampler
 
@@ -324,57 +324,40 @@ def gate_metrics(
             "probes": int(rows.sum()),
             "accuracy": round(top_k_accuracy(sub, sub_truth), 4),
             "eer": round(rate, 4),
-            "d_prime": round(d_prime(target, nontarget), 3),
+            "d_prime": round(d_prime(target, nontarget), 3) if min(len(target), len(nontarget)) > 1 else float("nan"),
         }
     return out
-
-
-def d_prime(target: np.ndarray, nontarget: np.ndarray) -> float:
-    """How far apart target and non-target scores lie, in pooled standard deviations.
-
-    Continuous where EER is not: two models that both separate a small set perfectly
-    (EER 0) still differ in how widely they separate it.
-    """
-    if len(target) < 2 or len(nontarget) < 2:
-        return float("nan")
-    spread = np.sqrt((target.var(ddof=1) + nontarget.var(ddof=1)) / 2)
-    return float((target.mean() - nontarget.mean()) / max(spread, 1e-12))
 
 
 def decide(parent: dict, candidate: dict, cfg: RefreshConfig) -> list[str]:
     """Reasons to reject the candidate; an empty list means promote.
 
-    EER is the main criterion: it uses every (held-out utterance, speaker) trial, many
-    more than top-1 accuracy's one decision per utterance, which moves in steps of a
-    whole probe on small sets; d' breaks EER ties (both perfect on an easy set).
-    Accuracy only guards against a real loss.
+    The candidate must separate target from non-target trials better than its parent:
+    a higher d' over every (held-out utterance, speaker) trial. d' is continuous and
+    uses all trials, where EER hinges on the few trials near one threshold and top-1 moves
+    in steps of a whole utterance, so on a few hundred held-out utterances both are too
+    noisy to rank two close models. They act as guards instead: neither may get worse by
+    more than its tolerance, overall or on the speakers the parent already knew.
     """
     probes = parent.get("overall", {}).get("probes", 0)
     if probes < cfg.min_holdout:
         return [f"only {probes} held-out utterance(s) to judge by; the gate needs {cfg.min_holdout}"]
-    reasons = []
     p, c = parent["overall"], candidate["overall"]
-    if not (c["eer"] < p["eer"] or (c["eer"] == p["eer"] and c["d_prime"] > p["d_prime"])):
-        reasons.append(
-            f"not better overall: EER {c['eer']:.2%} vs parent {p['eer']:.2%}, "
-            f"d' {c['d_prime']:.2f} vs {p['d_prime']:.2f}"
-        )
-    if c["accuracy"] < p["accuracy"] - cfg.accuracy_tolerance:
-        reasons.append(
-            f"less accurate: top-1 {c['accuracy']:.1%} vs parent {p['accuracy']:.1%} "
-            f"(tolerance {cfg.accuracy_tolerance:.1%})"
-        )
-    if "old" in parent:
-        p, c = parent["old"], candidate["old"]
+    reasons = []
+    if not c["d_prime"] > p["d_prime"]:
+        reasons.append(f"does not separate speakers better: d' {c['d_prime']:.2f} vs parent {p['d_prime']:.2f}")
+    for group, label in (("overall", "overall"), ("old", "on old speakers")):
+        if group not in parent:
+            continue
+        p, c = parent[group], candidate[group]
         if c["accuracy"] < p["accuracy"] - cfg.accuracy_tolerance:
             reasons.append(
-                f"forgets old speakers: top-1 {c['accuracy']:.1%} vs parent {p['accuracy']:.1%} "
+                f"top-1 worse {label}: {c['accuracy']:.1%} vs parent {p['accuracy']:.1%} "
                 f"(tolerance {cfg.accuracy_tolerance:.1%})"
             )
-        if c["eer"] > p["eer"] + cfg.old_eer_tolerance:
+        if c["eer"] > p["eer"] + cfg.eer_tolerance:
             reasons.append(
-                f"forgets old speakers: EER {c['eer']:.2%} vs parent {p['eer']:.2%} "
-                f"(tolerance {cfg.old_eer_tolerance:.2%})"
+                f"EER worse {label}: {c['eer']:.2%} vs parent {p['eer']:.2%} (tolerance {cfg.eer_tolerance:.2%})"
             )
     return reasons
 
@@ -464,6 +447,12 @@ def _refresh(engine: Engine, parent: ModelVersion, report: RefreshReport, *, dry
     new, replay = choose_training(trainable, parent, cfg)
     if not new:
         raise _NotEnoughData(f"no new utterances since version {parent.number} was trained")
+    if len(held) < cfg.min_holdout:
+        # Known before any training: don't spend minutes on a candidate nobody can judge.
+        raise _NotEnoughData(
+            f"only {len(held)} held-out utterance(s) for the gate, {cfg.min_holdout} needed "
+            f"(refresh.min_holdout); enroll more, or raise refresh.holdout_fraction"
+        )
     chosen = new + replay
     waves_by_id = load_stored(engine, [u.id for u in chosen])
     chosen = [u for u in chosen if u.id in waves_by_id]  # deleted meanwhile

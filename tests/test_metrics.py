@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.metrics import eer, top_k_accuracy
+from engine.metrics import d_prime, eer, top_k_accuracy
 
 
 def test_eer_perfect_separation_is_zero():
@@ -44,3 +44,16 @@ def test_top_k():
     assert top_k_accuracy(scores, truth, k=1) == pytest.approx(1 / 3)
     assert top_k_accuracy(scores, truth, k=2) == pytest.approx(2 / 3)
     assert top_k_accuracy(scores, truth, k=3) == 1.0
+
+
+def test_d_prime_by_hand():
+    # means 3 and 1, sample variances 1 and 1 -> pooled sd 1 -> d' = 2
+    assert d_prime([2.0, 3.0, 4.0], [0.0, 1.0, 2.0]) == pytest.approx(2.0)
+    # it is symmetric in spread: variances 4 and 0 pool to sqrt(2)
+    assert d_prime([1.0, 3.0, 5.0], [0.0, 0.0, 0.0]) == pytest.approx(3.0 / np.sqrt(2.0))
+    assert d_prime([0.0, 1.0], [2.0, 3.0]) < 0  # targets below non-targets
+
+
+def test_d_prime_needs_two_of_each():
+    with pytest.raises(ValueError):
+        d_prime([1.0], [0.0, 0.5])
