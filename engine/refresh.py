@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 CLIP_NORM = 3.0  # GE2E's paper clips the gradient norm at 3
 EMBED_CHUNK = 64  # utterances decoded and embedded together when re-embedding
 WRITE_CHUNK = 256  # embeddings per transaction when storing a version's embeddings
+MIN_NOISE_S = 1.6  # noise recordings with less sound than one training crop are left out
 PROMOTE_ATTEMPTS = 20  # catch-up rounds before giving up on a busy enrollment stream
 
 
@@ -141,8 +142,12 @@ class NoiseBank:
             wave = torch.from_numpy(samples.mean(axis=1))
             if rate != audio.SAMPLE_RATE:
                 wave = torchaudio.functional.resample(wave, rate, audio.SAMPLE_RATE)
-            if wave.abs().max() > 0:
-                self.noises.append(wave.numpy())
+            # Clips are often padded with digital silence; mixing a silent stretch would
+            # add no noise at all, so only the blocks that carry sound are kept.
+            blocks = wave.numpy()[: len(wave) // 400 * 400].reshape(-1, 400)
+            audible = blocks[np.sqrt((blocks**2).mean(axis=1)) > 1e-4]
+            if audible.size >= MIN_NOISE_S * audio.SAMPLE_RATE:
+                self.noises.append(audible.ravel())
         if not self.noises:
             raise InvalidInput(f"refresh.noise_dir {folder!r} holds no wav/flac/ogg noise")
 
