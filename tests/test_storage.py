@@ -16,10 +16,14 @@ from sqlalchemy.engine import make_url
 
 from engine.errors import (
     DuplicateUtterance,
+    IncompleteVersion,
+    InvalidInput,
     NotInitialised,
+    RefreshBusy,
     StorageError,
     UnknownSpeaker,
     UnknownVersion,
+    VersionChanged,
 )
 from storage import Store
 
@@ -41,7 +45,7 @@ def new_version(store: Store, **overrides) -> int:
     return store.create_version(**(fields | overrides)).number
 
 
-def enroll(store: Store, speaker: str, version: int, embedding: np.ndarray, content: bytes):
+def enroll(store: Store, speaker: str, version: int, embedding: np.ndarray, content: bytes, **options):
     return store.enroll(
         speaker=speaker,
         version=version,
@@ -54,6 +58,7 @@ def enroll(store: Store, speaker: str, version: int, embedding: np.ndarray, cont
         codec="flac",
         sample_rate=16000,
         embedding=embedding,
+        **options,
     )
 
 
@@ -288,3 +293,108 @@ def test_concurrent_enrollments(db_url: str, store: Store) -> None:
         centroid = store.centroid(speaker, version)
         assert centroid.count == len(mine)
         np.testing.assert_allclose(centroid.mean, stored.astype(np.float64).mean(0), atol=1e-6)
+
+
+# -- refresh support --------------------------------------------------------------------
+
+
+def test_enrollment_for_a_replaced_version_is_refused(store: Store) -> None:
+    rng = np.random.default_rng(3)
+    v1, v2 = new_version(store), new_version(store)
+    store.set_alias("active", v1, actor="t", reason="init")
+    enroll(store, "ann", v1, unit_vector(rng), b"a", expect_active=True)
+    store.set_alias("active", v2, actor="t", reason="refresh")
+    before = store.counts()
+    with pytest.raises(VersionChanged):
+        enroll(store, "ann", v1, unit_vector(rng), b"b", expect_active=True)
+    assert store.counts() == before
+
+
+def test_add_embeddings_builds_exact_centroids_and_skips_repeats(store: Store) -> None:
+    rng = np.random.default_rng(4)
+    v1, v2 = new_version(store), new_version(store)
+    ids = [enroll(store, spk, v1, unit_vector(rng), spk.encode() + bytes([i])).utterance.id
+           for i, spk in enumerate(["ann", "ann", "bob", "ann"])]
+    assert [uid for uid, _ in store.missing_embeddings(v2)] == ids
+    vectors = {uid: unit_vector(rng) for uid in ids}
+    assert store.add_embeddings(v2, [(ids[0], vectors[ids[0]]), (ids[2], vectors[ids[2]])]) == 2
+    # A retry of an already stored one (after a crash) is skipped, not counted twice.
+    assert store.add_embeddings(v2, list(vectors.items())) == 2
+    assert store.missing_embeddings(v2) == []
+    ann = store.centroid("ann", v2)
+    expected = np.mean([vectors[i].astype(np.float64) for i in (ids[0], ids[1], ids[3])], axis=0)
+    assert ann.count == 3 and np.allclose(ann.mean, expected, atol=1e-7)
+    got_ids, speakers, matrix = store.version_embeddings(v2)
+    assert got_ids.tolist() == ids and speakers == ["ann", "ann", "bob", "ann"]
+    assert np.array_equal(matrix[2], vectors[ids[2]])
+    with pytest.raises(ValueError):
+        store.add_embeddings(v2, [(ids[0], np.full(DIM, np.nan))])
+    store.discard_version_data(v2)
+    assert store.version_embeddings(v2)[0].size == 0 and store.centroid_matrix(v2)[0] == []
+
+
+def test_alias_moves_only_to_a_complete_version_when_asked(store: Store) -> None:
+    rng = np.random.default_rng(5)
+    v1, v2 = new_version(store), new_version(store)
+    store.set_alias("active", v1, actor="t", reason="init")
+    uid = enroll(store, "ann", v1, unit_vector(rng), b"x").utterance.id
+    with pytest.raises(IncompleteVersion, match="1 utterance"):
+        store.set_alias("active", v2, actor="t", reason="refresh", require_complete=True)
+    assert store.active_version().number == v1 and len(store.alias_history()) == 1
+    store.add_embeddings(v2, [(uid, unit_vector(rng))])
+    store.set_alias("active", v2, actor="t", reason="refresh", require_complete=True)
+    assert store.active_version().number == v2
+
+
+def test_jobs_lifecycle_and_interrupted_cleanup(store: Store) -> None:
+    rng = np.random.default_rng(6)
+    v1 = new_version(store)
+    uid = enroll(store, "ann", v1, unit_vector(rng), b"x").utterance.id
+    first = store.queue_job("refresh", "drift")
+    second = store.queue_job("refresh", "request")
+    job, interrupted = store.start_job("refresh", "schedule", owner="host:1")
+    assert job.id == first.id and job.status == "running" and interrupted == []
+    assert job.reason == "drift; schedule"
+    assert store.get_job(second.id).status == "skipped"
+    assert store.get_job(second.id).result == {"covered_by": first.id}
+    # The process dies after storing part of a candidate ...
+    candidate = new_version(store, parent=v1)
+    store.update_job(job.id, version=candidate)
+    store.add_embeddings(candidate, [(uid, unit_vector(rng))])
+    # ... and the next job, holding the lock, cleans up after it.
+    nxt, interrupted = store.start_job("rollback", "manual", owner="host:2")
+    assert [j.id for j in interrupted] == [job.id]
+    dead = store.get_job(job.id)
+    assert dead.status == "failed" and "interrupted" in dead.result["error"] and dead.finished_at
+    assert store.get_version(candidate).status == "rejected"
+    assert store.version_embeddings(candidate)[0].size == 0
+    done = store.update_job(nxt.id, status="succeeded", result={"ok": 1})
+    assert done.finished_at is not None and done.result == {"ok": 1}
+    assert [j.id for j in store.list_jobs(status="succeeded")] == [nxt.id]
+    with pytest.raises(InvalidInput):
+        store.get_job(999)
+
+
+def test_update_version(store: Store) -> None:
+    v1 = new_version(store)
+    updated = store.update_version(v1, status="rejected", metrics={"eer": 0.1}, note="worse")
+    assert (updated.status, updated.metrics, updated.note) == ("rejected", {"eer": 0.1}, "worse")
+    with pytest.raises(ValueError):
+        store.update_version(v1, status="active")  # only the alias makes a version active
+    with pytest.raises(UnknownVersion):
+        store.update_version(99, note="x")
+
+
+def test_exclusive_lock_is_held_across_connections(db_url: str, store: Store) -> None:
+    other = Store(db_url)
+    try:
+        with store.exclusive("refresh"):
+            with pytest.raises(RefreshBusy):
+                with other.exclusive("refresh"):
+                    pass  # pragma: no cover
+            with other.exclusive("something-else"):
+                pass  # other names are independent
+        with other.exclusive("refresh"):
+            pass  # released on exit
+    finally:
+        other.close()
