@@ -65,6 +65,7 @@ class RefreshConfig:
     noise_dir: str = ""  # folder of noise recordings to mix in (augmentation); empty: off
     noise_snr_db: float = 10.0  # mean SNR of the mixed noise (uniform +/- 5 dB)
     seed: int = 0
+    drift_delta: float = 0.002  # ADWIN confidence on genuine enrollment scores; 0 turns drift requests off
 
 
 @dataclass(frozen=True)

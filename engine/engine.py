@@ -25,6 +25,7 @@ from sqlalchemy.exc import ArgumentError
 from engine import audio
 from engine.checkpoints import load_checkpoint, save_checkpoint
 from engine.config import Config, load_config
+from engine.drift import GenuineScoreDrift
 from engine.embedder import Embedder
 from engine.encoders import create_encoder
 from engine import refresh as refreshing
@@ -140,6 +141,9 @@ class Engine:
         self.config = config
         self._embedders: dict[int, Embedder] = {}
         self._lock = threading.Lock()
+        delta = config.refresh.drift_delta
+        self._drift = GenuineScoreDrift(delta=delta) if delta > 0 else None
+        self._drift_lock = threading.Lock()
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -312,6 +316,7 @@ class Engine:
         before = None
         if stored.previous_mean is not None:
             before = float(cosine(embedding, stored.previous_mean[None, :])[0])
+            self._watch_drift(before)
         return EnrollmentResult(
             speaker=speaker,
             utterance_id=stored.utterance.id,
@@ -322,6 +327,17 @@ class Engine:
             similarity_before=before,
             count=stored.count,
         )
+
+    def _watch_drift(self, genuine_score: float) -> None:
+        """Feed the drift detector; on a fall in genuine scores, queue one refresh request."""
+        if self._drift is None:
+            return
+        with self._drift_lock:
+            fell = self._drift.update(genuine_score).drift_detected
+            mean = self._drift.mean
+        if fell and not self.store.list_jobs(limit=1, status="queued"):
+            job = self.request_refresh(f"drift: genuine enrollment scores fell (ADWIN window mean now {mean:.3f})")
+            log.warning("genuine scores drifted down (mean %.3f); refresh requested as job %d", mean, job.id)
 
     def speakers(self) -> list[SpeakerSummary]:
         return self.store.speakers()
