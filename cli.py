@@ -90,6 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("version", type=int)
     p.add_argument("--reason", default="rollback", help="recorded in the alias history (default: rollback)")
 
+    p = command("schedule", cmd_schedule, "set, list or clear when refreshes run (executed by `voiceprint serve`)")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--every", help="refresh at this interval: 90s, 15m, 6h, 2d")
+    when.add_argument("--cron", help='refresh at these times, crontab syntax in UTC, e.g. "0 3 * * *"')
+    p.add_argument("--min-new", type=int, help="refresh only once this many utterances arrived since the active version")
+    p.add_argument("--check-every", default="1m", help="how often queued requests and --min-new are checked (default 1m)")
+    p.add_argument("--list", action="store_true", help="show the schedule")
+    p.add_argument("--clear", action="store_true", help="remove the schedule")
+
+    command("serve", cmd_serve, "run the refresh schedule until stopped (SIGINT/SIGTERM)")
+    command("status", cmd_status, "active version, pending utterances, running and last job, next scheduled runs")
+
     p = command("db", cmd_db, "database schema")
     p.add_argument("action", choices=["upgrade", "current"])
     return parser
@@ -366,6 +378,91 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 def _show_progress(args: argparse.Namespace) -> bool:
     return not args.json and sys.stderr.isatty()
+
+
+def _home_and_db(args: argparse.Namespace) -> tuple[str, str]:
+    from engine.engine import resolve_db, resolve_home
+
+    home = resolve_home(args.home)
+    return str(home), resolve_db(args.db, home)
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from engine import scheduler
+    from engine.errors import InvalidInput
+
+    home, db = _home_and_db(args)
+    open_engine(args).close()  # a clear error if the home or database is not initialised
+    setting = bool(args.every or args.cron or args.min_new is not None)
+    if args.clear:
+        if setting:
+            raise InvalidInput("--clear takes no --every/--cron/--min-new")
+        removed = scheduler.clear_schedule(db)
+        jobs: list = []
+    elif args.list or not setting:
+        jobs, removed = scheduler.list_schedule(db), 0
+    else:
+        jobs = scheduler.set_schedule(home, db, every=args.every, cron=args.cron, min_new=args.min_new, check_every=args.check_every)
+        removed = 0
+    if args.json:
+        emit({"ok": True, "jobs": jobs, "removed": removed})
+    elif args.clear:
+        print(f"schedule cleared ({removed} job(s) removed)")
+    elif not jobs:
+        print("no schedule: set one with --every, --cron or --min-new")
+    else:
+        for job in jobs:
+            condition = f"  if >= {job['min_new']} new" if job["min_new"] else ""
+            print(f"{job['id']:<26} {job['trigger']:<22} next {job['next_run']}{condition}")
+        print("runs while `voiceprint serve` is up", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from engine import scheduler
+
+    _, db = _home_and_db(args)
+    with open_engine(args) as eng:  # fail fast, with the usual message, if not initialised
+        where = eng.store.url
+    jobs = scheduler.list_schedule(db)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"voiceprint serve: {len(jobs)} scheduled job(s) on {where}; stop with Ctrl-C or SIGTERM", file=sys.stderr, flush=True)
+    scheduler.run(db, stop)
+    print("voiceprint serve: stopped", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from engine import scheduler
+
+    _, db = _home_and_db(args)
+    with open_engine(args) as eng:
+        status = eng.status()
+    status["schedule"] = scheduler.list_schedule(db)
+    if args.json:
+        emit(status)
+        return EXIT_OK
+    print(f"active version      {status['active_version']}")
+    print(f"pending utterances  {status['pending_utterances']} (enrolled since the active version was trained)")
+    print(f"queued requests     {status['queued']}")
+    running = status["running_job"]
+    print(f"running job         {'-' if not running else _job_line(running)}")
+    last = status["last_job"]
+    print(f"last job            {'-' if not last else _job_line(last)}")
+    for job in status["schedule"] or [{"id": "-", "next_run": "no schedule"}]:
+        print(f"next run            {job['next_run']}  ({job['id']})")
+    return EXIT_OK
+
+
+def _job_line(job: dict) -> str:
+    when = job["finished_at"] or job["started_at"] or job["requested_at"]
+    version = f" -> v{job['version']}" if job["version"] else ""
+    return f"#{job['id']} {job['kind']} {job['status']}{version} at {when} ({job['reason']})"
 
 
 def cmd_db(args: argparse.Namespace) -> int:

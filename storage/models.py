@@ -29,6 +29,10 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 VERSION_STATUSES = ("candidate", "active", "rejected", "retired")
 JOB_STATUSES = ("queued", "running", "succeeded", "rejected", "failed", "skipped")
 
+# Tables that live in our database but belong to a library, which creates them itself:
+# APScheduler keeps the persisted refresh schedule in apscheduler_jobs (engine/scheduler.py).
+FOREIGN_TABLES = frozenset({"apscheduler_jobs"})
+
 # Named so that the store can recognise a duplicate enrollment from the database error.
 UTTERANCE_CONTENT_UNIQUE = "uq_utterances_speaker_id_content_sha256"
 
@@ -211,3 +215,9 @@ class Job(Base):
     requested_at: Mapped[datetime]
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+
+
+def include_object(obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:
+    """Alembic autogenerate filter: leave :data:`FOREIGN_TABLES` (and their indexes) alone."""
+    table = obj if type_ == "table" else getattr(obj, "table", None)
+    return getattr(table, "name", name) not in FOREIGN_TABLES

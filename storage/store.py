@@ -780,6 +780,17 @@ class Store:
                 for table in m.Base.metadata.sorted_tables
             }
 
+    def scheduler_jobstore(self, tablename: str = "apscheduler_jobs") -> Any:
+        """An APScheduler job store in this database, on this store's write engine.
+
+        Sharing the engine gives the scheduler's writes the same SQLite settings (busy
+        timeout, BEGIN IMMEDIATE) as ours, so the two never trip over each other's locks.
+        The table is APScheduler's own; Alembic leaves it alone (see migrations/env.py).
+        """
+        from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+
+        return SQLAlchemyJobStore(engine=self._write, tablename=tablename)
+
     # ------------------------------------------------------------------ plumbing
 
     @contextmanager

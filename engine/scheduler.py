@@ -1,0 +1,212 @@
+"""When refreshes run: APScheduler 3.x, its schedules persisted in the voiceprint database.
+
+Two jobs at most, with stable ids, so setting a schedule again replaces it:
+
+``voiceprint-refresh-timed``
+    ``--every 6h`` or ``--cron "0 3 * * *"``: refresh at those times, provided at least
+    ``min_new`` utterances (default 1) arrived since the active version was trained.
+``voiceprint-refresh-poll``
+    Every ``check_every`` (default 1 minute): refresh when a request is queued (a drift
+    signal, later the HTTP API), or when ``min_new`` is set and that many utterances
+    are pending.
+
+Schedules live in APScheduler's ``apscheduler_jobs`` table next to ours, so they survive
+restarts and every server process sharing the database sees the same ones. Running them
+needs a ``voiceprint serve`` process; a running one notices a changed schedule at its
+next wake-up (within ``check_every``). Two processes firing at once is harmless: the
+refresh itself takes a database-wide lock, and the loser logs that it was busy.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from apscheduler.job import Job
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+from engine.errors import InvalidInput, RefreshBusy, VoiceprintError
+from storage import Store
+
+log = logging.getLogger(__name__)
+
+TIMED_JOB = "voiceprint-refresh-timed"
+POLL_JOB = "voiceprint-refresh-poll"
+UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+MISFIRE_GRACE_S = 3600  # a run missed while no server was up still happens within the hour
+
+
+def parse_every(text: str) -> timedelta:
+    """``"90s"``, ``"15m"``, ``"6h"``, ``"2d"`` -> a positive timedelta.
+
+    >>> parse_every("6h")
+    datetime.timedelta(seconds=21600)
+    """
+    match = re.fullmatch(r"\s*(\d+)\s*([smhd])\s*", text or "")
+    if not match or int(match.group(1)) == 0:
+        raise InvalidInput(f"interval {text!r}: write a positive number and a unit s, m, h or d (e.g. 6h)")
+    return timedelta(**{UNITS[match.group(2)]: int(match.group(1))})
+
+
+def parse_cron(text: str) -> CronTrigger:
+    try:
+        return CronTrigger.from_crontab(text, timezone=UTC)
+    except ValueError as exc:
+        raise InvalidInput(f"cron {text!r}: {exc} (five fields: minute hour day month weekday)") from None
+
+
+def new_scheduler(store: Store) -> BackgroundScheduler:
+    return BackgroundScheduler(
+        jobstores={"default": store.scheduler_jobstore()},
+        job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": MISFIRE_GRACE_S},
+        timezone=UTC,
+    )
+
+
+def set_schedule(
+    home: str,
+    db: str,
+    *,
+    every: str | None = None,
+    cron: str | None = None,
+    min_new: int | None = None,
+    check_every: str = "1m",
+) -> list[dict]:
+    """Store the refresh schedule (replacing any previous one) and return it."""
+    if every and cron:
+        raise InvalidInput("give --every or --cron, not both")
+    if not (every or cron or min_new):
+        raise InvalidInput("nothing to schedule: give --every, --cron or --min-new")
+    if min_new is not None and min_new < 1:
+        raise InvalidInput("--min-new must be at least 1")
+    timed = IntervalTrigger(seconds=parse_every(every).total_seconds(), timezone=UTC) if every else None
+    timed = parse_cron(cron) if cron else timed
+    poll = IntervalTrigger(seconds=parse_every(check_every).total_seconds(), timezone=UTC)
+    jobs = []
+    if timed is not None:
+        why = f"schedule ({_describe(timed)})"
+        jobs.append((TIMED_JOB, timed, {"home": str(home), "db": db, "min_new": min_new or 1, "why": why}))
+    why = "queued request or enough new utterances"
+    jobs.append((POLL_JOB, poll, {"home": str(home), "db": db, "min_new": min_new, "why": why}))
+    with _jobstore(db) as (scheduler, store):
+        _remove_ours(store)
+        now = datetime.now(UTC)
+        for job_id, trigger, kwargs in jobs:
+            # Written straight to the job store: starting a scheduler only to add jobs
+            # would let its thread fire overdue jobs while it shuts down.
+            store.add_job(
+                Job(
+                    scheduler, id=job_id, name=job_id, func=run_scheduled_refresh, trigger=trigger,
+                    executor="default", args=(), kwargs=kwargs, coalesce=True, max_instances=1,
+                    misfire_grace_time=MISFIRE_GRACE_S, next_run_time=trigger.get_next_fire_time(None, now),
+                )
+            )
+        return _listing(store)
+
+
+def clear_schedule(db: str) -> int:
+    """Remove the refresh schedule; returns how many jobs were removed."""
+    with _jobstore(db) as (_, store):
+        return _remove_ours(store)
+
+
+def list_schedule(db: str) -> list[dict]:
+    with _jobstore(db) as (_, store):
+        return _listing(store)
+
+
+@contextmanager
+def _jobstore(db: str) -> Iterator[tuple[BackgroundScheduler, Any]]:
+    """The job store of ``db``, opened without running a scheduler."""
+    with Store(db) as store:
+        scheduler = new_scheduler(store)
+        jobstore = store.scheduler_jobstore()
+        jobstore.start(scheduler, "default")
+        try:
+            yield scheduler, jobstore
+        finally:
+            jobstore.shutdown()
+
+
+def _remove_ours(jobstore: Any) -> int:
+    removed = 0
+    for job_id in (TIMED_JOB, POLL_JOB):
+        if jobstore.lookup_job(job_id) is not None:
+            jobstore.remove_job(job_id)
+            removed += 1
+    return removed
+
+
+def _listing(jobstore: Any) -> list[dict]:
+    return [
+        {
+            "id": job.id,
+            "trigger": _describe(job.trigger),
+            "min_new": job.kwargs.get("min_new"),
+            "next_run": job.next_run_time.astimezone(UTC).isoformat() if job.next_run_time else None,
+        }
+        for job in sorted(jobstore.get_all_jobs(), key=lambda job: job.id)
+    ]
+
+
+def _describe(trigger) -> str:
+    if isinstance(trigger, IntervalTrigger):
+        seconds = int(trigger.interval.total_seconds())
+        for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+            if seconds % size == 0:
+                return f"every {seconds // size}{unit}"
+        return f"every {seconds}s"
+    if isinstance(trigger, CronTrigger):
+        fields = {f.name: str(f) for f in trigger.fields}
+        return "cron " + " ".join(fields[n] for n in ("minute", "hour", "day", "month", "day_of_week"))
+    return str(trigger)
+
+
+def run_scheduled_refresh(home: str, db: str, min_new: int | None, why: str) -> str:
+    """The scheduled job: refresh if it is due, and never raise into the scheduler.
+
+    Returns what it did ("refreshed: promoted", "not due", "busy", "failed: ...") for the
+    log and the tests.
+    """
+    from engine.engine import Engine
+
+    try:
+        with Engine.open(home=home, db=db) as eng:
+            queued = bool(eng.store.list_jobs(limit=1, status="queued"))
+            pending = eng.pending_utterances()
+            if not queued and (min_new is None or pending < min_new):
+                log.debug("scheduled refresh not due: %d pending, min_new %s, nothing queued", pending, min_new)
+                return "not due"
+            report = eng.refresh(reason=f"{why}; {pending} pending")
+            log.info("scheduled refresh job %d: %s (version %s)", report.job, report.status, report.version)
+            return f"refreshed: {report.status}"
+    except RefreshBusy:
+        log.info("scheduled refresh skipped: another process is refreshing")
+        return "busy"
+    except VoiceprintError as exc:
+        log.error("scheduled refresh failed: %s", exc)
+        return f"failed: {exc}"
+    except Exception as exc:  # the scheduler thread must survive anything a refresh throws
+        log.exception("scheduled refresh crashed")
+        return f"failed: {exc}"
+
+
+def run(db: str, stop: threading.Event) -> None:
+    """Run the stored schedule until ``stop`` is set (``voiceprint serve``)."""
+    with Store(db) as store:
+        scheduler = new_scheduler(store)
+        scheduler.start()
+        log.info("scheduler running with %d job(s)", len(scheduler.get_jobs()))
+        try:
+            stop.wait()
+        finally:
+            # Don't wait for a refresh in progress: its job row stays "running" and the
+            # next refresh marks it failed, exactly as after a crash.
+            scheduler.shutdown(wait=False)
