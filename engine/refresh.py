@@ -85,13 +85,17 @@ def is_held_out(utterance: UtteranceRecord, fraction: float) -> bool:
     """Whether an utterance belongs to the gate's held-out slice.
 
     Decided by its content hash, so the slice is the same in every refresh and a held-out
-    utterance is never trained on later.
+    utterance is not trained on later (the one exception: see :func:`split`).
     """
     return int(utterance.content_sha256[:8], 16) / 0x1_0000_0000 < fraction
 
 
 def split(utterances: list[UtteranceRecord], fraction: float) -> tuple[list[UtteranceRecord], list[UtteranceRecord]]:
-    """(trainable, held out); every speaker keeps at least one trainable utterance."""
+    """(trainable, held out); every speaker keeps at least one trainable utterance.
+
+    When all of a speaker's utterances fall in the held-out slice, the first one is
+    trained on anyway; once the speaker has others, it returns to the slice.
+    """
     trainable, held = [], []
     by_speaker: dict[str, list[UtteranceRecord]] = {}
     for utt in utterances:
@@ -324,12 +328,12 @@ def gate_metrics(
         is_target = np.zeros_like(sub, dtype=bool)
         is_target[np.arange(len(sub_truth)), sub_truth] = True
         target, nontarget = sub[is_target], sub[~is_target]
-        rate = eer(target, nontarget)[0] if len(names) > 1 else float("nan")
+        # None, not NaN, where a metric is undefined: PostgreSQL's JSON refuses NaN.
         out[group] = {
             "probes": int(rows.sum()),
             "accuracy": round(top_k_accuracy(sub, sub_truth), 4),
-            "eer": round(rate, 4),
-            "d_prime": round(d_prime(target, nontarget), 3) if min(len(target), len(nontarget)) > 1 else float("nan"),
+            "eer": round(eer(target, nontarget)[0], 4) if len(nontarget) else None,
+            "d_prime": round(d_prime(target, nontarget), 3) if min(len(target), len(nontarget)) > 1 else None,
         }
     return out
 
@@ -348,6 +352,8 @@ def decide(parent: dict, candidate: dict, cfg: RefreshConfig) -> list[str]:
     if probes < cfg.min_holdout:
         return [f"only {probes} held-out utterance(s) to judge by; the gate needs {cfg.min_holdout}"]
     p, c = parent["overall"], candidate["overall"]
+    if p["d_prime"] is None or c["d_prime"] is None:
+        return ["too few held-out trials to compare the two versions (need two speakers with held-out utterances)"]
     reasons = []
     if not c["d_prime"] > p["d_prime"]:
         reasons.append(f"does not separate speakers better: d' {c['d_prime']:.2f} vs parent {p['d_prime']:.2f}")
@@ -360,7 +366,7 @@ def decide(parent: dict, candidate: dict, cfg: RefreshConfig) -> list[str]:
                 f"top-1 worse {label}: {c['accuracy']:.1%} vs parent {p['accuracy']:.1%} "
                 f"(tolerance {cfg.accuracy_tolerance:.1%})"
             )
-        if c["eer"] > p["eer"] + cfg.eer_tolerance:
+        if c["eer"] is not None and p["eer"] is not None and c["eer"] > p["eer"] + cfg.eer_tolerance:
             reasons.append(
                 f"EER worse {label}: {c['eer']:.2%} vs parent {p['eer']:.2%} (tolerance {cfg.eer_tolerance:.2%})"
             )

@@ -456,3 +456,32 @@ def test_reservoir_samples_each_speaker_uniformly():
     expected = 400 * 10 / 100
     assert hits.min() > expected * 0.3 and hits.max() < expected * 2.0
     assert abs(hits.mean() - expected) < 1e-9
+
+
+def test_gate_metrics_and_decision_by_hand():
+    from engine.config import RefreshConfig
+    from engine.refresh import decide, gate_metrics
+
+    # Two speakers on orthogonal axes: rows 0-2 are "a", 3-5 are "b"; rows 2 and 5 are held out.
+    a, b = np.eye(4)[0], np.eye(4)[1]
+    clean = np.stack([a, a, a, b, b, b])
+    held = np.array([False, False, True, False, False, True])
+    speakers = ["a", "a", "a", "b", "b", "b"]
+    good = gate_metrics(clean, speakers, held, old_speakers={"a"})
+    assert good["overall"]["probes"] == 2 and good["overall"]["accuracy"] == 1.0 and good["overall"]["eer"] == 0.0
+    # One held-out utterance is one target trial: no spread, so no d' (None, not NaN).
+    assert good["old"] == {"probes": 1, "accuracy": 1.0, "eer": 0.0, "d_prime": None}
+    one = gate_metrics(clean, speakers, np.array([False] * 5 + [True]), old_speakers={"a"})
+    assert "too few held-out trials" in decide(one, one, RefreshConfig(min_holdout=1))[0]
+    assert "does not separate speakers better" in decide(good, good, RefreshConfig(min_holdout=2))[0]
+    # With more held-out rows, a candidate whose held-out "a" drifts toward "b" is rejected.
+    vectors = np.stack([a, a, a, a, b, b, b, b])
+    held = np.array([False, False, True, True, False, False, True, True])
+    speakers = ["a"] * 4 + ["b"] * 4
+    parent = gate_metrics(vectors + 0.05 * np.eye(4)[2], speakers, held, {"a"})
+    drifted = vectors.copy()
+    drifted[3] = 0.4 * a + 0.6 * b
+    worse = gate_metrics(drifted + 0.05 * np.eye(4)[2], speakers, held, {"a"})
+    reasons = decide(parent, worse, RefreshConfig(min_holdout=2))
+    assert any("d'" in r for r in reasons) and any("top-1 worse on old speakers" in r for r in reasons)
+    assert decide(parent, parent, RefreshConfig(min_holdout=5))[0].startswith("only 4 held-out")
