@@ -1,4 +1,4 @@
-"""Evaluation metrics: equal error rate, d' and identification accuracy.
+"""Evaluation metrics: error rates, EER, minDCF, d' and identification accuracy.
 
 Scores are "higher means more likely the same speaker" (cosines, LLRs).
 """
@@ -8,29 +8,69 @@ from __future__ import annotations
 import numpy as np
 
 
+def error_rates(target: np.ndarray, nontarget: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Miss and false-alarm rates at every distinct score used as a threshold.
+
+    A trial is accepted when its score is ``>= threshold``. Returns ``(thresholds, miss,
+    false_alarm)``, thresholds ascending: the miss rate (targets rejected) rises and the
+    false-alarm rate (non-targets accepted) falls along them. Vectorised through sorted
+    arrays: O((T + N) log(T + N)), no Python loop.
+
+    >>> thresholds, miss, fa = error_rates(np.array([0.9, 0.4]), np.array([0.5, 0.1]))
+    >>> thresholds.tolist(), miss.tolist(), fa.tolist()
+    ([0.1, 0.4, 0.5, 0.9], [0.0, 0.0, 0.5, 0.5], [1.0, 0.5, 0.5, 0.0])
+    """
+    target = np.asarray(target, dtype=np.float64).ravel()
+    nontarget = np.asarray(nontarget, dtype=np.float64).ravel()
+    if target.size == 0 or nontarget.size == 0:
+        raise ValueError("error rates need at least one target and one non-target score")
+    thresholds = np.unique(np.concatenate([target, nontarget]))
+    miss = np.searchsorted(np.sort(target), thresholds, side="left") / target.size
+    false_alarm = 1.0 - np.searchsorted(np.sort(nontarget), thresholds, side="left") / nontarget.size
+    return thresholds, miss, false_alarm
+
+
 def eer(target: np.ndarray, nontarget: np.ndarray) -> tuple[float, float]:
     """Equal error rate and the threshold where it occurs.
 
-    A trial is accepted when its score is ``>= threshold``. The miss rate (targets
-    rejected) rises and the false-alarm rate (non-targets accepted) falls as the
-    threshold moves up through the sorted scores; the EER is where the two curves cross,
-    taken as the mean of the two rates at the threshold where they are closest.
+    The EER is where the miss and false-alarm curves cross, taken as the mean of the two
+    rates at the threshold where they are closest.
 
     >>> eer(np.array([0.9, 0.8, 0.7]), np.array([0.1, 0.2, 0.3]))
     (0.0, 0.7)
     >>> eer(np.array([0.9, 0.8, 0.7, 0.3]), np.array([0.6, 0.2, 0.1, 0.05]))  # one error each side
     (0.25, 0.6)
     """
-    target = np.asarray(target, dtype=np.float64).ravel()
-    nontarget = np.asarray(nontarget, dtype=np.float64).ravel()
-    if target.size == 0 or nontarget.size == 0:
-        raise ValueError("EER needs at least one target and one non-target score")
-    thresholds = np.unique(np.concatenate([target, nontarget]))
-    # Vectorised counts through sorted arrays: O((T + N) log(T + N)), no Python loop.
-    miss = np.searchsorted(np.sort(target), thresholds, side="left") / target.size
-    false_alarm = 1.0 - np.searchsorted(np.sort(nontarget), thresholds, side="left") / nontarget.size
+    thresholds, miss, false_alarm = error_rates(target, nontarget)
     best = int(np.argmin(np.abs(miss - false_alarm)))
     return float((miss[best] + false_alarm[best]) / 2), float(thresholds[best])
+
+
+def min_dcf(
+    target: np.ndarray, nontarget: np.ndarray, p_target: float, c_miss: float = 1.0, c_fa: float = 1.0
+) -> tuple[float, float]:
+    """Minimum normalised detection cost (NIST SRE) and the threshold that reaches it.
+
+    ``DCF = c_miss * P_miss * p_target + c_fa * P_fa * (1 - p_target)``, divided by the
+    cost of the better trivial system (accept all or reject all), so 1.0 means "no
+    better than not listening". Also tried: accepting every trial (threshold below all
+    scores) and rejecting every trial.
+
+    >>> min_dcf(np.array([0.9, 0.8]), np.array([0.1, 0.2]), p_target=0.01)
+    (0.0, 0.8)
+    >>> round(min_dcf(np.array([0.9, 0.3]), np.array([0.5, 0.1]), p_target=0.5)[0], 6)  # one miss or one FA
+    0.5
+    """
+    if not 0.0 < p_target < 1.0:
+        raise ValueError(f"p_target must be between 0 and 1, got {p_target}")
+    thresholds, miss, false_alarm = error_rates(target, nontarget)
+    # Rejecting everything: one step above the highest score.
+    thresholds = np.append(thresholds, np.inf)
+    miss, false_alarm = np.append(miss, 1.0), np.append(false_alarm, 0.0)
+    cost = c_miss * miss * p_target + c_fa * false_alarm * (1 - p_target)
+    best = int(np.argmin(cost))
+    norm = min(c_miss * p_target, c_fa * (1 - p_target))
+    return float(cost[best] / norm), float(thresholds[best])
 
 
 def d_prime(target: np.ndarray, nontarget: np.ndarray) -> float:

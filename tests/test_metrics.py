@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.metrics import d_prime, eer, top_k_accuracy
+from engine.metrics import d_prime, eer, error_rates, min_dcf, top_k_accuracy
 
 
 def test_eer_perfect_separation_is_zero():
@@ -57,3 +57,29 @@ def test_d_prime_by_hand():
 def test_d_prime_needs_two_of_each():
     with pytest.raises(ValueError):
         d_prime([1.0], [0.0, 0.5])
+
+
+def test_min_dcf_by_hand():
+    target, nontarget = [0.9, 0.8, 0.7, 0.55], [0.6, 0.3, 0.2, 0.1]
+    # p_target 0.5: threshold 0.7 misses one target (0.55); 0.55 accepts one non-target
+    # (0.6). Either costs 0.25 * 0.5 = 0.125, normalised by 0.5 -> 0.25.
+    cost, _ = min_dcf(target, nontarget, p_target=0.5)
+    assert cost == pytest.approx(0.25)
+    # p_target 0.01: a false alarm weighs 99 misses, so the best threshold accepts no
+    # non-target: 0.6 is not enough (0.6 itself is accepted), 0.7 is: one miss (0.55)
+    # costs 0.25 * 0.01 = 0.0025, normalised by 0.01 -> 0.25.
+    cost, threshold = min_dcf(target, nontarget, p_target=0.01)
+    assert cost == pytest.approx(0.25) and threshold == 0.7
+
+
+def test_min_dcf_is_one_for_a_useless_system():
+    scores = np.linspace(0, 1, 50)
+    assert min_dcf(scores, scores, p_target=0.05)[0] == pytest.approx(1.0, abs=0.05)
+    with pytest.raises(ValueError):
+        min_dcf([1.0], [0.0], p_target=1.5)
+
+
+def test_error_rates_are_monotonic():
+    rng = np.random.default_rng(0)
+    _, miss, fa = error_rates(rng.normal(1, 1, 300), rng.normal(0, 1, 3000))
+    assert np.all(np.diff(miss) >= 0) and np.all(np.diff(fa) <= 0)
