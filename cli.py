@@ -12,6 +12,7 @@ import argparse
 import csv
 import json
 import logging
+import os
 import sys
 from collections import deque
 from dataclasses import asdict
@@ -41,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, as other command-line tools do.
+        sys.stdout = open(os.devnull, "w")
+        return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("rollback", cmd_rollback, "make an earlier (or any kept) version active again")
     p.add_argument("version", type=int)
     p.add_argument("--reason", default="rollback", help="recorded in the alias history (default: rollback)")
+
+    p = command("eval", cmd_eval, "measure EER, minDCF, top-1/top-5 and open-set errors on a labelled set (stores nothing)")
+    p.add_argument("manifest", type=Path, help="CSV with columns path,speaker (paths relative to the manifest)")
+    p.add_argument("--enroll", type=int, default=3, help="files per speaker enrolled (first in manifest order); the rest are probes (default 3)")
+    p.add_argument("--trials", type=Path, help="trial list: 'enroll-speaker probe-path target|nontarget' per line")
+    p.add_argument("--version", type=int, help="evaluate this kept version instead of the active one")
+    p.add_argument("--min-speech", type=float, help="seconds of speech a file needs, for this evaluation only")
+    p.add_argument("--plot", type=Path, help="write a DET curve and score histograms to this PNG")
 
     p = command("schedule", cmd_schedule, "set, list or clear when refreshes run (executed by `voiceprint serve`)")
     when = p.add_mutually_exclusive_group()
@@ -378,6 +391,45 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 def _show_progress(args: argparse.Namespace) -> bool:
     return not args.json and sys.stderr.isatty()
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from engine import evaluation
+
+    files = evaluation.read_manifest(args.manifest)
+    trials = evaluation.read_trials(args.trials) if args.trials else None
+    with open_engine(args) as eng:
+        if args.min_speech is not None:
+            audio_cfg = dataclasses.replace(eng.config.audio, min_speech_s=args.min_speech)
+            eng.config = dataclasses.replace(eng.config, audio=audio_cfg)
+        report = evaluation.evaluate(
+            eng, files, enroll=args.enroll, trials=trials, version=args.version, progress=_show_progress(args)
+        )
+    if args.plot:
+        evaluation.plot(report, args.plot)
+    if args.json:
+        emit({"ok": True, **report.to_dict(), "plot": str(args.plot) if args.plot else None})
+        return EXIT_OK
+    m = report.metrics
+    print(f"version {report.version}: {report.speakers} speakers, {report.probes} probes, "
+          f"{report.trials['target']} target / {report.trials['nontarget']} non-target trials")
+    print(f"  EER        {m['eer']:.2%}  (at cosine {m['eer_threshold']:.3f})")
+    print(f"  minDCF     {m['min_dcf_0.01']:.4f} (p_target 0.01)  {m['min_dcf_0.05']:.4f} (p_target 0.05)")
+    top_k = next(k for k in m if k.startswith("top") and k != "top1")
+    print(f"  top-1      {m['top1']:.2%}   {top_k} {m[top_k]:.2%}")
+    print(f"  at verify threshold {m['verify_threshold']:.2f}: false accepts {m['false_accept_rate']:.2%}, misses {m['miss_rate']:.2%}")
+    print(f"  open set at identify threshold {m['identify_threshold']:.2f}: {m['open_set_false_accept_rate']:.2%} of probes "
+          "would be accepted as someone else if their speaker were not enrolled")
+    for label, bucket in report.by_duration.items():
+        top1 = "-" if bucket["top1"] is None else f"{bucket['top1']:.2%}"
+        print(f"  speech {label:<6} {bucket['probes']:>5} probes  EER {bucket['eer']:.2%}  top-1 {top1}")
+    for note in report.notes:
+        print(f"  note: {note}")
+    if args.plot:
+        print(f"  plot written to {args.plot}")
+    return EXIT_OK
 
 
 def _home_and_db(args: argparse.Namespace) -> tuple[str, str]:

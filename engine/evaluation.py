@@ -1,0 +1,287 @@
+"""Evaluate a model version on a labelled set: verification and identification metrics.
+
+Nothing is written to the database. Speakers are enrolled in memory from their first
+``enroll`` usable files (manifest order); the rest of their files are probes, scored
+against every enrolled speaker. With a trial list, only the listed (speaker, probe)
+pairs count as verification trials.
+
+Reported: EER, minDCF at p_target 0.01 and 0.05, top-1 / top-5 identification, the
+false-accept and miss rates at the configured verify threshold, the open-set false-accept
+rate at the identify threshold (each probe with its own speaker removed from the
+gallery: would anyone else be accepted?), trial counts, per-duration buckets, and what
+was done with files that could not be used.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from tqdm import tqdm
+
+from engine import audio
+from engine.errors import AudioError, InvalidInput
+from engine.metrics import eer, error_rates, min_dcf, top_k_accuracy
+
+if TYPE_CHECKING:
+    from engine.engine import Engine
+
+LOAD_CHUNK = 64  # files decoded and run through the VAD together
+DURATION_BUCKETS = ((0.0, 2.0, "< 2 s"), (2.0, 5.0, "2-5 s"), (5.0, float("inf"), "> 5 s"))
+
+
+@dataclass(frozen=True)
+class LabelledFile:
+    path: Path
+    speaker: str
+
+
+@dataclass(frozen=True)
+class Trial:
+    speaker: str
+    probe: Path
+    target: bool
+
+
+@dataclass
+class EvalReport:
+    version: int
+    files: int
+    used: int
+    refused: dict[str, int]  # error code -> files
+    input_sample_rates: dict[int, int]  # rate -> files
+    speakers: int
+    probes: int
+    trials: dict[str, int]
+    metrics: dict
+    by_duration: dict[str, dict]
+    notes: list[str] = field(default_factory=list)
+    scores: dict = field(default_factory=dict, repr=False)  # target / nontarget arrays, for the plot
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.pop("scores")
+        return out
+
+
+def read_manifest(path: Path) -> list[LabelledFile]:
+    """CSV with a header holding at least ``path`` and ``speaker``; paths relative to the file."""
+    path = Path(path)
+    try:
+        with open(path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            missing = {"path", "speaker"} - set(reader.fieldnames or [])
+            if missing:
+                raise InvalidInput(f"{path}: the header needs columns path and speaker (missing {sorted(missing)})")
+            rows = []
+            for line, row in enumerate(reader, start=2):
+                if not (row.get("path") or "").strip() or not (row.get("speaker") or "").strip():
+                    raise InvalidInput(f"{path}:{line}: empty path or speaker")
+                rows.append(LabelledFile(path.parent / row["path"].strip(), row["speaker"].strip()))
+    except OSError as exc:
+        raise InvalidInput(f"cannot read manifest {path}: {exc.strerror}") from None
+    if not rows:
+        raise InvalidInput(f"{path}: no rows")
+    return rows
+
+
+def read_trials(path: Path) -> list[Trial]:
+    """Lines ``enroll-speaker probe-path target|nontarget``; probe paths relative to the file."""
+    path = Path(path)
+    trials = []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise InvalidInput(f"cannot read trials {path}: {exc.strerror}") from None
+    for number, line in enumerate(lines, start=1):
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        if len(fields) != 3 or fields[2] not in ("target", "nontarget"):
+            raise InvalidInput(f"{path}:{number}: expected 'enroll-speaker probe-path target|nontarget'")
+        trials.append(Trial(fields[0], path.parent / fields[1], fields[2] == "target"))
+    if not trials:
+        raise InvalidInput(f"{path}: no trials")
+    return trials
+
+
+def evaluate(
+    engine: Engine,
+    files: list[LabelledFile],
+    *,
+    enroll: int = 3,
+    trials: list[Trial] | None = None,
+    version: int | None = None,
+    progress: bool = False,
+) -> EvalReport:
+    """Score ``files`` (and ``trials``) under ``version`` (default: the active one)."""
+    if enroll < 1:
+        raise InvalidInput("--enroll must be at least 1")
+    model = engine.store.get_version(version) if version is not None else engine.active_version()
+    embedder = engine.embedder(model)
+    probe_paths = sorted({t.probe for t in trials}, key=str) if trials else []
+    paths = list(dict.fromkeys([f.path for f in files] + probe_paths))
+    speeches: dict[Path, audio.Speech] = {}
+    refused: Counter = Counter()
+    rates: Counter = Counter()
+    embeddings: dict[Path, np.ndarray] = {}
+    with tqdm(total=len(paths), desc="embedding", unit="file", disable=not progress, leave=False) as bar:
+        for start in range(0, len(paths), LOAD_CHUNK):
+            chunk = paths[start : start + LOAD_CHUNK]
+            loaded = audio.load_many(chunk, engine.config.audio)
+            ok = [(p, s) for p, s in zip(chunk, loaded) if isinstance(s, audio.Speech)]
+            for p, s in zip(chunk, loaded):
+                if isinstance(s, AudioError):
+                    refused[s.code] += 1
+            if ok:
+                for (p, s), vector in zip(ok, embedder.embed([s.samples for _, s in ok])):
+                    speeches[p], embeddings[p] = s, vector
+                    rates[s.quality.input_sample_rate] += 1
+            bar.update(len(chunk))
+
+    notes = _notes(refused, rates, engine)
+    by_speaker: dict[str, list[Path]] = {}
+    for f in files:
+        if f.path in speeches:
+            by_speaker.setdefault(f.speaker, []).append(f.path)
+    gallery = {s: ps[:enroll] for s, ps in by_speaker.items() if len(ps) >= enroll}
+    dropped = sorted(set(by_speaker) - set(gallery))
+    if dropped:
+        notes.append(f"{len(dropped)} speaker(s) with fewer than {enroll} usable files left out of enrollment")
+    if len(gallery) < 2:
+        raise InvalidInput(
+            f"only {len(gallery)} speaker(s) have {enroll} usable file(s) to enroll from; need 2. " + "; ".join(notes)
+        )
+    names = sorted(gallery)
+    centroids = np.stack([np.mean([embeddings[p] for p in gallery[s]], axis=0) for s in names])
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    column = {s: i for i, s in enumerate(names)}
+    enrolled = {p for ps in gallery.values() for p in ps}
+
+    if trials:
+        usable = [t for t in trials if t.probe in embeddings and t.speaker in column]
+        if len(usable) < len(trials):
+            notes.append(f"{len(trials) - len(usable)} trial(s) skipped: probe unusable or speaker not enrolled")
+        probes = list(dict.fromkeys(t.probe for t in usable))
+        probe_speaker = {t.probe: t.speaker for t in usable if t.target}
+    else:
+        probes = [f.path for f in files if f.path in embeddings and f.path not in enrolled and f.speaker in column]
+        probe_speaker = {f.path: f.speaker for f in files}
+    if not probes:
+        raise InvalidInput("no probes left after enrollment: give more files per speaker or a smaller --enroll")
+    row = {p: i for i, p in enumerate(probes)}
+    scores = np.stack([embeddings[p] for p in probes]) @ centroids.T
+    if trials:
+        pairs = [(row[t.probe], column[t.speaker], t.target) for t in usable]
+    else:
+        pairs = [(i, j, probe_speaker[p] == s) for i, p in enumerate(probes) for j, s in enumerate(names)]
+    pair_rows = np.array([i for i, _, _ in pairs])
+    pair_scores = np.array([scores[i, j] for i, j, _ in pairs])
+    is_target = np.array([t for _, _, t in pairs])
+    if is_target.all() or not is_target.any():
+        raise InvalidInput("the trials need both target and non-target pairs")
+
+    # Identification: probes whose true speaker is enrolled.
+    known = np.array([probe_speaker.get(p) in column for p in probes])
+    truth = np.array([column.get(probe_speaker.get(p), -1) for p in probes])
+    durations = np.array([speeches[p].quality.speech_s for p in probes])
+    cfg = engine.config.scoring
+    metrics = _metrics(scores, truth, known, pair_scores, is_target, cfg.verify_threshold, cfg.identify_threshold)
+    by_duration = {}
+    for low, high, label in DURATION_BUCKETS:
+        in_bucket = (durations >= low) & (durations < high)
+        pair_in = in_bucket[pair_rows]
+        if in_bucket.any() and is_target[pair_in].any() and (~is_target[pair_in]).any():
+            by_duration[label] = {
+                "probes": int(in_bucket.sum()),
+                **_metrics(scores[in_bucket], truth[in_bucket], known[in_bucket], pair_scores[pair_in],
+                           is_target[pair_in], cfg.verify_threshold, cfg.identify_threshold, brief=True),
+            }
+    return EvalReport(
+        version=model.number,
+        files=len(paths),
+        used=len(speeches),
+        refused=dict(refused),
+        input_sample_rates=dict(sorted(rates.items())),
+        speakers=len(names),
+        probes=len(probes),
+        trials={"target": int(is_target.sum()), "nontarget": int((~is_target).sum())},
+        metrics=metrics,
+        by_duration=by_duration,
+        notes=notes,
+        scores={"target": pair_scores[is_target], "nontarget": pair_scores[~is_target]},
+    )
+
+
+def _metrics(scores, truth, known, pair_scores, is_target, verify_threshold, identify_threshold, brief=False) -> dict:
+    target, nontarget = pair_scores[is_target], pair_scores[~is_target]
+    rate, threshold = eer(target, nontarget)
+    out = {
+        "eer": round(rate, 4),
+        "eer_threshold": round(threshold, 4),
+        "top1": round(top_k_accuracy(scores[known], truth[known], 1), 4) if known.any() else None,
+    }
+    if brief:
+        return out
+    out["min_dcf_0.01"] = round(min_dcf(target, nontarget, p_target=0.01)[0], 4)
+    out["min_dcf_0.05"] = round(min_dcf(target, nontarget, p_target=0.05)[0], 4)
+    k = min(5, scores.shape[1])
+    out[f"top{k}"] = round(top_k_accuracy(scores[known], truth[known], k), 4) if known.any() else None
+    out["verify_threshold"] = verify_threshold
+    out["false_accept_rate"] = round(float(np.mean(nontarget >= verify_threshold)), 4)
+    out["miss_rate"] = round(float(np.mean(target < verify_threshold)), 4)
+    # Open set: hide each probe's own speaker; is anyone else accepted?
+    others = scores[known].copy()
+    others[np.arange(len(others)), truth[known]] = -np.inf
+    out["identify_threshold"] = identify_threshold
+    out["open_set_false_accept_rate"] = round(float(np.mean(others.max(axis=1) >= identify_threshold)), 4) if len(others) else None
+    return out
+
+
+def _notes(refused: Counter, rates: Counter, engine: Engine) -> list[str]:
+    notes = []
+    for code, count in sorted(refused.items()):
+        why = {"too_short": f"less than {engine.config.audio.min_speech_s:g} s of speech after VAD"}.get(code, code)
+        notes.append(f"{count} file(s) refused: {why}")
+    if refused.get("too_short"):
+        notes.append("short clips (e.g. spoken digits) can be kept with VOICEPRINT_AUDIO__MIN_SPEECH_S=0.3 or eval --min-speech 0.3")
+    resampled = {rate: n for rate, n in rates.items() if rate != audio.SAMPLE_RATE}
+    for rate, count in sorted(resampled.items()):
+        notes.append(f"{count} file(s) at {rate} Hz resampled to {audio.SAMPLE_RATE} Hz")
+    return notes
+
+
+def plot(report: EvalReport, path: Path) -> None:
+    """DET curve (normal-deviate axes) and score histograms, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+    from scipy.stats import norm
+
+    target, nontarget = report.scores["target"], report.scores["nontarget"]
+    _, miss, fa = error_rates(target, nontarget)
+    clip = lambda x: np.clip(x, 1e-4, 1 - 1e-4)  # noqa: E731 - the probit of 0 or 1 is infinite
+    fig, (det, hist) = plt.subplots(1, 2, figsize=(11, 4.5))
+    det.plot(norm.ppf(clip(fa)), norm.ppf(clip(miss)))
+    ticks = [0.001, 0.01, 0.05, 0.2, 0.5]
+    det.set_xticks(norm.ppf(ticks), [f"{t:.1%}" for t in ticks])
+    det.set_yticks(norm.ppf(ticks), [f"{t:.1%}" for t in ticks])
+    det.set_xlabel("false-accept rate")
+    det.set_ylabel("miss rate")
+    det.set_title(f"DET, version {report.version}: EER {report.metrics['eer']:.2%}")
+    det.grid(True, alpha=0.3)
+    bins = np.linspace(min(target.min(), nontarget.min()), max(target.max(), nontarget.max()), 50)
+    hist.hist(nontarget, bins=bins, density=True, alpha=0.6, label=f"non-target ({len(nontarget)})")
+    hist.hist(target, bins=bins, density=True, alpha=0.6, label=f"target ({len(target)})")
+    hist.axvline(report.metrics["verify_threshold"], color="k", linestyle="--", label="verify threshold")
+    hist.set_xlabel("cosine score")
+    hist.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,102 @@
+"""`voiceprint eval` end to end on the shared speech sets."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from cli import main
+from engine import Engine
+from engine.evaluation import read_manifest, read_trials
+from engine.errors import InvalidInput
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory) -> Path:
+    home = tmp_path_factory.mktemp("eval-home")
+    Engine.init(home=home).close()
+    return home
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_eval_on_vctk_with_every_number(home, dev_data, capsys, tmp_path):
+    plot = tmp_path / "det.png"
+    code, out, _ = run(capsys, "--home", str(home), "--json", "eval", str(dev_data / "vctk-4" / "manifest.csv"), "--plot", str(plot))
+    assert code == 0
+    report = json.loads(out)
+    # 4 speakers x 10 files: 3 enrolled each, 7 probes each, every probe against every speaker.
+    assert (report["speakers"], report["probes"]) == (4, 28)
+    assert report["trials"] == {"target": 28, "nontarget": 84}
+    m = report["metrics"]
+    assert m["eer"] == 0.0 and m["top1"] == 1.0 and m["top4"] == 1.0  # studio speech, 4 speakers
+    assert m["min_dcf_0.01"] == 0.0 and 0.0 <= m["open_set_false_accept_rate"] <= 1.0
+    assert sum(b["probes"] for b in report["by_duration"].values()) == 28
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Engine.open(home=home) as eng:
+        assert eng.store.counts()["utterances"] == 0  # evaluation stores nothing
+
+
+def test_eval_on_speechocean_reports_duration_buckets(home, dev_data, capsys):
+    code, out, _ = run(capsys, "--home", str(home), "eval", str(dev_data / "speechocean762-train" / "manifest.csv"))
+    assert code == 0
+    assert "125 speakers" in out and "minDCF" in out and "speech < 2 s" in out and "speech > 5 s" in out
+    assert "note: 5 file(s) refused: less than 1 s of speech" in out  # 5 of 1500 hold under 1 s
+
+
+def test_eval_on_librispeech_with_a_trial_list(home, dev_data, capsys, tmp_path):
+    root = dev_data / "librispeech-test-other"
+    with open(root / "manifest.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    speakers = sorted({r["speaker"] for r in rows})
+    lines = []
+    probes = [r for i, r in enumerate(rows) if i % 10 >= 5]  # the later files of each speaker
+    for r in probes[:20]:
+        other = speakers[(speakers.index(r["speaker"]) + 1) % len(speakers)]
+        lines += [f"{r['speaker']} {root / r['path']} target", f"{other} {root / r['path']} nontarget"]
+    trials = tmp_path / "trials.txt"
+    trials.write_text("# enroll-speaker probe target\n" + "\n".join(lines) + "\n")
+    code, out, _ = run(capsys, "--home", str(home), "--json", "eval", str(root / "manifest.csv"), "--trials", str(trials))
+    assert code == 0, out
+    report = json.loads(out)
+    assert report["trials"] == {"target": 20, "nontarget": 20}
+    assert report["metrics"]["eer"] <= 0.05
+
+
+def test_fsdd_is_explained_not_crashed(home, dev_data, capsys):
+    manifest = str(dev_data / "fsdd" / "manifest.csv")
+    code, out, err = run(capsys, "--home", str(home), "eval", manifest)
+    assert code == 2 and "--min-speech 0.3" in err and "refused" in err
+    code, out, _ = run(capsys, "--home", str(home), "--json", "eval", manifest, "--min-speech", "0.3")
+    assert code == 0
+    report = json.loads(out)
+    assert report["input_sample_rates"] == {"8000": report["used"]}
+    assert any("at 8000 Hz resampled to 16000 Hz" in note for note in report["notes"])
+    assert report["used"] + sum(report["refused"].values()) == report["files"] == 600
+    assert set(report["by_duration"]) == {"< 2 s"}  # digits are all short
+
+
+def test_noise_is_not_a_speaker_set(home, dev_data, capsys):
+    code, _, err = run(capsys, "--home", str(home), "eval", str(dev_data / "esc10-noise" / "manifest.csv"))
+    assert code == 2 and "no_speech" in err
+
+
+def test_eval_of_an_unknown_version_and_bad_files(home, dev_data, capsys, tmp_path):
+    manifest = str(dev_data / "vctk-4" / "manifest.csv")
+    code, _, err = run(capsys, "--home", str(home), "eval", manifest, "--version", "9")
+    assert code == 2 and "version 9" in err
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file,who\na.wav,x\n")
+    with pytest.raises(InvalidInput, match="path and speaker"):
+        read_manifest(bad)
+    bad_trials = tmp_path / "t.txt"
+    bad_trials.write_text("alice a.wav maybe\n")
+    with pytest.raises(InvalidInput, match="t.txt:1"):
+        read_trials(bad_trials)
