@@ -54,7 +54,7 @@ class RefreshConfig:
     speakers_per_batch: int = 16  # N (fewer when fewer speakers qualify)
     utterances_per_speaker: int = 4  # M: crops per speaker in a batch
     distill_weight: float = 1.0  # pull toward the parent's embeddings on replayed crops
-    replay_size: int = 1000  # utterances kept in the replay reservoir
+    replay_size: int = 1000  # utterances kept in the replay reservoir; 0: no replay (new data only)
     max_new: int = 2000  # cap on new utterances loaded for training (the newest are kept)
     holdout_fraction: float = 0.2  # of each speaker's utterances, never trained on, for the gate
     min_holdout: int = 5  # fewer held-out utterances than this: the gate cannot judge, reject
@@ -65,6 +65,7 @@ class RefreshConfig:
     noise_dir: str = ""  # folder of noise recordings to mix in (augmentation); empty: off
     noise_snr_db: float = 10.0  # mean SNR of the mixed noise (uniform +/- 5 dB)
     seed: int = 0
+    gate: bool = True  # false promotes every candidate whatever its metrics (for experiments only)
     drift_delta: float = 0.002  # ADWIN confidence on genuine enrollment scores; 0 turns drift requests off
 
 

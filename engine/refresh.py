@@ -115,6 +115,8 @@ def choose_training(
 ) -> tuple[list[UtteranceRecord], list[UtteranceRecord]]:
     """(new, replayed): every new utterance (newest ``max_new``) and a replay sample of the rest."""
     new = [u for u in trainable if u.id > parent.trained_through][-cfg.max_new :]
+    if cfg.replay_size == 0:
+        return new, []
     reservoir = SpeakerReservoir(cfg.replay_size, seed=cfg.seed)
     for utt in trainable:
         if utt.id <= parent.trained_through:
@@ -510,6 +512,9 @@ def _refresh(engine: Engine, parent: ModelVersion, report: RefreshReport, *, dry
     report.metrics["parent"] = gate_metrics(parent_matrix[[row[uid] for uid in common]], gate_speakers, held_mask, old_speakers)
     report.metrics["candidate"] = gate_metrics(np.stack([candidate_vectors[uid] for uid in common]), gate_speakers, held_mask, old_speakers)
     report.reasons = decide(report.metrics["parent"], report.metrics["candidate"], cfg)
+    if not cfg.gate and report.reasons:
+        report.metrics["gate_overridden"] = report.reasons
+        report.reasons = []
 
     if dry_run:
         report.status = "dry-run"

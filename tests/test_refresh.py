@@ -196,6 +196,15 @@ def test_a_worse_candidate_is_rejected_with_reasons(vctk_home):
         assert eng.store.get_job(report.job).status == "rejected"
 
 
+def test_gate_off_promotes_even_a_worse_candidate_and_says_so(vctk_home):
+    write_config(vctk_home, steps=10, **SMALL, lr=0.1, gate="false")
+    with Engine.open(home=vctk_home) as eng:
+        report = eng.refresh()
+        assert report.status == "promoted" and report.reasons == []
+        assert report.metrics["gate_overridden"]  # what the gate would have said
+        assert eng.active_version().number == report.version
+
+
 def test_aam_softmax_refresh_trains_a_head_over_the_enrolled_speakers(vctk_home):
     write_config(vctk_home, steps=3, **SMALL, loss="aam-softmax")
     with Engine.open(home=vctk_home) as eng:
@@ -485,3 +494,20 @@ def test_gate_metrics_and_decision_by_hand():
     reasons = decide(parent, worse, RefreshConfig(min_holdout=2))
     assert any("d'" in r for r in reasons) and any("top-1 worse on old speakers" in r for r in reasons)
     assert decide(parent, parent, RefreshConfig(min_holdout=5))[0].startswith("only 4 held-out")
+
+
+def test_replay_size_zero_trains_on_new_data_only():
+    from datetime import UTC, datetime
+
+    from engine.config import RefreshConfig
+    from engine.refresh import choose_training
+    from storage import ModelVersion, UtteranceRecord
+
+    now = datetime.now(UTC)
+    utts = [UtteranceRecord(i, f"s{i % 3}", "x", f"{i:064x}", 2.0, 2.0, {}, now) for i in range(1, 31)]
+    parent = ModelVersion(2, 1, "active", "ge2e-lstm", {}, "c", "0" * 64, {}, None, now, True, trained_through=20)
+    new, replay = choose_training(utts, parent, RefreshConfig(replay_size=0))
+    assert [u.id for u in new] == list(range(21, 31)) and replay == []
+    new, replay = choose_training(utts, parent, RefreshConfig(replay_size=6))
+    assert len(replay) == 6 and all(u.id <= 20 for u in replay)
+    assert sorted(len([u for u in replay if u.speaker == s]) for s in ("s0", "s1", "s2")) == [2, 2, 2]
