@@ -417,8 +417,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
           f"{report.trials['target']} target / {report.trials['nontarget']} non-target trials")
     print(f"  EER        {m['eer']:.2%}  (at cosine {m['eer_threshold']:.3f})")
     print(f"  minDCF     {m['min_dcf_0.01']:.4f} (p_target 0.01)  {m['min_dcf_0.05']:.4f} (p_target 0.05)")
-    top_k = next(k for k in m if k.startswith("top") and k != "top1")
-    print(f"  top-1      {m['top1']:.2%}   {top_k} {m[top_k]:.2%}")
+    print(f"  top-1      {m['top1']:.2%}   top-5 {m['top5']:.2%}")
     print(f"  at verify threshold {m['verify_threshold']:.2f}: false accepts {m['false_accept_rate']:.2%}, misses {m['miss_rate']:.2%}")
     print(f"  open set at identify threshold {m['identify_threshold']:.2f}: {m['open_set_false_accept_rate']:.2%} of probes "
           "would be accepted as someone else if their speaker were not enrolled")

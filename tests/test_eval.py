@@ -36,7 +36,7 @@ def test_eval_on_vctk_with_every_number(home, dev_data, capsys, tmp_path):
     assert (report["speakers"], report["probes"]) == (4, 28)
     assert report["trials"] == {"target": 28, "nontarget": 84}
     m = report["metrics"]
-    assert m["eer"] == 0.0 and m["top1"] == 1.0 and m["top4"] == 1.0  # studio speech, 4 speakers
+    assert m["eer"] == 0.0 and m["top1"] == 1.0 and m["top5"] == 1.0  # studio speech, 4 speakers
     assert m["min_dcf_0.01"] == 0.0 and 0.0 <= m["open_set_false_accept_rate"] <= 1.0
     assert sum(b["probes"] for b in report["by_duration"].values()) == 28
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
