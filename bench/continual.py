@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import read_manifest, write_result  # noqa: E402
 
 from engine import Engine, audio  # noqa: E402
-from engine.metrics import eer  # noqa: E402
+from engine.metrics import eer, forgetting  # noqa: E402
 
 PROBES = 3
 STRATEGIES = {
@@ -54,17 +54,6 @@ STRATEGIES = {
     "replay": {"distill_weight": 0.0},
     "replay+distill": {},
 }
-
-
-def summarise(matrix: np.ndarray) -> dict:
-    """Average accuracy, forgetting and backward transfer of a lower-triangular matrix."""
-    final = matrix[-1]
-    earlier = range(len(matrix) - 1)
-    return {
-        "average_accuracy": round(float(final.mean()), 4),
-        "forgetting": round(float(np.mean([matrix[:-1, j][j:].max() - final[j] for j in earlier])), 4) if len(matrix) > 1 else 0.0,
-        "backward_transfer": round(float(np.mean([final[j] - matrix[j, j] for j in earlier])), 4) if len(matrix) > 1 else 0.0,
-    }
 
 
 def score(eng: Engine, probes: list[tuple[np.ndarray, str]]) -> tuple[float, float, float]:
@@ -109,8 +98,8 @@ def run_strategy(name: str, overrides: dict | None, tasks: list, steps: int) -> 
         "eer_matrix": np.round(errors, 4).tolist(),
         "within_task_matrix": np.round(within, 4).tolist(),
         "final_eer_mean": round(float(np.nanmean(errors[-1])), 4),
-        **summarise(accuracy),
-        "within_task": summarise(within),
+        **forgetting(accuracy),
+        "within_task": forgetting(within),
         "refreshes": refreshes,
         "seconds": round(time.perf_counter() - started, 1),
     }

@@ -1,4 +1,4 @@
-"""Evaluation metrics: error rates, EER, minDCF, d' and identification accuracy.
+"""Evaluation metrics: error rates, EER, minDCF, d', identification accuracy, forgetting.
 
 Scores are "higher means more likely the same speaker" (cosines, LLRs).
 """
@@ -103,3 +103,30 @@ def top_k_accuracy(scores: np.ndarray, truth: np.ndarray, k: int = 1) -> float:
         raise ValueError(f"scores {scores.shape} and truth {truth.shape} do not match")
     best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     return float(np.mean(np.any(best == truth[:, None], axis=1)))
+
+
+def forgetting(matrix: np.ndarray) -> dict[str, float]:
+    """Continual-learning summary of an accuracy matrix ``A[i][j]``: accuracy on task j
+    after learning task i (only ``j <= i`` is used).
+
+    - ``average_accuracy``: mean of the last row, every task after the last one;
+    - ``forgetting``: for each earlier task, its best accuracy before the end minus its
+      final accuracy, averaged (Chaudhry et al., 2018);
+    - ``backward_transfer``: mean of ``A[T-1][j] - A[j][j]`` over earlier tasks (Lopez-Paz
+      & Ranzato, 2017); negative means the later tasks cost the earlier ones.
+
+    >>> forgetting(np.array([[0.9, np.nan], [0.8, 0.7]]))
+    {'average_accuracy': 0.75, 'forgetting': 0.1, 'backward_transfer': -0.1}
+    """
+    matrix = np.asarray(matrix, dtype=np.float64)
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or len(matrix) == 0:
+        raise ValueError(f"expected a square, non-empty task matrix, got shape {matrix.shape}")
+    final = matrix[-1]
+    earlier = range(len(matrix) - 1)
+    if not len(earlier):
+        return {"average_accuracy": round(float(final.mean()), 4), "forgetting": 0.0, "backward_transfer": 0.0}
+    return {
+        "average_accuracy": round(float(final.mean()), 4),
+        "forgetting": round(float(np.mean([matrix[j:-1, j].max() - final[j] for j in earlier])), 4),
+        "backward_transfer": round(float(np.mean([final[j] - matrix[j, j] for j in earlier])), 4),
+    }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.metrics import d_prime, eer, error_rates, min_dcf, top_k_accuracy
+from engine.metrics import d_prime, eer, error_rates, forgetting, min_dcf, top_k_accuracy
 
 
 def test_eer_perfect_separation_is_zero():
@@ -83,3 +83,21 @@ def test_error_rates_are_monotonic():
     rng = np.random.default_rng(0)
     _, miss, fa = error_rates(rng.normal(1, 1, 300), rng.normal(0, 1, 3000))
     assert np.all(np.diff(miss) >= 0) and np.all(np.diff(fa) <= 0)
+
+
+def test_forgetting_by_hand():
+    nan = np.nan
+    matrix = np.array([
+        [0.90, nan, nan],
+        [0.95, 0.80, nan],
+        [0.85, 0.70, 0.60],
+    ])
+    out = forgetting(matrix)
+    assert out["average_accuracy"] == pytest.approx((0.85 + 0.70 + 0.60) / 3, abs=1e-4)
+    # task 1: best before the end 0.95, final 0.85 -> 0.10; task 2: 0.80 -> 0.70 -> 0.10
+    assert out["forgetting"] == pytest.approx(0.10)
+    # (0.85 - 0.90) and (0.70 - 0.80) -> mean -0.075
+    assert out["backward_transfer"] == pytest.approx(-0.075)
+    assert forgetting(np.array([[0.5]])) == {"average_accuracy": 0.5, "forgetting": 0.0, "backward_transfer": 0.0}
+    with pytest.raises(ValueError):
+        forgetting(np.zeros((2, 3)))
