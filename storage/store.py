@@ -407,21 +407,7 @@ class Store:
                 insert(m.Embedding),
                 {"utterance_id": utterance_id, "version": version, "vector": _f32(vector), "created_at": now},
             )
-            running.learn_one(vector)
-            values = {
-                "count": running.count,
-                "sum": _f64(running.sum),
-                "mean": _f32(running.mean),
-                "updated_at": now,
-            }
-            if centroid is None:
-                s.execute(insert(m.Centroid), {"speaker_id": speaker_id, "version": version, "dim": running.dim, **values})
-            else:
-                s.execute(
-                    update(m.Centroid)
-                    .where(m.Centroid.speaker_id == speaker_id, m.Centroid.version == version)
-                    .values(**values)
-                )
+            _write_centroid(s, speaker_id, version, running.learn_one(vector), now, exists=centroid is not None)
             record = UtteranceRecord(
                 id=utterance_id,
                 speaker=speaker,
@@ -519,15 +505,7 @@ class Store:
                 )
                 for uid in uids:
                     running.learn_one(vectors[uid])
-                values = {"count": running.count, "sum": _f64(running.sum), "mean": _f32(running.mean), "updated_at": now}
-                if row is None:
-                    s.execute(insert(m.Centroid), {"speaker_id": speaker_id, "version": version, "dim": running.dim, **values})
-                else:
-                    s.execute(
-                        update(m.Centroid)
-                        .where(m.Centroid.speaker_id == speaker_id, m.Centroid.version == version)
-                        .values(**values)
-                    )
+                _write_centroid(s, speaker_id, version, running, now, exists=row is not None)
             return len(todo)
 
     def version_embeddings(self, version: int) -> tuple[np.ndarray, list[str], np.ndarray]:
@@ -908,6 +886,21 @@ def _version_row(session: Session, number: int) -> m.ModelVersion:
 
 def _alias_target(session: Session, alias: str) -> int | None:
     return session.scalar(select(m.Alias.version).where(m.Alias.name == alias))
+
+
+def _write_centroid(
+    session: Session, speaker_id: int, version: int, running: RunningCentroid, now: datetime, *, exists: bool
+) -> None:
+    """Insert or update one centroid row from its running statistics."""
+    values = {"count": running.count, "sum": _f64(running.sum), "mean": _f32(running.mean), "updated_at": now}
+    if exists:
+        session.execute(
+            update(m.Centroid)
+            .where(m.Centroid.speaker_id == speaker_id, m.Centroid.version == version)
+            .values(**values)
+        )
+    else:
+        session.execute(insert(m.Centroid), {"speaker_id": speaker_id, "version": version, "dim": running.dim, **values})
 
 
 def _missing_embeddings_query(version: int):
