@@ -517,10 +517,10 @@ def _job_line(job: dict) -> str:
 
 
 def cmd_db(args: argparse.Namespace) -> int:
-    from engine.engine import ensure_sqlite_folder, resolve_db, resolve_home
+    from engine.engine import ensure_sqlite_folder
     from storage import Store
 
-    url = resolve_db(args.db, resolve_home(args.home))
+    _, url = _home_and_db(args)
     ensure_sqlite_folder(url)
     store = Store(url)
     try:

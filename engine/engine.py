@@ -10,7 +10,6 @@ from __future__ import annotations
 import getpass
 import logging
 import os
-import socket
 import threading
 import time
 from dataclasses import asdict
@@ -363,7 +362,7 @@ class Engine:
         target = self.store.get_version(number)
         self.embedder(target)  # verifies the checkpoint before anything is written
         with self.store.exclusive("refresh"):
-            job, _ = self.store.start_job("rollback", reason, owner=f"{socket.gethostname()}:{os.getpid()}")
+            job, _ = self.store.start_job("rollback", reason, owner=refreshing.job_owner())
             previous = self.active_version().number
             try:
                 added = 0

@@ -29,7 +29,7 @@ import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import soundfile as sf
@@ -41,7 +41,6 @@ from engine import audio
 from engine.checkpoints import save_checkpoint
 from engine.config import RefreshConfig
 from engine.embedder import Embedder, pick_device
-from engine.encoders import create_encoder
 from engine.errors import IncompleteVersion, InvalidInput
 from engine.frontends import create_frontend
 from engine.losses import LOSSES, create_loss
@@ -425,6 +424,11 @@ def activate_complete(engine: Engine, version: ModelVersion, *, reason: str, pro
 # -- the whole refresh -----------------------------------------------------------------
 
 
+def job_owner() -> str:
+    """``host:pid`` of this process, recorded on the jobs it runs."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 def run(engine: Engine, *, dry_run: bool = False, reason: str = "manual", progress: bool = False) -> RefreshReport:
     """Build a candidate from the active version, gate it, and promote or reject it.
 
@@ -434,7 +438,7 @@ def run(engine: Engine, *, dry_run: bool = False, reason: str = "manual", progre
     store, cfg = engine.store, engine.config.refresh
     LOSSES.get(cfg.loss)  # an unknown loss fails before any work
     with store.exclusive("refresh"):
-        job, interrupted = store.start_job("refresh", reason, owner=f"{socket.gethostname()}:{os.getpid()}")
+        job, interrupted = store.start_job("refresh", reason, owner=job_owner())
         for old in interrupted:
             log.warning("job %d was interrupted (its process stopped); marked failed", old.id)
         parent = engine.active_version()

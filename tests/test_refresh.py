@@ -158,14 +158,18 @@ def _mean_margin(scores: list[dict[str, float]], probes: dict[str, list[Path]]) 
 SMALL = {"speakers_per_batch": 4, "holdout_fraction": 0.3}  # 4 speakers, 10 files each
 
 
+def make_vctk_home(tmp_path: Path, dev_data: Path, **refresh) -> tuple[Path, tuple]:
+    """A home with all of vctk-4 enrolled under version 1, and its :func:`_snapshot`."""
+    home = tmp_path / "home"
+    write_config(home, **SMALL, **refresh)
+    with Engine.init(home=home) as eng:
+        enroll_all(eng, manifest(dev_data / "vctk-4"))
+        return home, _snapshot(eng)
+
+
 @pytest.fixture
 def vctk_home(tmp_path, dev_data):
-    files = manifest(dev_data / "vctk-4")
-    home = tmp_path / "home"
-    write_config(home, steps=3, **SMALL)
-    with Engine.init(home=home) as eng:
-        enroll_all(eng, files)
-    return home
+    return make_vctk_home(tmp_path, dev_data, steps=3)[0]
 
 
 def test_dry_run_stores_no_version(vctk_home):
@@ -346,12 +350,7 @@ def test_enrollments_during_a_refresh_reach_the_new_version(backend, request, tm
 
 
 def test_a_refresh_killed_midway_leaves_everything_as_it_was(tmp_path, dev_data):
-    files = manifest(dev_data / "vctk-4")
-    home = tmp_path / "home"
-    write_config(home, steps=10_000, **SMALL)
-    with Engine.init(home=home) as eng:
-        enroll_all(eng, files)
-        before = _snapshot(eng)
+    home, before = make_vctk_home(tmp_path, dev_data, steps=10_000)
     proc = subprocess.Popen(
         [sys.executable, "-m", "cli", "--home", str(home), "refresh"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -379,11 +378,7 @@ def test_a_refresh_killed_midway_leaves_everything_as_it_was(tmp_path, dev_data)
 
 def test_a_crash_after_the_candidate_was_stored_is_cleaned_up(tmp_path, dev_data):
     """A process dies between storing the candidate's embeddings and moving the alias."""
-    home = tmp_path / "home"
-    write_config(home, steps=3, **SMALL)
-    with Engine.init(home=home) as eng:
-        enroll_all(eng, manifest(dev_data / "vctk-4"))
-        before = _snapshot(eng)
+    home, before = make_vctk_home(tmp_path, dev_data, steps=3)
     crash = f"""
 import os, numpy as np
 from engine import Engine
