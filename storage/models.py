@@ -28,6 +28,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 VERSION_STATUSES = ("candidate", "active", "rejected", "retired")
 JOB_STATUSES = ("queued", "running", "succeeded", "rejected", "failed", "skipped")
+# "pending": stored for review but outside its speaker's centroid (it did not sound like them).
+UTTERANCE_STATUSES = ("enrolled", "pending")
 
 # Tables that live in our database but belong to a library, which creates them itself:
 # APScheduler keeps the persisted refresh schedule in apscheduler_jobs (engine/scheduler.py).
@@ -92,7 +94,12 @@ class Speaker(Base):
 
 class Utterance(Base):
     __tablename__ = "utterances"
-    __table_args__ = (UniqueConstraint("speaker_id", "content_sha256"),)
+    __table_args__ = (
+        UniqueConstraint("speaker_id", "content_sha256"),
+        CheckConstraint(
+            "status IN (" + ", ".join(f"'{s}'" for s in UTTERANCE_STATUSES) + ")", name="status"
+        ),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     speaker_id: Mapped[int] = mapped_column(ForeignKey("speakers.id", ondelete="CASCADE"))
@@ -102,6 +109,7 @@ class Utterance(Base):
     speech_s: Mapped[float]  # after VAD
     quality: Mapped[dict[str, Any]]
     created_at: Mapped[datetime]
+    status: Mapped[str] = mapped_column(server_default="enrolled")
 
 
 class UtteranceAudio(Base):
@@ -215,6 +223,18 @@ class Job(Base):
     requested_at: Mapped[datetime]
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+
+
+class Calibration(Base):
+    """A score calibration of one model version: AS-norm cohort settings, the
+    score-to-LLR map and the decision thresholds (``engine.scoring.Calibration``)."""
+
+    __tablename__ = "calibrations"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    version: Mapped[int] = mapped_column(ForeignKey("model_versions.number"), index=True)
+    params: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime]
 
 
 def include_object(obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:

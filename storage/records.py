@@ -16,9 +16,10 @@ import numpy as np
 @dataclass(frozen=True)
 class SpeakerSummary:
     name: str
-    utterances: int
-    speech_s: float  # total speech after VAD
+    utterances: int  # in the profile (pending ones are not)
+    speech_s: float  # total speech after VAD, of the utterances in the profile
     created_at: datetime
+    pending: int = 0  # held for review: stored, but outside the centroid
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class UtteranceRecord:
     speech_s: float
     quality: dict[str, Any]
     created_at: datetime
+    status: str = "enrolled"  # or "pending": held for review, outside the centroid
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,12 @@ class Enrollment:
     version: int
     count: int  # utterances in the speaker's centroid after this one
     previous_mean: np.ndarray | None  # None when the speaker had no centroid at this version
-    mean: np.ndarray
+    mean: np.ndarray | None  # None only for a pending first utterance (no profile yet)
+    speech_s: float = 0.0  # total speech in the speaker's profile now
+
+    @property
+    def pending(self) -> bool:
+        return self.utterance.status == "pending"
 
 
 @dataclass(frozen=True)

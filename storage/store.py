@@ -11,7 +11,7 @@ import fcntl
 import os
 import threading
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -322,8 +322,13 @@ class Store:
         sample_rate: int,
         embedding: np.ndarray,
         expect_active: bool = False,
+        hold: Callable[[np.ndarray | None, int], bool] | None = None,
     ) -> Enrollment:
         """Store one utterance of ``speaker`` and fold its embedding into the centroid.
+
+        ``hold(previous_mean, count)`` is asked, inside the transaction and with the
+        speaker's row locked, whether to keep the utterance *pending* instead: stored
+        with its embedding, but outside the centroid until :meth:`accept_utterance`.
 
         With ``expect_active``, ``version`` must still be the active version when the
         transaction runs, else :class:`VersionChanged` is raised and nothing is stored:
@@ -387,6 +392,7 @@ class Store:
                 previous_mean = running.mean
             if dim is not None and dim != vector.size:
                 raise ValueError(f"embedding has {vector.size} values, version {version} stores {dim}")
+            status = "pending" if hold is not None and hold(previous_mean, running.count) else "enrolled"
             utterance_id = s.execute(
                 insert(m.Utterance).returning(m.Utterance.id),
                 {
@@ -397,6 +403,7 @@ class Store:
                     "speech_s": speech_s,
                     "quality": quality,
                     "created_at": now,
+                    "status": status,
                 },
             ).scalar_one()
             s.execute(
@@ -407,7 +414,8 @@ class Store:
                 insert(m.Embedding),
                 {"utterance_id": utterance_id, "version": version, "vector": _f32(vector), "created_at": now},
             )
-            _write_centroid(s, speaker_id, version, running.learn_one(vector), now, exists=centroid is not None)
+            if status == "enrolled":
+                _write_centroid(s, speaker_id, version, running.learn_one(vector), now, exists=centroid is not None)
             record = UtteranceRecord(
                 id=utterance_id,
                 speaker=speaker,
@@ -417,14 +425,94 @@ class Store:
                 speech_s=speech_s,
                 quality=dict(quality),
                 created_at=now,
+                status=status,
             )
             return Enrollment(
                 utterance=record,
                 version=version,
                 count=running.count,
                 previous_mean=previous_mean,
-                mean=running.mean,
+                mean=running.mean if running.count else None,
+                speech_s=_profile_speech(s, speaker_id),
             )
+
+    def accept_utterance(self, utterance_id: int, embeddings: dict[int, np.ndarray] | None = None) -> UtteranceRecord:
+        """Move a pending utterance into its speaker's profile.
+
+        ``embeddings`` ({version: vector}) adds embeddings it lacks (the active version
+        may have changed since it was held). Every embedding it has is folded into that
+        version's centroid, in one transaction.
+
+        Raises
+        ------
+        InvalidInput
+            No such utterance, or it is not pending.
+        """
+        with self._session(f"accept utterance {utterance_id}", write=True) as s:
+            row = self._utterance_locked(s, utterance_id)
+            if row.status != "pending":
+                raise InvalidInput(f"utterance {utterance_id} is not pending review")
+            now = _now()
+            for version, vector in (embeddings or {}).items():
+                _insert_ignoring_conflict(
+                    s,
+                    m.Embedding.__table__,
+                    {"utterance_id": utterance_id, "version": version, "vector": _f32(vector), "created_at": now},
+                )
+            self._fold(s, row, +1, now)
+            row.status = "enrolled"
+            return _utterance_record(row, s.get(m.Speaker, row.speaker_id).name)
+
+    def remove_utterance(self, utterance_id: int) -> UtteranceRecord:
+        """Delete an utterance (audio and embeddings with it) and take it out of its
+        speaker's centroid under every version, exactly (running sums allow removal).
+
+        A centroid left empty is deleted; the speaker stays, with no profile.
+        """
+        with self._session(f"remove utterance {utterance_id}", write=True) as s:
+            row = self._utterance_locked(s, utterance_id)
+            record = _utterance_record(row, s.get(m.Speaker, row.speaker_id).name)
+            if row.status == "enrolled":
+                self._fold(s, row, -1, _now())
+            s.execute(delete(m.Utterance).where(m.Utterance.id == utterance_id))
+            return record
+
+    def embedded_versions(self, utterance_id: int) -> list[int]:
+        """The versions an utterance has an embedding under; InvalidInput if there is no such utterance."""
+        with self._session(f"read the versions of utterance {utterance_id}") as s:
+            if s.get(m.Utterance, utterance_id) is None:
+                raise InvalidInput(f"no utterance {utterance_id}")
+            return sorted(s.scalars(select(m.Embedding.version).where(m.Embedding.utterance_id == utterance_id)))
+
+    @staticmethod
+    def _utterance_locked(s: Session, utterance_id: int) -> m.Utterance:
+        """The utterance row, its speaker's row locked (centroid read-modify-write follows)."""
+        speaker_id = s.scalar(select(m.Utterance.speaker_id).where(m.Utterance.id == utterance_id))
+        if speaker_id is None:
+            raise InvalidInput(f"no utterance {utterance_id}")
+        s.execute(select(m.Speaker.id).where(m.Speaker.id == speaker_id).with_for_update())
+        return s.get(m.Utterance, utterance_id)
+
+    @staticmethod
+    def _fold(s: Session, row: m.Utterance, sign: int, now: datetime) -> None:
+        """Add (+1) or remove (-1) each stored embedding of ``row`` to or from its version's centroid."""
+        for version, vector in s.execute(
+            select(m.Embedding.version, m.Embedding.vector).where(m.Embedding.utterance_id == row.id)
+        ):
+            centroid = s.get(m.Centroid, (row.speaker_id, version))
+            vec = _from_f32(vector)
+            if centroid is None:
+                running = RunningCentroid(dim=vec.size)
+            else:
+                running = RunningCentroid(dim=centroid.dim, sum=_from_f64(centroid.sum), count=centroid.count)
+            if sign > 0:
+                running.learn_one(vec)
+            else:
+                running.remove_one(vec)
+            if running.count == 0:
+                s.execute(delete(m.Centroid).where(m.Centroid.speaker_id == row.speaker_id, m.Centroid.version == version))
+            else:
+                _write_centroid(s, row.speaker_id, version, running, now, exists=centroid is not None)
 
     @contextmanager
     def _version_checked(self, version: int) -> Iterator[None]:
@@ -447,7 +535,8 @@ class Store:
     # ------------------------------------------------- embeddings of a whole version
 
     def missing_embeddings(self, version: int) -> list[tuple[int, str]]:
-        """``(utterance id, speaker)`` of every utterance without an embedding at ``version``, by id."""
+        """``(utterance id, speaker)`` of every enrolled (not pending) utterance without an
+        embedding at ``version``, by id."""
         with self._session(f"find utterances not embedded under version {version}") as s:
             return [(uid, name) for uid, name in s.execute(_missing_embeddings_query(version))]
 
@@ -509,14 +598,14 @@ class Store:
             return len(todo)
 
     def version_embeddings(self, version: int) -> tuple[np.ndarray, list[str], np.ndarray]:
-        """Every stored embedding at ``version``: utterance ids (ascending), their speakers,
-        and the float32 matrix [n, D]."""
+        """The embedding at ``version`` of every enrolled (not pending) utterance: utterance
+        ids (ascending), their speakers, and the float32 matrix [n, D]."""
         with self._session(f"read the embeddings of version {version}") as s:
             rows = s.execute(
                 select(m.Embedding.utterance_id, m.Speaker.name, m.Embedding.vector)
                 .join(m.Utterance, m.Utterance.id == m.Embedding.utterance_id)
                 .join(m.Speaker, m.Speaker.id == m.Utterance.speaker_id)
-                .where(m.Embedding.version == version)
+                .where(m.Embedding.version == version, m.Utterance.status == "enrolled")
                 .order_by(m.Embedding.utterance_id)
             ).all()
         if not rows:
@@ -538,6 +627,60 @@ class Store:
         with self._session(f"discard the embeddings of version {version}", write=True) as s:
             s.execute(delete(m.Centroid).where(m.Centroid.version == version))
             s.execute(delete(m.Embedding).where(m.Embedding.version == version))
+            s.execute(delete(m.Calibration).where(m.Calibration.version == version))
+
+    def cohort_embeddings(
+        self, version: int, *, per_speaker: int, through: int | None = None
+    ) -> tuple[np.ndarray, list[str], np.ndarray]:
+        """Up to ``per_speaker`` enrolled embeddings of every speaker at ``version`` (the
+        oldest ones, which change least; utterance ids up to ``through`` when given), for
+        a score-normalisation cohort: utterance ids, speakers, float32 matrix [n, D]."""
+        rank = (
+            func.row_number()
+            .over(partition_by=m.Utterance.speaker_id, order_by=m.Utterance.id)
+            .label("rank")
+        )
+        ranked = (
+            select(m.Embedding.utterance_id, m.Speaker.name, m.Embedding.vector, rank)
+            .join(m.Utterance, m.Utterance.id == m.Embedding.utterance_id)
+            .join(m.Speaker, m.Speaker.id == m.Utterance.speaker_id)
+            .where(m.Embedding.version == version, m.Utterance.status == "enrolled")
+            .where(m.Utterance.id <= through if through is not None else True)
+            .subquery()
+        )
+        with self._session(f"read the score cohort of version {version}") as s:
+            rows = s.execute(
+                select(ranked.c.utterance_id, ranked.c.name, ranked.c.vector)
+                .where(ranked.c.rank <= per_speaker)
+                .order_by(ranked.c.utterance_id)
+            ).all()
+        if not rows:
+            return np.zeros(0, dtype=np.int64), [], np.zeros((0, 0), dtype=np.float32)
+        return (
+            np.array([r[0] for r in rows], dtype=np.int64),
+            [r[1] for r in rows],
+            np.stack([_from_f32(r[2]) for r in rows]),
+        )
+
+    # -------------------------------------------------------------- calibrations
+
+    def add_calibration(self, version: int, params: dict) -> tuple[int, datetime]:
+        """Store a calibration of ``version``; the newest one is the one in use."""
+        with self._version_checked(version), self._session(f"store a calibration of version {version}", write=True) as s:
+            now = _now()
+            new_id = s.execute(
+                insert(m.Calibration).returning(m.Calibration.id),
+                {"version": version, "params": params, "created_at": now},
+            ).scalar_one()
+            return new_id, now
+
+    def latest_calibration(self, version: int) -> tuple[int, datetime, dict] | None:
+        """``(id, created_at, params)`` of the newest calibration of ``version``, or None."""
+        with self._session(f"read the calibration of version {version}") as s:
+            row = s.scalars(
+                select(m.Calibration).where(m.Calibration.version == version).order_by(m.Calibration.id.desc()).limit(1)
+            ).first()
+            return None if row is None else (row.id, row.created_at, dict(row.params))
 
     # ------------------------------------------------------------- jobs and locks
 
@@ -661,26 +804,32 @@ class Store:
             return [_job_record(row) for row in s.scalars(query)]
 
     def count_utterances_after(self, utterance_id: int) -> int:
-        """How many utterances have an id above ``utterance_id`` (enrolled after it)."""
+        """How many enrolled utterances have an id above ``utterance_id`` (came after it)."""
         with self._session("count new utterances") as s:
-            return s.scalar(select(func.count()).select_from(m.Utterance).where(m.Utterance.id > utterance_id))
+            return s.scalar(
+                select(func.count())
+                .select_from(m.Utterance)
+                .where(m.Utterance.id > utterance_id, m.Utterance.status == "enrolled")
+            )
 
     # --------------------------------------------------------------------- reads
 
     def speakers(self) -> list[SpeakerSummary]:
-        """Every speaker with utterance count and total speech, sorted by name."""
+        """Every speaker with utterance count, total speech and pending count, sorted by name."""
+        enrolled = m.Utterance.status == "enrolled"
         with self._session("list speakers") as s:
             rows = s.execute(
                 select(
                     m.Speaker.name,
-                    func.count(m.Utterance.id),
-                    func.coalesce(func.sum(m.Utterance.speech_s), 0.0),
+                    func.count(m.Utterance.id).filter(enrolled),
+                    func.coalesce(func.sum(m.Utterance.speech_s).filter(enrolled), 0.0),
                     m.Speaker.created_at,
+                    func.count(m.Utterance.id).filter(m.Utterance.status == "pending"),
                 )
                 .outerjoin(m.Utterance)
                 .group_by(m.Speaker.id)
             )
-            summaries = [SpeakerSummary(name, n, float(speech), at) for name, n, speech, at in rows]
+            summaries = [SpeakerSummary(name, n, float(speech), at, pending) for name, n, speech, at, pending in rows]
         # Sorted here: database collations disagree on the order of names.
         return sorted(summaries, key=lambda summary: summary.name)
 
@@ -721,12 +870,12 @@ class Store:
         return [name for name, _ in rows], np.stack([_from_f32(mean) for _, mean in rows])
 
     def embeddings(self, speaker: str, version: int) -> np.ndarray:
-        """The stored embeddings of ``speaker`` at ``version``, float32 [n, D], by utterance id."""
+        """The embeddings at ``version`` of ``speaker``'s enrolled utterances, float32 [n, D], by id."""
         with self._session(f"read the embeddings of {speaker!r} at version {version}") as s:
             vectors = s.scalars(
                 select(m.Embedding.vector)
                 .join(m.Utterance)
-                .where(m.Utterance.speaker_id == _speaker_id(s, speaker))
+                .where(m.Utterance.speaker_id == _speaker_id(s, speaker), m.Utterance.status == "enrolled")
                 .where(m.Embedding.version == version)
                 .order_by(m.Utterance.id)
             ).all()
@@ -734,12 +883,15 @@ class Store:
             return np.zeros((0, 0), dtype=np.float32)
         return np.stack([_from_f32(v) for v in vectors])
 
-    def utterances(self, speaker: str | None = None) -> list[UtteranceRecord]:
-        """Utterances of ``speaker`` (every speaker when None), by id; audio is not loaded."""
+    def utterances(self, speaker: str | None = None, *, status: str | None = "enrolled") -> list[UtteranceRecord]:
+        """Utterances of ``speaker`` (every speaker when None) with ``status`` ("enrolled",
+        "pending", None for both), by id; audio is not loaded."""
         with self._session("list utterances") as s:
             query = select(m.Utterance, m.Speaker.name).join(m.Speaker).order_by(m.Utterance.id)
             if speaker is not None:
                 query = query.where(m.Utterance.speaker_id == _speaker_id(s, speaker))
+            if status is not None:
+                query = query.where(m.Utterance.status == status)
             return [_utterance_record(u, name) for u, name in s.execute(query)]
 
     def utterance_audio(self, utterance_id: int) -> tuple[bytes, str, int]:
@@ -903,12 +1055,22 @@ def _write_centroid(
         session.execute(insert(m.Centroid), {"speaker_id": speaker_id, "version": version, "dim": running.dim, **values})
 
 
+def _profile_speech(session: Session, speaker_id: int) -> float:
+    """Seconds of speech in a speaker's profile (its enrolled utterances)."""
+    total = session.scalar(
+        select(func.sum(m.Utterance.speech_s)).where(
+            m.Utterance.speaker_id == speaker_id, m.Utterance.status == "enrolled"
+        )
+    )
+    return float(total or 0.0)
+
+
 def _missing_embeddings_query(version: int):
     embedded = select(m.Embedding.utterance_id).where(m.Embedding.version == version)
     return (
         select(m.Utterance.id, m.Speaker.name)
         .join(m.Speaker)
-        .where(m.Utterance.id.not_in(embedded))
+        .where(m.Utterance.id.not_in(embedded), m.Utterance.status == "enrolled")
         .order_by(m.Utterance.id)
     )
 
@@ -969,6 +1131,7 @@ def _utterance_record(row: m.Utterance, speaker: str) -> UtteranceRecord:
         speech_s=row.speech_s,
         quality=row.quality,
         created_at=row.created_at,
+        status=row.status,
     )
 
 

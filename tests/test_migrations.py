@@ -33,6 +33,7 @@ def test_models_define_the_expected_tables() -> None:
         "embeddings",
         "centroids",
         "jobs",
+        "calibrations",
     }
 
 

@@ -398,3 +398,84 @@ def test_exclusive_lock_is_held_across_connections(db_url: str, store: Store) ->
             pass  # released on exit
     finally:
         other.close()
+
+
+def test_remove_then_re_add_restores_every_versions_centroid_exactly(store: Store) -> None:
+    rng = np.random.default_rng(5)
+    v1, v2 = new_version(store), new_version(store)
+    first = [unit_vector(rng) for _ in range(4)]
+    ids = [enroll(store, "ann", v1, vec, b"ann%d" % i).utterance.id for i, vec in enumerate(first)]
+    enroll(store, "bob", v1, unit_vector(rng), b"bob")
+    second = {uid: unit_vector(rng) for uid in ids}
+    store.add_embeddings(v2, list(second.items()))
+    before = {v: store.centroid("ann", v) for v in (v1, v2)}
+
+    removed = store.remove_utterance(ids[1])
+    assert removed.speaker == "ann" and removed.status == "enrolled"
+    for v, vectors in ((v1, first), (v2, [second[i] for i in ids])):
+        rest = [vec for i, vec in enumerate(vectors) if i != 1]
+        c = store.centroid("ann", v)
+        assert c.count == 3 and np.allclose(c.mean, np.mean(np.array(rest, dtype=np.float64), axis=0), atol=1e-12)
+    assert store.audio_many([ids[1]]) == {} and ids[1] not in store.version_embeddings(v1)[0]
+
+    back = enroll(store, "ann", v1, first[1], b"ann1").utterance.id  # same content: allowed again
+    store.add_embeddings(v2, [(back, second[ids[1]])])
+    for v in (v1, v2):
+        c = store.centroid("ann", v)
+        assert c.count == 4
+        np.testing.assert_allclose(c.sum, before[v].sum, rtol=0, atol=1e-12)
+    assert store.centroid("bob", v1).count == 1
+    with pytest.raises(InvalidInput):
+        store.remove_utterance(10_000)
+
+
+def test_removing_the_last_utterance_empties_the_profile(store: Store) -> None:
+    rng = np.random.default_rng(6)
+    v1 = new_version(store)
+    uid = enroll(store, "ann", v1, unit_vector(rng), b"only").utterance.id
+    store.remove_utterance(uid)
+    assert store.centroid_matrix(v1)[0] == []
+    assert [(s.name, s.utterances) for s in store.speakers()] == [("ann", 0)]
+
+
+def test_held_utterances_stay_out_of_the_profile_until_accepted(store: Store) -> None:
+    rng = np.random.default_rng(7)
+    v1, v2 = new_version(store), new_version(store)
+    kept = [unit_vector(rng) for _ in range(2)]
+    for i, vec in enumerate(kept):
+        enroll(store, "ann", v1, vec, b"a%d" % i)
+    before = store.centroid("ann", v1)
+    odd = unit_vector(rng)
+    asked = []
+    held = enroll(store, "ann", v1, odd, b"odd", hold=lambda mean, count: asked.append(count) or True)
+    assert asked == [2] and held.pending and held.count == 2 and held.speech_s == pytest.approx(5.0)
+    assert np.array_equal(store.centroid("ann", v1).sum, before.sum)
+    assert [s.pending for s in store.speakers()] == [1]
+    assert [u.id for u in store.utterances(status="pending")] == [held.utterance.id]
+    # Held utterances take no part in re-embedding, cohorts or refresh training.
+    assert held.utterance.id not in [uid for uid, _ in store.missing_embeddings(v2)]
+    assert held.utterance.id not in store.version_embeddings(v1)[0]
+    assert held.utterance.id not in store.cohort_embeddings(v1, per_speaker=10)[0]
+    assert store.count_utterances_after(0) == 2
+
+    late = unit_vector(rng)  # "active" moved to v2 while it waited: accepting adds its v2 embedding
+    accepted = store.accept_utterance(held.utterance.id, {v2: late})
+    assert accepted.status == "enrolled"
+    c1, c2 = store.centroid("ann", v1), store.centroid("ann", v2)
+    assert c1.count == 3 and np.allclose(c1.mean, np.mean(np.array(kept + [odd], dtype=np.float64), axis=0), atol=1e-12)
+    assert c2.count == 1 and np.allclose(c2.mean, late, atol=1e-7)
+    with pytest.raises(InvalidInput):
+        store.accept_utterance(held.utterance.id)  # no longer pending
+
+
+def test_calibrations_are_kept_per_version_newest_first(store: Store) -> None:
+    v1 = new_version(store)
+    assert store.latest_calibration(v1) is None
+    store.add_calibration(v1, {"slope": 1.0})
+    newest, _ = store.add_calibration(v1, {"slope": 2.0})
+    got = store.latest_calibration(v1)
+    assert got[0] == newest and got[2] == {"slope": 2.0}
+    with pytest.raises(UnknownVersion):
+        store.add_calibration(999, {})
+    store.discard_version_data(v1)
+    assert store.latest_calibration(v1) is None
