@@ -71,3 +71,21 @@ class RunningCentroid:
         if not np.all(np.isfinite(x)):
             raise ValueError("embedding has non-finite values")
         return x
+
+
+def prototypes(embeddings: np.ndarray, k: int, *, seed: int = 0) -> np.ndarray:
+    """``k`` k-means centres of one speaker's (unit) embeddings, for a multi-modal profile
+    (e.g. a phone and a laptop microphone). Fewer than ``2 k`` embeddings give none:
+    clusters of one utterance would only memorise it.
+
+    >>> pts = np.array([[1, 0.1], [1, -0.1], [-0.1, 1], [0.1, 1]], dtype=float)
+    >>> sorted(np.round(prototypes(pts, 2), 2).tolist())
+    [[0.0, 1.0], [1.0, 0.0]]
+    """
+    from scipy.cluster.vq import kmeans2
+
+    x = np.asarray(embeddings, dtype=np.float64)
+    if k < 1 or len(x) < 2 * k:
+        return np.zeros((0, x.shape[1] if x.ndim == 2 else 0))
+    centres, _ = kmeans2(x, k, minit="++", seed=seed)
+    return centres
