@@ -69,12 +69,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("init", cmd_init, "create the home folder and database; the pretrained encoder becomes version 1")
 
+    force = "skip the clipping, noise and consistency checks (you vouch for the audio)"
     p = command("enroll", cmd_enroll, "enroll audio files for one speaker")
     p.add_argument("speaker")
     p.add_argument("files", nargs="+", type=Path)
+    p.add_argument("--force", action="store_true", help=force)
 
     p = command("stream", cmd_stream, "enroll rows (speaker,path) from a CSV/JSON-lines file or stdin as they arrive")
     p.add_argument("source", help="file, or - for stdin")
+    p.add_argument("--force", action="store_true", help=force)
+
+    command("calibrate", cmd_calibrate, "fit the active version's score normalisation, LLR calibration and thresholds on its enrollments")
+    p = command("pending", cmd_pending, "list utterances held for review (they did not sound like their speaker)")
+    p.add_argument("--speaker", help="only this speaker's")
+    p = command("accept", cmd_accept, "move a held utterance into its speaker's profile")
+    p.add_argument("utterance", type=int, help="utterance id (see `voiceprint pending`)")
+    p = command("remove-utterance", cmd_remove_utterance, "delete an utterance and take it out of its speaker's profile exactly")
+    p.add_argument("utterance", type=int, help="utterance id")
 
     p = command("identify", cmd_identify, "rank enrolled speakers for one utterance (1:N)")
     p.add_argument("file", type=Path)
@@ -147,7 +158,15 @@ def describe_failure(exc: Exception) -> str:
 
 def enrollment_line(result) -> str:
     before = "new speaker" if result.similarity_before is None else f"cos-before {result.similarity_before:.3f}"
-    return f"enrolled {result.speaker}: {result.source}  speech {result.speech_s:.2f} s  {before}  n={result.count}"
+    if result.feedback != "OK":
+        return (
+            f"held {result.speaker}: {result.source}  {result.feedback}: {before}; stored as utterance "
+            f"{result.utterance_id} pending review (voiceprint accept|remove-utterance {result.utterance_id})"
+        )
+    return (
+        f"enrolled {result.speaker}: {result.source}  speech {result.speech_s:.2f} s  {before}  n={result.count}  "
+        f"progress {result.progress:.0%}"
+    )
 
 
 # -- commands ------------------------------------------------------------------------
@@ -172,7 +191,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     failed = 0
     with open_engine(args) as eng:
         show_bar = sys.stderr.isatty() and not args.json and len(args.files) > 1
-        results = eng.enroll_stream((args.speaker, path, None) for path in args.files)
+        results = eng.enroll_stream(((args.speaker, path, None) for path in args.files), force=args.force)
         for path, result in zip(args.files, tqdm(results, total=len(args.files), unit="utt", disable=not show_bar, file=sys.stderr)):
             failed += report_row(args, result, source=str(path))
     if failed and len(args.files) == 1:
@@ -187,7 +206,7 @@ def report_row(args: argparse.Namespace, result, *, source: str, row: int | None
     where = f"row {row}: " if row is not None else ""
     if isinstance(result, VoiceprintError):
         if args.json:
-            emit({"row": row, "ok": False, "source": source, "error": result.code, "message": str(result)})
+            emit({"row": row, "ok": False, "source": source, "error": result.code, "feedback": result.code.upper(), "message": str(result)})
         else:
             print(f"voiceprint: error: {where}{source}: {describe_failure(result)}", file=sys.stderr, flush=True)
         return 1
@@ -222,7 +241,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
     failed = total = 0
     try:
         with open_engine(args) as eng:
-            for result in eng.enroll_stream(items()):
+            for result in eng.enroll_stream(items(), force=args.force):
                 number, source = labels.popleft()
                 total += 1
                 failed += report_row(args, result, source=source, row=number)
@@ -287,9 +306,15 @@ def cmd_identify(args: argparse.Namespace) -> int:
         doc["unknown"] = result.decision is None
         emit(doc)
         return EXIT_OK
-    print(f"decision: {result.decision or 'unknown'}  (threshold {result.threshold:.3f}, model version {result.version})")
+    why = f" ({result.reason})" if result.reason and result.candidates else ""
+    print(
+        f"decision: {result.decision or 'unknown'}{why}  ({result.backend} threshold {result.threshold:.3f}, "
+        f"model version {result.version})"
+    )
+    if result.candidates:
+        print(f"{'':>4} {'speaker':<30} {'cosine':>7} {'as-norm':>8} {'LLR':>7}")
     for rank, hit in enumerate(result.candidates, 1):
-        print(f"{rank:>3}. {hit.speaker:<30} {hit.score:.3f}")
+        print(f"{rank:>3}. {hit.speaker:<30} {hit.score:>7.3f} {_maybe(hit.normalised):>8} {_maybe(hit.llr):>7}")
     if not result.candidates:
         print("no speakers are enrolled yet")
     return EXIT_OK
@@ -302,8 +327,67 @@ def cmd_verify(args: argparse.Namespace) -> int:
         emit(asdict(result))
     else:
         verdict = "accept" if result.accepted else "reject"
-        print(f"{verdict} {result.speaker}: score {result.score:.3f} (threshold {result.threshold:.3f}, model version {result.version})")
+        print(
+            f"{verdict} {result.speaker}: cosine {result.score:.3f}  as-norm {_maybe(result.normalised)}  "
+            f"LLR {_maybe(result.llr)}  ({result.backend} threshold {result.threshold:.3f}, model version {result.version})"
+        )
     return EXIT_OK if result.accepted else EXIT_NEGATIVE
+
+
+def _maybe(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    with open_engine(args) as eng:
+        calibration = eng.calibrate()
+    doc = asdict(calibration)
+    if args.json:
+        emit(doc)
+        return EXIT_OK
+    t = calibration.trials
+    print(
+        f"calibrated version {calibration.version} on {t['target']} target and {t['nontarget']} non-target "
+        f"leave-one-out trials ({t['speakers']} speakers, {t['utterances']} utterances)"
+    )
+    for backend, cuts in calibration.thresholds.items():
+        fit = calibration.fit.get(backend, {})
+        extra = f"  Cllr {fit['cllr']:.3f}" if "cllr" in fit else ""
+        print(
+            f"  {backend:<18} verify >= {cuts['verify']:.3f}  identify >= {cuts['identify']:.3f}  "
+            f"EER {fit.get('eer', float('nan')):.2%}{extra}"
+        )
+    for note in calibration.fit.get("notes", []):
+        print(f"note: {note}", file=sys.stderr)
+    if "asnorm" not in calibration.thresholds:
+        print("note: the AS-norm cohort is too small (see [scoring] min_cohort); cosine decides", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_pending(args: argparse.Namespace) -> int:
+    with open_engine(args) as eng:
+        held = eng.store.utterances(args.speaker, status="pending")
+    if args.json:
+        emit([asdict(u) for u in held])
+        return EXIT_OK
+    for u in held:
+        print(f"{u.id:>8}  {u.speaker:<30} {u.source}  ({u.created_at:%Y-%m-%d %H:%M})")
+    print(f"{len(held)} utterances pending review", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_accept(args: argparse.Namespace) -> int:
+    with open_engine(args) as eng:
+        doc = eng.accept_utterance(args.utterance)
+    emit(doc) if args.json else print(f"utterance {doc['utterance']} joined {doc['speaker']}'s profile")
+    return EXIT_OK
+
+
+def cmd_remove_utterance(args: argparse.Namespace) -> int:
+    with open_engine(args) as eng:
+        doc = eng.remove_utterance(args.utterance)
+    emit(doc) if args.json else print(f"utterance {doc['utterance']} of {doc['speaker']} removed (it was {doc['was']})")
+    return EXIT_OK
 
 
 def cmd_speakers(args: argparse.Namespace) -> int:
@@ -312,9 +396,9 @@ def cmd_speakers(args: argparse.Namespace) -> int:
     if args.json:
         emit([asdict(s) for s in speakers])
         return EXIT_OK
-    print(f"{'speaker':<30} {'utterances':>10} {'speech s':>9}")
+    print(f"{'speaker':<30} {'utterances':>10} {'speech s':>9} {'pending':>8}")
     for s in speakers:
-        print(f"{s.name:<30} {s.utterances:>10} {s.speech_s:>9.1f}")
+        print(f"{s.name:<30} {s.utterances:>10} {s.speech_s:>9.1f} {s.pending:>8}")
     print(f"{len(speakers)} speakers", file=sys.stderr)
     return EXIT_OK
 
@@ -499,7 +583,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         emit(status)
         return EXIT_OK
     print(f"active version      {status['active_version']}")
-    print(f"pending utterances  {status['pending_utterances']} (enrolled since the active version was trained)")
+    print(f"new utterances      {status['pending_utterances']} (enrolled since the active version was trained)")
+    print(f"held for review     {status['held_for_review']} (voiceprint pending)")
+    cal = status["calibration"]
+    if cal is None:
+        print("calibration         none: cosine decides (run voiceprint calibrate)")
+    else:
+        print(
+            f"calibration         {cal['created_at'][:19]} on {cal['speakers_then']} speakers "
+            f"({cal['speakers_now']} enrolled now; calibrate again when that grows a lot)"
+        )
     print(f"queued requests     {status['queued']}")
     running = status["running_job"]
     print(f"running job         {'-' if not running else _job_line(running)}")

@@ -70,6 +70,7 @@ class Quality:
     speech_s: float  # after VAD
     clipping_ratio: float  # fraction of input samples with |x| >= 0.999 (before any gain)
     rms_dbfs: float  # level of the speech before normalisation
+    snr_db: float  # speech power over the noise floor (see estimate_snr_db)
     input_sample_rate: int
     channels: int
 
@@ -301,6 +302,7 @@ def _keep_speech(decoded: _Decoded, probs: np.ndarray, config: AudioConfig) -> S
         speech_s=speech_s,
         clipping_ratio=decoded.clipping_ratio,
         rms_dbfs=rms_dbfs,
+        snr_db=estimate_snr_db(decoded.samples, segments),
         input_sample_rate=decoded.input_sample_rate,
         channels=decoded.channels,
     )
@@ -311,6 +313,36 @@ def _keep_speech(decoded: _Decoded, probs: np.ndarray, config: AudioConfig) -> S
         source=label,
         content_sha256=decoded.content_sha256,
     )
+
+
+def estimate_snr_db(samples: np.ndarray, segments: list[dict]) -> float:
+    """Signal-to-noise ratio of a recording, from its VAD segmentation.
+
+    Speech power is the mean power of 20 ms frames inside speech; the noise floor is the
+    median power of the frames outside it, or, when there is too little non-speech to
+    trust (under 0.2 s), the 5th percentile of all frames (the quietest moments of the
+    speech itself). Capped to [-20, 100] dB so that digital silence does not give inf.
+
+    >>> rng = np.random.default_rng(0)
+    >>> tone = np.sin(np.arange(32000) / 5.0).astype(np.float32)
+    >>> noisy = np.concatenate([np.zeros(8000), tone, np.zeros(8000)]) + 0.01 * rng.standard_normal(48000)
+    >>> round(estimate_snr_db(noisy, [{"start": 8000, "end": 40000}]))
+    37
+    """
+    frame = SAMPLE_RATE // 50
+    n = len(samples) // frame
+    if n == 0:
+        return 0.0
+    power = np.mean(np.square(samples[: n * frame].reshape(n, frame), dtype=np.float64), axis=1)
+    speech = np.zeros(n, dtype=bool)
+    for seg in segments:
+        speech[seg["start"] // frame : -(-seg["end"] // frame)] = True
+    if not speech.any():
+        return 0.0
+    quiet = power[~speech]
+    noise = float(np.median(quiet)) if quiet.size >= 10 else float(np.percentile(power, 5))
+    snr = 10.0 * math.log10(max(float(power[speech].mean()), 1e-20) / max(noise, 1e-20))
+    return float(min(max(snr, -20.0), 100.0))
 
 
 def _speech_probabilities(signals: Sequence[np.ndarray]) -> list[np.ndarray]:

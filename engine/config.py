@@ -37,9 +37,55 @@ class EncoderConfig:
 
 @dataclass(frozen=True)
 class ScoringConfig:
-    # Cosine thresholds between an utterance and a speaker centroid (see README, "Thresholds").
+    """How scores are computed and turned into decisions (README, "Scores and decisions")."""
+
+    backend: str = "asnorm+calibrated"  # "cosine", "asnorm" or "asnorm+calibrated" (engine/scoring.py)
+    # Decisions of a calibrated version: thresholds set at these false-accept rates on its
+    # leave-one-out trials ("far"), or, for asnorm+calibrated only, the Bayes threshold of
+    # (p_target, c_miss, c_fa) on the LLR ("cost").
+    decision: str = "far"
+    verify_far: float = 0.01  # 1:1, per trial
+    identify_far: float = 0.01  # 1:N, per probe of a speaker who is not enrolled
+    p_target: float = 0.01
+    c_miss: float = 1.0
+    c_fa: float = 1.0
+    identify_margin: float = 0.0  # "unknown" when best - second best is below this (back-end's scale)
+    # Cosine thresholds, used only until the active version has a calibration.
     identify_threshold: float = 0.75
     verify_threshold: float = 0.80
+    cohort_per_speaker: int = 5  # stored utterances per speaker in the AS-norm cohort
+    cohort_top_k: int = 100  # best cohort scores each side's statistics use
+    min_cohort: int = 50  # smaller cohorts give no normalised scores (cosine decides)
+    calibration_probes_per_speaker: int = 10  # leave-one-out probes per speaker when fitting
+    prototypes: int = 0  # k-means prototypes per speaker scored besides the mean; 0: mean only
+
+    def __post_init__(self) -> None:
+        from engine.scoring import BACKENDS
+
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"[scoring] backend={self.backend!r}; valid: {list(BACKENDS)}")
+        if self.decision not in ("far", "cost"):
+            raise ConfigError(f"[scoring] decision={self.decision!r}; valid: ['cost', 'far']")
+        if self.decision == "cost" and self.backend != "asnorm+calibrated":
+            raise ConfigError("[scoring] decision='cost' needs backend='asnorm+calibrated' (only LLRs have costs)")
+        for name in ("verify_far", "identify_far", "p_target"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise ConfigError(f"[scoring] {name} must lie strictly between 0 and 1")
+
+
+@dataclass(frozen=True)
+class EnrollmentConfig:
+    """What an enrollment must pass to join a profile (README, "Enrollment feedback")."""
+
+    required_speech_s: float = 30.0  # speech per speaker the progress figure counts toward
+    max_clipping_ratio: float = 0.01  # more clipped samples than this: CLIPPED
+    min_snr_db: float = 10.0  # a lower estimated SNR: TOO_NOISY
+    consistency_check: bool = True  # hold utterances that do not sound like the profile
+    consistency_min_count: int = 2  # profiles with fewer utterances are not checked
+    # Calibrated versions set the cosine cut where this fraction of genuine leave-one-out
+    # trials would be held (so about 1 in 50 of a speaker's own utterances needs review).
+    consistency_hold_rate: float = 0.02
+    consistency_threshold: float = 0.7  # cosine cut until the version is calibrated (calibrated: about 0.73 on speechocean762)
 
 
 @dataclass(frozen=True)
@@ -74,6 +120,7 @@ class Config:
     audio: AudioConfig = field(default_factory=AudioConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    enrollment: EnrollmentConfig = field(default_factory=EnrollmentConfig)
     refresh: RefreshConfig = field(default_factory=RefreshConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:

@@ -28,9 +28,19 @@ from engine.drift import GenuineScoreDrift
 from engine.embedder import Embedder
 from engine.encoders import create_encoder
 from engine import refresh as refreshing
-from engine.errors import InvalidInput, NotInitialised, UnknownSpeaker, VersionChanged, VoiceprintError
+from engine.centroids import prototypes
+from engine.errors import (
+    Clipped,
+    InvalidInput,
+    NotEnoughData,
+    NotInitialised,
+    TooNoisy,
+    UnknownSpeaker,
+    VersionChanged,
+    VoiceprintError,
+)
 from engine.index import CentroidIndex, Hit
-from engine.scoring import cosine
+from engine.scoring import Calibration, Cohort, asnorm, cosine, fit_calibration, leave_one_out_trials
 from engine.streaming import pipelined
 from storage import Job, ModelVersion, SpeakerSummary, Store
 
@@ -97,6 +107,9 @@ class EnrollmentResult:
     quality: dict
     similarity_before: float | None  # cosine to the speaker's centroid before this utterance
     count: int  # utterances in the speaker's profile now
+    feedback: str = "OK"  # or "INCONSISTENT_SPEAKER": stored pending review, outside the profile
+    profile_speech_s: float = 0.0  # speech in the speaker's profile now
+    progress: float = 0.0  # profile_speech_s / [enrollment] required_speech_s, at most 1
 
 
 @dataclass(frozen=True)
@@ -104,9 +117,11 @@ class Identification:
     source: str
     version: int
     speech_s: float
-    candidates: tuple[Hit, ...]  # best first
+    candidates: tuple[Hit, ...]  # best first, by the deciding back-end's score
     decision: str | None  # the best speaker, or None for "unknown"
-    threshold: float
+    threshold: float  # on the deciding back-end's scale
+    backend: str = "cosine"  # the back-end that decided (cosine until the version is calibrated)
+    reason: str = ""  # why "unknown": below the threshold, or too close to the second best
 
 
 @dataclass(frozen=True)
@@ -115,9 +130,53 @@ class Verification:
     source: str
     version: int
     speech_s: float
-    score: float
-    threshold: float
+    score: float  # raw cosine
+    threshold: float  # on the deciding back-end's scale
     accepted: bool
+    normalised: float | None = None
+    llr: float | None = None
+    backend: str = "cosine"
+
+
+class _VersionScoring:
+    """What scoring a version needs beyond its centroids: the AS-norm cohort, the newest
+    calibration and, cached, every profile's enrollment-side cohort statistics."""
+
+    def __init__(self, cohort: Cohort | None, calibration: Calibration | None, protos) -> None:
+        self.cohort = cohort
+        self.calibration = calibration
+        self.prototypes = protos  # {speaker: [k, D]} or None
+        self._names: list[str] = []
+        self._centroids = np.zeros((0, 0), dtype=np.float32)
+        self._stats = (np.zeros(0), np.zeros(0))
+        self._lock = threading.Lock()  # the service scores from several threads
+
+    def enrollment_stats(self, names: list[str], centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Cohort statistics of every profile, recomputed only for profiles that changed."""
+        with self._lock:
+            return self._enrollment_stats(names, centroids)
+
+    def _enrollment_stats(self, names: list[str], centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        assert self.cohort is not None
+        old = {name: i for i, name in enumerate(self._names)}
+        mean, std = np.zeros(len(names)), np.zeros(len(names))
+        stale = []
+        for i, name in enumerate(names):
+            j = old.get(name)
+            if j is not None and np.array_equal(self._centroids[j], centroids[i]):
+                mean[i], std[i] = self._stats[0][j], self._stats[1][j]
+            else:
+                stale.append(i)
+        if stale:
+            m, sd = self.cohort.enrollment_stats([names[i] for i in stale], centroids[stale])
+            mean[stale], std[stale] = m, sd
+        self._names, self._centroids, self._stats = list(names), centroids.copy(), (mean, std)
+        return mean, std
+
+    def backend(self, wanted: str) -> str:
+        """The back-end that can decide now: a calibration is needed for anything but cosine."""
+        ready = self.calibration is not None and self.cohort is not None and wanted in self.calibration.thresholds
+        return wanted if ready else "cosine"
 
 
 Outcome = EnrollmentResult | VoiceprintError
@@ -143,6 +202,7 @@ class Engine:
         delta = config.refresh.drift_delta
         self._drift = GenuineScoreDrift(delta=delta) if delta > 0 else None
         self._drift_lock = threading.Lock()
+        self._scoring: dict[int, tuple[int | None, _VersionScoring]] = {}
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -231,14 +291,17 @@ class Engine:
 
     # -- enrollment --------------------------------------------------------------------
 
-    def enroll(self, speaker: str, source: Source, *, name: str | None = None) -> EnrollmentResult:
-        """Enroll one utterance; raises a :class:`VoiceprintError` and stores nothing on bad input."""
-        result = self.enroll_many([(speaker, source, name)])[0]
+    def enroll(self, speaker: str, source: Source, *, name: str | None = None, force: bool = False) -> EnrollmentResult:
+        """Enroll one utterance; raises a :class:`VoiceprintError` and stores nothing on bad input.
+
+        ``force`` skips the clipping, noise and consistency checks (a person vouches for it).
+        """
+        result = self.enroll_many([(speaker, source, name)], force=force)[0]
         if isinstance(result, VoiceprintError):
             raise result
         return result
 
-    def enroll_many(self, items: Sequence[Item | VoiceprintError]) -> list[Outcome]:
+    def enroll_many(self, items: Sequence[Item | VoiceprintError], *, force: bool = False) -> list[Outcome]:
         """Enroll ``(speaker, source, name)`` items, one transaction per utterance.
 
         Audio is decoded and embedded in one batch for speed, then each utterance is
@@ -246,19 +309,27 @@ class Engine:
         order: an :class:`EnrollmentResult` or the error that item raised. An item that
         is already an error (e.g. a malformed stream row) comes back as it is.
         """
-        return self._embed_and_commit(self._prepare(items))
+        return self._embed_and_commit(self._prepare(items, force=force), force=force)
 
-    def enroll_stream(self, items: Iterable[Item | VoiceprintError], *, batch_size: int = STREAM_BATCH) -> Iterator[Outcome]:
+    def enroll_stream(
+        self, items: Iterable[Item | VoiceprintError], *, batch_size: int = STREAM_BATCH, force: bool = False
+    ) -> Iterator[Outcome]:
         """Enroll items as they arrive from an iterable (a pipe, a socket, a file).
 
         Each result is yielded as soon as its transaction has committed. Items that are
         already waiting are batched (up to ``batch_size``) and the audio of the next
         batch is prepared while the current one is embedded and committed.
         """
-        return pipelined(items, self._prepare, self._embed_and_commit, batch_size=batch_size)
+        return pipelined(
+            items,
+            lambda batch: self._prepare(batch, force=force),
+            lambda batch: self._embed_and_commit(batch, force=force),
+            batch_size=batch_size,
+        )
 
-    def _prepare(self, items: Sequence[Item | VoiceprintError]) -> list[tuple[str, audio.Speech] | VoiceprintError]:
-        """Check names and load audio (decode, resample, VAD): everything before the encoder."""
+    def _prepare(self, items: Sequence[Item | VoiceprintError], *, force: bool = False) -> list[tuple[str, audio.Speech] | VoiceprintError]:
+        """Check names, load audio (decode, resample, VAD) and judge its quality:
+        everything before the encoder."""
         prepared: list = list(items)
         speakers = {}
         for i, item in enumerate(items):
@@ -270,10 +341,27 @@ class Engine:
         todo = list(speakers)
         loaded = audio.load_many([items[i][1] for i in todo], self.config.audio, names=[items[i][2] for i in todo])
         for i, speech in zip(todo, loaded):
+            if not isinstance(speech, VoiceprintError) and not force:
+                speech = self._quality_problem(speech) or speech
             prepared[i] = speech if isinstance(speech, VoiceprintError) else (speakers[i], speech)
         return prepared
 
-    def _embed_and_commit(self, prepared: Sequence[tuple[str, audio.Speech] | VoiceprintError]) -> list[Outcome]:
+    def _quality_problem(self, speech: audio.Speech) -> VoiceprintError | None:
+        """CLIPPED or TOO_NOISY for speech that would blur a profile, else None."""
+        cfg, q = self.config.enrollment, speech.quality
+        if q.clipping_ratio > cfg.max_clipping_ratio:
+            return Clipped(
+                f"{speech.source}: {q.clipping_ratio:.1%} of the samples are clipped "
+                f"(at most {cfg.max_clipping_ratio:.1%}); record at a lower level"
+            )
+        if q.snr_db < cfg.min_snr_db:
+            return TooNoisy(
+                f"{speech.source}: estimated SNR {q.snr_db:.1f} dB, at least {cfg.min_snr_db:g} dB needed; "
+                "record somewhere quieter"
+            )
+        return None
+
+    def _embed_and_commit(self, prepared: Sequence[tuple[str, audio.Speech] | VoiceprintError], *, force: bool = False) -> list[Outcome]:
         results: list = list(prepared)
         ready = [(i, p) for i, p in enumerate(prepared) if not isinstance(p, VoiceprintError)]
         if ready:
@@ -281,23 +369,35 @@ class Engine:
             embeddings = self.embedder(version).embed([speech.samples for _, (_, speech) in ready])
             for (i, (speaker, speech)), embedding in zip(ready, embeddings):
                 try:
-                    results[i] = self._commit(speaker, speech, embedding, version.number)
+                    results[i] = self._commit(speaker, speech, embedding, version.number, force=force)
                 except VoiceprintError as exc:
                     results[i] = exc
         return results
 
-    def _commit(self, speaker: str, utt: audio.Speech, embedding: np.ndarray, version: int) -> EnrollmentResult:
+    def _commit(self, speaker: str, utt: audio.Speech, embedding: np.ndarray, version: int, *, force: bool) -> EnrollmentResult:
         for _ in range(3):
             try:
-                return self._commit_under(speaker, utt, embedding, version)
+                return self._commit_under(speaker, utt, embedding, version, force=force)
             except VersionChanged:
                 # A refresh or rollback moved "active" after this utterance was embedded:
                 # embed it again under the new version so that version holds it too.
                 active = self.active_version()
                 embedding, version = self.embedder(active).embed([utt.samples])[0], active.number
-        return self._commit_under(speaker, utt, embedding, version)
+        return self._commit_under(speaker, utt, embedding, version, force=force)
 
-    def _commit_under(self, speaker: str, utt: audio.Speech, embedding: np.ndarray, version: int) -> EnrollmentResult:
+    def _commit_under(self, speaker: str, utt: audio.Speech, embedding: np.ndarray, version: int, *, force: bool) -> EnrollmentResult:
+        cfg = self.config.enrollment
+        hold = None
+        if cfg.consistency_check and not force:
+            cut = self._consistency_threshold(version)
+
+            def hold(previous_mean: np.ndarray | None, count: int) -> bool:
+                return (
+                    previous_mean is not None
+                    and count >= cfg.consistency_min_count
+                    and float(cosine(embedding, previous_mean[None, :])[0]) < cut
+                )
+
         stored = self.store.enroll(
             speaker=speaker,
             version=version,
@@ -311,10 +411,13 @@ class Engine:
             sample_rate=audio.SAMPLE_RATE,
             embedding=embedding,
             expect_active=True,
+            hold=hold,
         )
         before = None
         if stored.previous_mean is not None:
             before = float(cosine(embedding, stored.previous_mean[None, :])[0])
+            # Held utterances count too: many of them at once (a new microphone, a broken
+            # labelling job) is exactly the fall the detector is there to report.
             self._watch_drift(before)
         return EnrollmentResult(
             speaker=speaker,
@@ -325,7 +428,38 @@ class Engine:
             quality=utt.quality.to_dict(),
             similarity_before=before,
             count=stored.count,
+            feedback="INCONSISTENT_SPEAKER" if stored.pending else "OK",
+            profile_speech_s=stored.speech_s,
+            progress=min(1.0, stored.speech_s / cfg.required_speech_s) if cfg.required_speech_s > 0 else 1.0,
         )
+
+    def _consistency_threshold(self, version: int) -> float:
+        """The cosine below which a new utterance does not sound like its profile: set at
+        ``consistency_hold_rate`` of the version's genuine calibration trials, else the
+        configured cut."""
+        calibration = self._version_scoring(version).calibration
+        if calibration is not None and "consistency" in calibration.thresholds.get("cosine", {}):
+            return float(calibration.thresholds["cosine"]["consistency"])
+        return self.config.enrollment.consistency_threshold
+
+    def accept_utterance(self, utterance_id: int) -> dict:
+        """Move a pending utterance into its speaker's profile (a person checked it).
+
+        If the active version changed since it was held, it is embedded under the active
+        version first, so the profile that scores next includes it.
+        """
+        active = self.active_version()
+        extra = {}
+        if active.number not in self.store.embedded_versions(utterance_id):
+            data, _, _ = self.store.utterance_audio(utterance_id)
+            extra[active.number] = self.embedder(active).embed([audio.decode_flac(data)])[0]
+        record = self.store.accept_utterance(utterance_id, extra)
+        return {"utterance": record.id, "speaker": record.speaker, "status": record.status}
+
+    def remove_utterance(self, utterance_id: int) -> dict:
+        """Delete an utterance and take it out of its speaker's profile under every version."""
+        record = self.store.remove_utterance(utterance_id)
+        return {"utterance": record.id, "speaker": record.speaker, "removed": True, "was": record.status}
 
     def _watch_drift(self, genuine_score: float) -> None:
         """Feed the drift detector; on a fall in genuine scores, queue one refresh request."""
@@ -368,6 +502,8 @@ class Engine:
                 added = 0
                 if previous != number:
                     added = refreshing.activate_complete(self, target, reason=f"{reason} (job {job.id})", progress=progress)
+                    if self.store.latest_calibration(number) is None:
+                        refreshing.calibrate_quietly(self, number)
             except BaseException as exc:
                 self.store.update_job(job.id, status="failed", result={"error": str(exc) or type(exc).__name__})
                 raise
@@ -400,7 +536,105 @@ class Engine:
             "queued": len(self.store.list_jobs(limit=1000, status="queued")),
             "running_job": _job_dict(running[0]) if running else None,
             "last_job": _job_dict(finished[0]) if finished else None,
+            "held_for_review": len(self.store.utterances(status="pending")),
+            "calibration": self._calibration_status(active.number),
         }
+
+    def _calibration_status(self, version: int) -> dict | None:
+        """The newest calibration of ``version`` and how much has been enrolled since."""
+        calibration = self._version_scoring(version).calibration
+        if calibration is None:
+            return None
+        speakers = len(self.store.centroid_matrix(version)[0])
+        return {
+            "id": calibration.id,
+            "created_at": calibration.created_at,
+            "speakers_then": calibration.trials["speakers"],
+            "speakers_now": speakers,
+            "backends": sorted(calibration.thresholds),
+        }
+
+    # -- scores and decisions --------------------------------------------------------
+
+    def _version_scoring(self, version: int) -> _VersionScoring:
+        """Cohort, calibration and cached statistics of a version, rebuilt when a newer
+        calibration appears (a ``calibrate`` in another process included)."""
+        latest = self.store.latest_calibration(version)
+        key = latest[0] if latest else None
+        with self._lock:
+            cached = self._scoring.get(version)
+            if cached is not None and cached[0] == key:
+                return cached[1]
+        calibration = None
+        if latest is not None:
+            calibration = Calibration.from_params(version, latest[2], id=latest[0], created_at=latest[1].isoformat())
+        through = calibration.settings.get("cohort_through") if calibration else None
+        state = _VersionScoring(self._cohort(version, through), calibration, self._prototypes(version))
+        with self._lock:
+            self._scoring[version] = (key, state)
+        return state
+
+    def _cohort(self, version: int, through: int | None) -> Cohort | None:
+        """The AS-norm cohort: the first utterances of each speaker (up to ``through``, the
+        newest id the calibration saw, so scores are normalised as they were fitted)."""
+        cfg = self.config.scoring
+        ids, speakers, vectors = self.store.cohort_embeddings(version, per_speaker=cfg.cohort_per_speaker, through=through)
+        if len(ids) < cfg.min_cohort:
+            return None
+        return Cohort(ids, speakers, vectors, top_k=cfg.cohort_top_k)
+
+    def _prototypes(self, version: int) -> dict[str, np.ndarray] | None:
+        k = self.config.scoring.prototypes
+        if k <= 0:
+            return None
+        ids, speakers, vectors = self.store.version_embeddings(version)
+        names = np.asarray(speakers, dtype=object)
+        return {name: prototypes(vectors[names == name], k) for name in sorted(set(speakers))}
+
+    def calibrate(self, version: int | None = None) -> Calibration:
+        """Fit a version's (default: the active one's) score calibration on leave-one-out
+        trials of its stored enrollments and store it with the version (the newest fit
+        is the one used). A refresh calls this for its candidate before promoting it.
+
+        Raises
+        ------
+        NotEnoughData
+            Fewer than two speakers, or no speaker with two utterances.
+        """
+        cfg = self.config.scoring
+        version = self.active_version().number if version is None else version
+        ids, speakers, vectors = self.store.version_embeddings(version)
+        if len(set(speakers)) < 2:
+            raise NotEnoughData(f"calibration needs at least two enrolled speakers; version {version} has {len(set(speakers))}")
+        through = int(ids.max())
+        cohort = self._cohort(version, through)
+        try:
+            trials = leave_one_out_trials(
+                ids, speakers, vectors, cohort, probes_per_speaker=cfg.calibration_probes_per_speaker, seed=version
+            )
+        except ValueError as exc:
+            raise NotEnoughData(str(exc)) from None
+        settings = {
+            "verify_far": cfg.verify_far,
+            "identify_far": cfg.identify_far,
+            "consistency_hold_rate": self.config.enrollment.consistency_hold_rate,
+            "decision": cfg.decision,
+            "p_target": cfg.p_target,
+            "c_miss": cfg.c_miss,
+            "c_fa": cfg.c_fa,
+            "cohort_per_speaker": cfg.cohort_per_speaker,
+            "cohort_top_k": cfg.cohort_top_k,
+            "cohort_size": 0 if cohort is None else len(cohort),
+            "cohort_through": through,
+        }
+        fitted = fit_calibration(version, trials, settings)
+        new_id, created = self.store.add_calibration(version, fitted.to_params())
+        log.info("version %d calibrated on %s", version, fitted.trials)
+        return Calibration.from_params(version, fitted.to_params(), id=new_id, created_at=created.isoformat())
+
+    def calibration(self) -> Calibration | None:
+        """The active version's newest calibration, or None."""
+        return self._version_scoring(self.active_version().number).calibration
 
     # -- recognition -------------------------------------------------------------------
 
@@ -408,17 +642,46 @@ class Engine:
         utt = audio.load(source, self.config.audio, name=name)
         return utt, self.embedder(version).embed([utt.samples])[0]
 
+    def _index(self, version: int, scoring: _VersionScoring) -> CentroidIndex:
+        names, centroids = self.store.centroid_matrix(version)
+        stats = scoring.enrollment_stats(names, centroids) if scoring.cohort is not None and names else None
+        protos = None
+        if scoring.prototypes:
+            rows = [(i, p) for i, n in enumerate(names) for p in scoring.prototypes.get(n, [])]
+            if rows:
+                protos = (np.array([i for i, _ in rows]), np.stack([p for _, p in rows]))
+        return CentroidIndex(
+            names, centroids, cohort=scoring.cohort, enroll_stats=stats, calibration=scoring.calibration, prototypes=protos
+        )
+
     def identify(self, source: Source, *, top: int = 5, name: str | None = None) -> Identification:
-        """Rank every enrolled speaker against one utterance (1:N, open set)."""
+        """Rank every enrolled speaker against one utterance (1:N, open set).
+
+        Candidates are ranked by cosine; the answer is "unknown" (``decision`` None) when
+        the best candidate's score on the deciding back-end is below the threshold, or
+        within ``identify_margin`` of the second candidate's.
+        """
         if top < 1:
             raise InvalidInput("--top must be at least 1")
+        cfg = self.config.scoring
         version = self.active_version()
         utt, embedding = self._embed_probe(source, name, version)
-        names, centroids = self.store.centroid_matrix(version.number)
-        hits = tuple(CentroidIndex(names, centroids).search(embedding, top))
-        threshold = self.config.scoring.identify_threshold
-        decision = hits[0].speaker if hits and hits[0].score >= threshold else None
-        return Identification(utt.source, version.number, utt.quality.speech_s, hits, decision, threshold)
+        scoring = self._version_scoring(version.number)
+        backend = scoring.backend(cfg.backend)
+        hits = tuple(self._index(version.number, scoring).search(embedding, max(top, 2)))
+        threshold = self._threshold(scoring, backend, "identify")
+        decision, reason = None, ""
+        if not hits:
+            reason = "no speaker is enrolled"
+        elif hits[0].on(backend) < threshold:
+            reason = "best score below the threshold"
+        elif cfg.identify_margin > 0 and len(hits) > 1 and hits[0].on(backend) - hits[1].on(backend) < cfg.identify_margin:
+            reason = "best and second best too close"
+        else:
+            decision = hits[0].speaker
+        return Identification(
+            utt.source, version.number, utt.quality.speech_s, hits[:top], decision, threshold, backend, reason
+        )
 
     def verify(self, speaker: str, source: Source, *, name: str | None = None) -> Verification:
         """Score one utterance against a claimed speaker (1:1)."""
@@ -428,9 +691,32 @@ class Engine:
             raise UnknownSpeaker(f"speaker {speaker!r} is not enrolled")
         centroid = self.store.centroid(speaker, version.number)
         utt, embedding = self._embed_probe(source, name, version)
-        score = float(cosine(embedding, centroid.mean[None, :])[0])
-        threshold = self.config.scoring.verify_threshold
-        return Verification(speaker, utt.source, version.number, utt.quality.speech_s, score, threshold, score >= threshold)
+        scoring = self._version_scoring(version.number)
+        backend = scoring.backend(self.config.scoring.backend)
+        index = CentroidIndex(
+            [speaker],
+            centroid.mean[None, :],
+            cohort=scoring.cohort,
+            calibration=scoring.calibration,
+            prototypes=_own_prototypes(scoring, speaker),
+        )
+        hit = index.search(embedding, 1)[0]
+        threshold = self._threshold(scoring, backend, "verify")
+        return Verification(
+            speaker, utt.source, version.number, utt.quality.speech_s, hit.score, threshold,
+            hit.on(backend) >= threshold, hit.normalised, hit.llr, backend,
+        )
+
+    def _threshold(self, scoring: _VersionScoring, backend: str, task: str) -> float:
+        if backend == "cosine" and scoring.calibration is None:
+            cfg = self.config.scoring
+            return cfg.identify_threshold if task == "identify" else cfg.verify_threshold
+        return float(scoring.calibration.thresholds[backend][task])
+
+
+def _own_prototypes(scoring: _VersionScoring, speaker: str) -> tuple[np.ndarray, np.ndarray] | None:
+    rows = (scoring.prototypes or {}).get(speaker)
+    return None if rows is None or not len(rows) else (np.zeros(len(rows), dtype=np.int64), rows)
 
 
 def _job_dict(job: Job) -> dict:

@@ -48,6 +48,24 @@ class TooLong(AudioError):
     code = "too_long"
 
 
+class Clipped(AudioError):
+    """Too much of the input sits at full scale: the level was set too high."""
+
+    code = "clipped"
+
+
+class TooNoisy(AudioError):
+    """The speech does not stand far enough above the background."""
+
+    code = "too_noisy"
+
+
+class NotEnoughData(VoiceprintError):
+    """A fit (calibration) needs more enrolled speakers or utterances than there are."""
+
+    code = "not_enough_data"
+
+
 class UnknownSpeaker(VoiceprintError):
     code = "unknown_speaker"
 

@@ -41,7 +41,7 @@ from engine import audio
 from engine.checkpoints import save_checkpoint
 from engine.config import RefreshConfig
 from engine.embedder import Embedder, pick_device
-from engine.errors import IncompleteVersion, InvalidInput
+from engine.errors import IncompleteVersion, InvalidInput, NotEnoughData
 from engine.frontends import create_frontend
 from engine.losses import LOSSES, create_loss
 from engine.metrics import d_prime, eer, top_k_accuracy
@@ -424,6 +424,15 @@ def activate_complete(engine: Engine, version: ModelVersion, *, reason: str, pro
 # -- the whole refresh -----------------------------------------------------------------
 
 
+def calibrate_quietly(engine: Engine, version: int) -> dict:
+    """Calibrate ``version``; too little data is reported, not raised (cosine decides then)."""
+    try:
+        return engine.calibrate(version).trials
+    except NotEnoughData as exc:
+        log.warning("version %d not calibrated: %s", version, exc)
+        return {"skipped": str(exc)}
+
+
 def job_owner() -> str:
     """``host:pid`` of this process, recorded on the jobs it runs."""
     return f"{socket.gethostname()}:{os.getpid()}"
@@ -547,6 +556,9 @@ def _refresh(engine: Engine, parent: ModelVersion, report: RefreshReport, *, dry
     clock = time.perf_counter()
     store_embeddings(engine, version.number, candidate_vectors)
     timings["store_s"] = round(time.perf_counter() - clock, 2)
+    # Calibrated before it becomes active, so its first decisions already use its own
+    # thresholds (a new encoder moves every score).
+    report.metrics["calibration"] = calibrate_quietly(engine, version.number)
     clock = time.perf_counter()
     caught_up = activate_complete(engine, version, reason=f"refresh job {report.job}: gate passed", progress=progress)
     timings["promote_s"] = round(time.perf_counter() - clock, 2)

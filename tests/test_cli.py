@@ -293,3 +293,41 @@ def test_acknowledged_enrollments_survive_kill_9(sqlite_home, dev_data):
             np.testing.assert_allclose(store.centroid(name, 1).mean, store.embeddings(name, 1).mean(axis=0), atol=1e-6)
     finally:
         store.close()
+
+
+def test_review_and_calibration_through_the_cli(home, dev_data, capsys):
+    root, url = home
+    g = ["--home", str(root), "--db", url]
+    voices = librispeech(dev_data)
+    ann, bob, cat = sorted(voices)[:3]
+    for name in (ann, bob, cat):
+        assert run(capsys, *g, "enroll", name, *map(str, voices[name][:4]))[0] == 0
+
+    code, out, _ = run(capsys, *g, "--json", "enroll", ann, str(voices[bob][5]))  # bob's voice, ann's name
+    (row,) = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and row["feedback"] == "INCONSISTENT_SPEAKER" and row["count"] == 4
+    held = row["utterance_id"]
+    code, out, _ = run(capsys, *g, "--json", "pending")
+    assert [u["id"] for u in json.loads(out)] == [held]
+    code, out, _ = run(capsys, *g, "--json", "speakers")
+    assert {s["name"]: (s["utterances"], s["pending"]) for s in json.loads(out)}[ann] == (4, 1)
+    code, out, _ = run(capsys, *g, "--json", "remove-utterance", str(held))
+    assert code == 0 and json.loads(out)["was"] == "pending"
+    code, out, err = run(capsys, *g, "accept", str(held))
+    assert code == 2 and "no utterance" in err
+
+    code, out, err = run(capsys, *g, "--json", "calibrate")
+    assert code == 0, err
+    calibration = json.loads(out)
+    assert code == 0 and calibration["trials"]["speakers"] == 3, err
+    assert set(calibration["thresholds"]) == {"cosine"}  # 12 utterances: too few for an AS-norm cohort
+    code, out, err = run(capsys, *g, "calibrate")
+    assert "cannot measure" in err and "cosine" in err  # says why its numbers are rough
+
+    code, out, _ = run(capsys, *g, "--json", "identify", str(voices[cat][6]))
+    result = json.loads(out)
+    assert result["decision"] == cat and result["backend"] == "cosine"
+    assert result["threshold"] == pytest.approx(calibration["thresholds"]["cosine"]["identify"])
+
+    code, out, _ = run(capsys, *g, "--json", "enroll", "--force", ann, str(voices[bob][5]))
+    assert json.loads(out)["feedback"] == "OK"

@@ -92,6 +92,7 @@ def continual(tmp_path_factory, dev_data):
         out["rollback"] = eng.rollback(1, reason="test")
         out["rolled_back_A"] = all_scores(eng, probes["A"])
         out["versions"] = eng.versions()
+        out["calibrated"] = {v.number: eng.store.latest_calibration(v.number) is not None for v in out["versions"]}
         out["history"] = eng.store.alias_history()
         out["missing_v1"] = eng.store.missing_embeddings(1)
         out["centroid_counts"] = {s: eng.store.centroid(s, 1).count for s in speakers[: 2 * GROUP]}
@@ -105,6 +106,7 @@ def test_first_refresh_is_promoted_and_identifies_better(continual):
     assert report.version == 2 and report.parent == 1
     gate = report.metrics
     assert gate["data"]["new"] > 0 and gate["data"]["replayed"] == 0  # nothing is old to version 1
+    assert gate["calibration"]["target"] > 0  # calibrated before promotion
     assert "old" not in gate["parent"]
     # The gate's own verdict: better on the enrolled speakers' held-out utterances.
     p, c = gate["parent"]["overall"], gate["candidate"]["overall"]
@@ -142,6 +144,7 @@ def test_rollback_to_version_1_restores_its_exact_scores(continual):
     assert continual["centroid_counts"] == {s: n for s, n in continual["utterances"].items()}
     status = {v.number: (v.status, v.active) for v in continual["versions"]}
     assert status == {1: ("active", True), 2: ("retired", False), 3: ("retired", False)}
+    assert continual["calibrated"] == {1: True, 2: True, 3: True}  # version 1 was fitted on its way back
     moves = [(m.version, m.previous_version) for m in continual["history"]]
     assert moves == [(1, None), (2, 1), (3, 2), (1, 3)]
     assert continual["history"][-1].reason.startswith("test")

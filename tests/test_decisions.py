@@ -1,0 +1,179 @@
+"""Calibrated decisions, enrollment feedback and profile review, on real speech."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from engine import Engine
+from engine.errors import Clipped, NotEnoughData, TooNoisy
+from engine.audio import _resample
+
+
+def _by_speaker(folder: Path) -> dict[str, list[Path]]:
+    out: dict[str, list[Path]] = {}
+    with open(folder / "manifest.csv", newline="") as fh:
+        for row in csv.DictReader(fh):
+            out.setdefault(row["speaker"], []).append(folder / row["path"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory, dev_data):
+    """30 speakers enrolled and calibrated; 20 others enrolled afterwards (8 utterances
+    each) with 4 probes each held back."""
+    voices = _by_speaker(dev_data / "speechocean762-train")
+    names = sorted(voices)
+    home = tmp_path_factory.mktemp("calibrated")
+    (home / "config.toml").write_text("[scoring]\nverify_far = 0.05\nidentify_far = 0.05\n")
+    with Engine.init(home=home) as eng:
+        eng.enroll_many([(s, p, None) for s in names[:30] for p in voices[s]])
+        calibration = eng.calibrate()
+        held_out = names[30:50]
+        eng.enroll_many([(s, p, None) for s in held_out for p in voices[s][:8]], force=True)
+        probes = {s: voices[s][8:] for s in held_out}
+    return home, calibration, probes
+
+
+def test_calibration_is_stored_with_the_version_and_used_by_every_process(calibrated):
+    home, calibration, _ = calibrated
+    with Engine.open(home=home) as eng:
+        again = eng.calibration()
+        assert again.id == calibration.id and again.version == eng.active_version().number
+        assert again.thresholds == calibration.thresholds
+    assert calibration.trials["speakers"] == 30 and calibration.trials["target"] >= 250
+    fit = calibration.fit
+    assert fit["asnorm"]["eer"] <= fit["cosine"]["eer"] + 0.01
+    assert fit["asnorm+calibrated"]["cllr"] < 0.3
+
+
+def test_thresholds_hold_their_false_accept_rate_on_speakers_the_fit_never_saw(calibrated):
+    home, calibration, probes = calibrated
+    held_out = sorted(probes)
+    non, tar = [], []
+    with Engine.open(home=home) as eng:
+        for speaker, files in probes.items():
+            for path in files:
+                result = eng.identify(path, top=100)
+                assert result.backend == "asnorm+calibrated"
+                llr = {h.speaker: h.llr for h in result.candidates}
+                tar.append(llr[speaker])
+                non.extend(llr[s] for s in held_out if s != speaker)
+    cut = calibration.thresholds["asnorm+calibrated"]["verify"]
+    far = np.mean(np.array(non) >= cut)
+    assert 0.02 <= far <= 0.10, far  # requested 0.05, on about 1500 non-target trials
+    assert np.mean(np.array(tar) >= cut) > 0.85
+
+
+def test_identify_and_verify_report_every_scale(calibrated):
+    home, calibration, probes = calibrated
+    speaker, files = next(iter(probes.items()))
+    with Engine.open(home=home) as eng:
+        found = eng.identify(files[0], top=3)
+        best = found.candidates[0]
+        assert best.normalised is not None and best.llr == pytest.approx(calibration.llr(best.normalised))
+        assert found.threshold == pytest.approx(calibration.thresholds["asnorm+calibrated"]["identify"])
+        verdict = eng.verify(speaker, files[0])
+        assert verdict.backend == "asnorm+calibrated" and verdict.llr is not None
+        assert verdict.accepted == (verdict.llr >= calibration.thresholds["asnorm+calibrated"]["verify"])
+
+
+def test_a_cost_decision_uses_the_bayes_threshold(calibrated, tmp_path):
+    home, _, probes = calibrated
+    speaker, files = next(iter(probes.items()))
+    (home / "config.toml").write_text('[scoring]\ndecision = "cost"\np_target = 0.01\n')
+    try:
+        with Engine.open(home=home) as eng:
+            fitted = eng.calibrate()
+            assert fitted.thresholds["asnorm+calibrated"]["verify"] == pytest.approx(np.log(99))
+            assert eng.verify(speaker, files[0]).threshold == pytest.approx(np.log(99))
+    finally:
+        (home / "config.toml").write_text("[scoring]\nverify_far = 0.05\nidentify_far = 0.05\n")
+        with Engine.open(home=home) as eng:
+            eng.calibrate()
+
+
+def test_calibration_needs_data(tmp_path, dev_data):
+    voices = _by_speaker(dev_data / "vctk-4")
+    with Engine.init(home=tmp_path) as eng:
+        with pytest.raises(NotEnoughData):
+            eng.calibrate()
+        speaker = sorted(voices)[0]
+        eng.enroll(speaker, voices[speaker][0])
+        with pytest.raises(NotEnoughData):
+            eng.calibrate()
+
+
+def test_a_wrong_speaker_is_held_for_review_and_accepting_or_removing_is_exact(tmp_path, dev_data):
+    voices = _by_speaker(dev_data / "vctk-4")
+    ann, bob = sorted(voices)[:2]
+    with Engine.init(home=tmp_path) as eng:
+        version = eng.active_version().number
+        for path in voices[ann][:3]:
+            assert eng.enroll(ann, path).feedback == "OK"
+        eng.enroll(bob, voices[bob][0])
+        before = eng.store.centroid(ann, version)
+
+        held = eng.enroll(ann, voices[bob][1])  # bob's voice under ann's name
+        assert held.feedback == "INCONSISTENT_SPEAKER" and held.count == 3
+        assert np.array_equal(eng.store.centroid(ann, version).sum, before.sum)
+        assert [u.id for u in eng.store.utterances(ann, status="pending")] == [held.utterance_id]
+        assert eng.identify(voices[bob][1]).candidates[0].speaker == bob
+
+        eng.accept_utterance(held.utterance_id)
+        merged = eng.store.centroid(ann, version)
+        assert merged.count == 4
+        np.testing.assert_allclose(merged.mean, eng.store.embeddings(ann, version).astype(np.float64).mean(axis=0), atol=1e-7)
+
+        eng.remove_utterance(held.utterance_id)
+        restored = eng.store.centroid(ann, version)
+        assert restored.count == 3
+        np.testing.assert_allclose(restored.sum, before.sum, rtol=0, atol=1e-12)
+
+        forced = eng.enroll(ann, voices[bob][2], force=True)
+        assert forced.feedback == "OK" and forced.count == 4
+
+
+def test_enrollment_reports_progress_toward_the_speech_required(tmp_path, dev_data):
+    voices = _by_speaker(dev_data / "vctk-4")
+    speaker = sorted(voices)[0]
+    (tmp_path / "config.toml").write_text("[enrollment]\nrequired_speech_s = 10\n")
+    with Engine.init(home=tmp_path) as eng:
+        first = eng.enroll(speaker, voices[speaker][0])
+        second = eng.enroll(speaker, voices[speaker][1])
+    assert first.profile_speech_s == pytest.approx(first.speech_s)
+    assert second.profile_speech_s == pytest.approx(first.speech_s + second.speech_s)
+    assert second.progress == pytest.approx(min(1.0, second.profile_speech_s / 10))
+    assert 0 < first.progress < second.progress <= 1
+
+
+def _wav(samples: np.ndarray, rate: int = 16000) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, samples, rate, format="WAV", subtype="FLOAT")
+    return buf.getvalue()
+
+
+def test_clipped_and_noisy_audio_is_refused_unless_forced(tmp_path, dev_data):
+    voices = _by_speaker(dev_data / "vctk-4")
+    speaker = sorted(voices)[0]
+    speech, rate = sf.read(voices[speaker][0], dtype="float32")
+    clipped = np.clip(speech * 30, -1, 1)
+    chainsaw = sorted((dev_data / "esc10-noise" / "008_-_Chainsaw").glob("*.ogg"))[0]  # steady noise
+    noise, noise_rate = sf.read(chainsaw, dtype="float32")
+    noise = noise.mean(axis=1) if noise.ndim > 1 else noise
+    noise = np.resize(_resample(noise, noise_rate), speech.shape)
+    noisy = speech + 2 * noise * np.sqrt(np.mean(speech**2) / np.mean(noise**2))  # -6 dB SNR
+    noisy /= np.abs(noisy).max() * 1.1
+    with Engine.init(home=tmp_path) as eng:
+        before = eng.store.counts()
+        with pytest.raises(Clipped):
+            eng.enroll(speaker, _wav(clipped), name="clipped.wav")
+        with pytest.raises(TooNoisy):
+            eng.enroll(speaker, _wav(noisy), name="noisy.wav")
+        assert eng.store.counts() == before
+        assert eng.enroll(speaker, _wav(noisy), name="noisy.wav", force=True).feedback == "OK"
