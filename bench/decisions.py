@@ -1,0 +1,180 @@
+"""Scores and decisions on speakers the calibration never saw.
+
+    .venv/bin/python bench/decisions.py
+
+Half of speechocean762-train's speakers (every other one) are enrolled with all their
+utterances and the version is calibrated on them (`Engine.calibrate`: leave-one-out
+trials). Then the test speakers are enrolled through the normal path: the other half of
+speechocean762 (first 8 utterances each) and, as a domain the calibration has never
+heard, librispeech-test-other (first 6 each). Their remaining utterances are probes.
+
+For each back-end (cosine, asnorm, asnorm+calibrated), within each test set:
+
+- verification: EER, minDCF (p_target 0.01), and the false-accept and miss rates at the
+  threshold the calibration chose for the requested false-accept rate (1 %); for the
+  LLRs also Cllr and the actual DCF at the Bayes threshold;
+- open-set identification as the engine does it (rank by cosine, decide on the
+  winner's score): each probe searched with its own speaker left out of the gallery (a
+  stranger), the false-accept rate at the identify threshold vs the requested one, and
+  the share of probes correctly identified (top-1 and above the threshold); for the
+  LLRs also the strangers still accepted with a margin of 1 or 2 over the runner-up;
+- enrollment consistency: how many genuine test enrollments were held for review, and
+  how many wrong-speaker utterances the same cut would catch;
+- multi-prototype profiles (2 k-means prototypes besides the mean) vs the mean alone.
+
+Writes bench/results/decisions.json.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import read_manifest, split_per_speaker, write_result  # noqa: E402
+
+from engine import Engine, audio  # noqa: E402
+from engine.centroids import prototypes  # noqa: E402
+from engine.errors import VoiceprintError  # noqa: E402
+from engine.metrics import eer, min_dcf  # noqa: E402
+from engine.scoring import BACKENDS, bayes_threshold, cllr, normalise_rows  # noqa: E402
+
+P_TARGET = 0.01
+TEST_SETS = {"speechocean762 (held-out speakers)": ("speechocean762-train", 8), "librispeech-test-other": ("librispeech-test-other", 6)}
+
+
+def main() -> None:
+    started = time.time()
+    ocean = read_manifest("speechocean762-train")
+    speakers = sorted({i.speaker for i in ocean})
+    calibration_speakers = set(speakers[0::2])
+    with tempfile.TemporaryDirectory() as tmp, Engine.init(home=tmp) as eng:
+        items = [(i.speaker, i.path, None) for i in ocean if i.speaker in calibration_speakers]
+        list(tqdm(eng.enroll_stream(items), total=len(items), desc="enroll calibration speakers"))
+        calibration = eng.calibrate()
+        result = {
+            "calibration": {"trials": calibration.trials, "fit": calibration.fit, "thresholds": calibration.thresholds},
+            "requested": {"verify_far": eng.config.scoring.verify_far, "identify_far": eng.config.scoring.identify_far},
+            "sets": {},
+        }
+        for label, (name, enroll) in TEST_SETS.items():
+            items = read_manifest(name)
+            if name == "speechocean762-train":
+                items = [i for i in items if i.speaker not in calibration_speakers]
+            enrollment, probes = split_per_speaker(items, enroll)
+            outcomes = list(tqdm(eng.enroll_stream([(i.speaker, i.path, None) for i in enrollment]), total=len(enrollment), desc=f"enroll {name}"))
+            feedback = Counter(o.code.upper() if isinstance(o, VoiceprintError) else o.feedback for o in outcomes)
+            result["sets"][label] = {"enrollment_feedback": dict(feedback), **evaluate(eng, probes, calibration)}
+            if name != "speechocean762-train":
+                # The same probes once the version is recalibrated with this domain enrolled
+                # (its speakers are then in the cohort and in the fitting trials).
+                recalibrated = eng.calibrate()
+                result["sets"][label + ", after recalibrating"] = evaluate(eng, probes, recalibrated)
+        result["seconds"] = round(time.time() - started, 1)
+    path = write_result("decisions", result)
+    print(f"wrote {path}")
+
+
+def evaluate(eng: Engine, probes, calibration) -> dict:
+    version = eng.active_version()
+    scoring = eng._version_scoring(version.number)
+    index = eng._index(version.number, scoring)
+    names = index.names
+    test_speakers = sorted({p.speaker for p in probes})
+    columns = np.array([names.index(s) for s in test_speakers])
+    rows = []  # per probe: own column position, raw/norm/llr over all speakers, embedding
+    for probe in tqdm(probes, desc="score probes"):
+        try:
+            speech = audio.load(probe.path, eng.config.audio)
+        except VoiceprintError:
+            continue
+        embedding = eng.embedder(version).embed([speech.samples])[0]
+        raw, norm, llr = index.scores(embedding)
+        rows.append((names.index(probe.speaker), {"cosine": raw, "asnorm": norm, "asnorm+calibrated": llr}, embedding))
+    out = {"probes": len(rows), "speakers": len(test_speakers), "backends": {}}
+    for backend in BACKENDS:
+        cut = calibration.thresholds[backend]
+        tar, non, own_ranked = [], [], []
+        identified, stranger_score, stranger_margin = [], [], []
+        for own, scales, _ in rows:
+            raw, s = scales["cosine"], scales[backend]
+            tar.append(s[own])
+            non.extend(s[columns[columns != own]])
+            own_ranked.append(int(np.argmax(s)) == own)
+            # The engine's identification: rank by cosine, decide on the winner's score.
+            winner = int(np.argmax(raw))
+            identified.append(winner == own and s[winner] >= cut["identify"])
+            others = np.delete(np.arange(len(raw)), own)  # the probe's speaker as a stranger
+            first, second = others[np.argsort(-raw[others])[:2]]
+            stranger_score.append(s[first])
+            stranger_margin.append(s[first] - s[second])
+        tar, non = np.array(tar), np.array(non)
+        stranger_score, stranger_margin = np.array(stranger_score), np.array(stranger_margin)
+        doc = {
+            "eer": eer(tar, non)[0],
+            "min_dcf_0.01": min_dcf(tar, non, P_TARGET)[0],
+            "verify_far_at_threshold": float(np.mean(non >= cut["verify"])),
+            "verify_miss_at_threshold": float(np.mean(tar < cut["verify"])),
+            "open_set_far_at_threshold": float(np.mean(stranger_score >= cut["identify"])),
+            "identified_at_threshold": float(np.mean(identified)),
+            "top1_if_ranked_by_this_score": float(np.mean(own_ranked)),
+        }
+        if backend == "asnorm+calibrated":
+            doc["cllr"] = cllr(tar, non)
+            bayes = bayes_threshold(P_TARGET)
+            miss, fa = np.mean(tar < bayes), np.mean(non >= bayes)
+            doc["act_dcf_0.01"] = float((miss * P_TARGET + fa * (1 - P_TARGET)) / P_TARGET)
+            doc["open_set_far_by_margin"] = {
+                str(m): float(np.mean((stranger_score >= cut["identify"]) & (stranger_margin >= m))) for m in (1.0, 2.0)
+            }
+        out["backends"][backend] = doc
+    out["top1"] = float(np.mean([int(np.argmax(scales["cosine"])) == own for own, scales, _ in rows]))
+    out["prototypes"] = compare_prototypes(eng, version.number, test_speakers, rows, names)
+    out["consistency"] = consistency(rows, calibration, index, eng, version.number, names, columns)
+    return out
+
+
+def compare_prototypes(eng: Engine, version: int, test_speakers: list[str], rows, names: list[str]) -> dict:
+    """Raw cosine EER and top-1 among the test speakers: mean only vs mean + 2 prototypes."""
+    protos = {s: normalise_rows(prototypes(eng.store.embeddings(s, version), 2)) for s in test_speakers}
+    means = {s: normalise_rows(eng.store.centroid(s, version).mean) for s in test_speakers}
+    out = {}
+    for label, use in (("mean", False), ("mean+2 prototypes", True)):
+        tar, non, ok = [], [], []
+        for own, _, embedding in rows:
+            e = normalise_rows(embedding)
+            scores = {}
+            for s in test_speakers:
+                score = float(means[s] @ e)
+                if use and len(protos[s]):
+                    score = max(score, float((protos[s] @ e).max()))
+                scores[s] = score
+            truth = names[own]
+            tar.append(scores[truth])
+            non.extend(v for s, v in scores.items() if s != truth)
+            ok.append(max(scores, key=scores.get) == truth)
+        out[label] = {"eer": eer(np.array(tar), np.array(non))[0], "top1": float(np.mean(ok))}
+    return out
+
+
+def consistency(rows, calibration, index, eng, version, names, columns) -> dict:
+    """Of the test probes scored against their own profile and against other profiles, how
+    many the enrollment consistency cut would hold (cosine below it)."""
+    cut = calibration.thresholds["cosine"]["consistency"]
+    own = np.array([scales["cosine"][o] for o, scales, _ in rows])
+    wrong = np.concatenate([scales["cosine"][columns[columns != o]] for o, scales, _ in rows])
+    return {
+        "cosine_cut": cut,
+        "genuine_held": float(np.mean(own < cut)),
+        "wrong_speaker_caught": float(np.mean(wrong < cut)),
+    }
+
+
+if __name__ == "__main__":
+    main()
