@@ -20,7 +20,10 @@ For each back-end (cosine, asnorm, asnorm+calibrated), within each test set:
   LLRs also the strangers still accepted with a margin of 1 or 2 over the runner-up;
 - enrollment consistency: how many genuine test enrollments were held for review, and
   how many wrong-speaker utterances the same cut would catch;
-- multi-prototype profiles (2 k-means prototypes besides the mean) vs the mean alone.
+- multi-prototype profiles (2 k-means prototypes besides the mean) vs the mean alone;
+- the cost of AS-norm in a 1:N search against 1e3, 1e4 and 1e5 synthetic profiles with a
+  full 5000-utterance cohort: building the profile statistics (once per calibration)
+  and the search itself, p50 and p99, against plain cosine.
 
 Writes bench/results/decisions.json.
 """
@@ -76,6 +79,7 @@ def main() -> None:
                 # (its speakers are then in the cohort and in the fitting trials).
                 recalibrated = eng.calibrate()
                 result["sets"][label + ", after recalibrating"] = evaluate(eng, probes, recalibrated)
+        result["search_cost"] = search_cost()
         result["seconds"] = round(time.time() - started, 1)
     path = write_result("decisions", result)
     print(f"wrote {path}")
@@ -174,6 +178,39 @@ def consistency(rows, calibration, index, eng, version, names, columns) -> dict:
         "genuine_held": float(np.mean(own < cut)),
         "wrong_speaker_caught": float(np.mean(wrong < cut)),
     }
+
+
+def search_cost() -> list[dict]:
+    from engine.index import CentroidIndex
+    from engine.scoring import Calibration, Cohort
+
+    rng = np.random.default_rng(0)
+    dim = 256
+    cohort = Cohort(np.arange(5000), [f"c{i // 5}" for i in range(5000)], rng.standard_normal((5000, dim)), top_k=100)
+    calibration = Calibration(version=1, slope=1.0, offset=0.0, thresholds={}, settings={}, trials={})
+    probe = rng.standard_normal(dim).astype(np.float32)
+    out = []
+    for n in (1_000, 10_000, 100_000):
+        names = [f"s{i}" for i in range(n)]
+        centroids = rng.standard_normal((n, dim)).astype(np.float32)
+        start = time.perf_counter()
+        stats = cohort.enrollment_stats(names, centroids)
+        build = time.perf_counter() - start
+        row = {"speakers": n, "cohort": len(cohort), "profile_stats_build_s": round(build, 2)}
+        for label, index in (
+            ("cosine", CentroidIndex(names, centroids)),
+            ("asnorm+calibrated", CentroidIndex(names, centroids, cohort=cohort, enroll_stats=stats, calibration=calibration)),
+        ):
+            for _ in range(5):
+                index.search(probe, 5)
+            times = []
+            for _ in range(100):
+                start = time.perf_counter()
+                index.search(probe, 5)
+                times.append(time.perf_counter() - start)
+            row[label] = {"p50_ms": round(1000 * float(np.percentile(times, 50)), 2), "p99_ms": round(1000 * float(np.percentile(times, 99)), 2)}
+        out.append(row)
+    return out
 
 
 if __name__ == "__main__":

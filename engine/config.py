@@ -54,6 +54,7 @@ class ScoringConfig:
     identify_threshold: float = 0.75
     verify_threshold: float = 0.80
     cohort_per_speaker: int = 5  # stored utterances per speaker in the AS-norm cohort
+    cohort_size: int = 5000  # at most this many (speakers drawn at random beyond it)
     cohort_top_k: int = 100  # best cohort scores each side's statistics use
     min_cohort: int = 50  # smaller cohorts give no normalised scores (cosine decides)
     calibration_probes_per_speaker: int = 10  # leave-one-out probes per speaker when fitting

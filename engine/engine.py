@@ -367,29 +367,38 @@ class Engine:
         if ready:
             version = self.active_version()
             embeddings = self.embedder(version).embed([speech.samples for _, (_, speech) in ready])
+            cut = self._consistency_cut(version.number, force)  # once per batch: it reads the calibration
             for (i, (speaker, speech)), embedding in zip(ready, embeddings):
                 try:
-                    results[i] = self._commit(speaker, speech, embedding, version.number, force=force)
+                    results[i] = self._commit(speaker, speech, embedding, version.number, cut=cut, force=force)
                 except VoiceprintError as exc:
                     results[i] = exc
         return results
 
-    def _commit(self, speaker: str, utt: audio.Speech, embedding: np.ndarray, version: int, *, force: bool) -> EnrollmentResult:
+    def _commit(
+        self, speaker: str, utt: audio.Speech, embedding: np.ndarray, version: int, *, cut: float | None, force: bool
+    ) -> EnrollmentResult:
         for _ in range(3):
             try:
-                return self._commit_under(speaker, utt, embedding, version, force=force)
+                return self._commit_under(speaker, utt, embedding, version, cut=cut)
             except VersionChanged:
                 # A refresh or rollback moved "active" after this utterance was embedded:
                 # embed it again under the new version so that version holds it too.
                 active = self.active_version()
                 embedding, version = self.embedder(active).embed([utt.samples])[0], active.number
-        return self._commit_under(speaker, utt, embedding, version, force=force)
+                cut = self._consistency_cut(version, force)
+        return self._commit_under(speaker, utt, embedding, version, cut=cut)
 
-    def _commit_under(self, speaker: str, utt: audio.Speech, embedding: np.ndarray, version: int, *, force: bool) -> EnrollmentResult:
+    def _consistency_cut(self, version: int, force: bool) -> float | None:
+        """The consistency cosine for enrollments under ``version``; None: no check."""
+        if force or not self.config.enrollment.consistency_check:
+            return None
+        return self._consistency_threshold(version)
+
+    def _commit_under(self, speaker: str, utt: audio.Speech, embedding: np.ndarray, version: int, *, cut: float | None) -> EnrollmentResult:
         cfg = self.config.enrollment
         hold = None
-        if cfg.consistency_check and not force:
-            cut = self._consistency_threshold(version)
+        if cut is not None:
 
             def hold(previous_mean: np.ndarray | None, count: int) -> bool:
                 return (
@@ -579,6 +588,16 @@ class Engine:
         newest id the calibration saw, so scores are normalised as they were fitted)."""
         cfg = self.config.scoring
         ids, speakers, vectors = self.store.cohort_embeddings(version, per_speaker=cfg.cohort_per_speaker, through=through)
+        if len(ids) > cfg.cohort_size:
+            # A large gallery: whole speakers drawn at random (seeded by the version, so
+            # the calibration and every later search draw the same ones) keep the
+            # cohort, and the cost of its statistics, bounded.
+            names = np.asarray(speakers, dtype=object)
+            order = np.random.default_rng(version).permutation(np.unique(names))
+            sizes = np.cumsum([np.count_nonzero(names == n) for n in order])
+            chosen = np.isin(names, order[: int(np.searchsorted(sizes, cfg.cohort_size, side="right"))])
+            ids, vectors = ids[chosen], vectors[chosen]
+            speakers = [s for s, keep in zip(speakers, chosen) if keep]
         if len(ids) < cfg.min_cohort:
             return None
         return Cohort(ids, speakers, vectors, top_k=cfg.cohort_top_k)

@@ -327,6 +327,7 @@ def leave_one_out_trials(
     cohort: Cohort | None,
     *,
     probes_per_speaker: int = 10,
+    max_probes: int = 3000,
     max_nontarget: int = 500_000,
     seed: int = 0,
 ) -> TrialScores:
@@ -348,6 +349,8 @@ def leave_one_out_trials(
     for j in np.flatnonzero(counts >= 2):
         rows = np.flatnonzero(index == j)
         probe_rows.extend(rng.permutation(rows)[:probes_per_speaker].tolist())
+    if len(probe_rows) > max_probes:  # a large gallery: a random subset keeps the fit to seconds
+        probe_rows = rng.choice(probe_rows, max_probes, replace=False).tolist()
     probe_rows = np.array(sorted(probe_rows), dtype=np.int64)
     if probe_rows.size == 0:
         raise ValueError("calibration needs speakers with at least two enrolled utterances")

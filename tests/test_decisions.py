@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 from pathlib import Path
 
@@ -177,3 +178,16 @@ def test_clipped_and_noisy_audio_is_refused_unless_forced(tmp_path, dev_data):
             eng.enroll(speaker, _wav(noisy), name="noisy.wav")
         assert eng.store.counts() == before
         assert eng.enroll(speaker, _wav(noisy), name="noisy.wav", force=True).feedback == "OK"
+
+
+def test_a_large_cohort_is_cut_to_whole_speakers_the_same_way_every_time(calibrated):
+    home, _, _ = calibrated
+    with Engine.open(home=home) as eng:
+        eng.config = dataclasses.replace(eng.config, scoring=dataclasses.replace(eng.config.scoring, cohort_size=60))
+        version = eng.active_version().number
+        cohort = eng._cohort(version, None)
+        again = eng._cohort(version, None)
+    assert 50 <= len(cohort) <= 60  # min_cohort <= size <= cohort_size
+    assert np.array_equal(cohort.ids, again.ids)
+    _, counts = np.unique(cohort.speakers, return_counts=True)
+    assert set(counts) == {5}  # whole speakers: cohort_per_speaker rows each
