@@ -181,3 +181,24 @@ def test_index_ranks_by_cosine_and_reports_every_scale():
     assert raw.max() == pytest.approx(hits[0].score) and llr.shape == normalised.shape == (20,)
     plain = CentroidIndex(names, centroids).search(probe, 3)  # no cohort: cosine only
     assert plain[0].normalised is None and plain[0].llr is None
+
+
+def test_cached_profile_statistics_follow_changed_profiles():
+    from engine.engine import _VersionScoring
+
+    rng = np.random.default_rng(9)
+    ids, speakers, vectors = _clusters(rng, speakers=12)
+    cohort = Cohort(ids, speakers, vectors, top_k=10)
+    state = _VersionScoring(cohort, None, None)
+    names = [f"p{i}" for i in range(6)]
+    profiles = rng.standard_normal((6, 16)).astype(np.float32)
+    first = state.enrollment_stats(names, profiles)
+    moved = profiles.copy()
+    moved[2] += 1.0  # one profile changed: only its statistics may change
+    second = state.enrollment_stats(names, moved)
+    expected = cohort.enrollment_stats(names, moved)
+    np.testing.assert_allclose(second[0], expected[0])
+    np.testing.assert_allclose(second[1], expected[1])
+    assert np.array_equal(np.delete(first[0], 2), np.delete(second[0], 2))
+    grown = state.enrollment_stats(names + ["p6"], np.vstack([moved, profiles[:1]]))  # a new speaker
+    np.testing.assert_allclose(grown[0], cohort.enrollment_stats(names + ["p6"], np.vstack([moved, profiles[:1]]))[0])
