@@ -2,6 +2,8 @@
 
 from storage.records import (
     AliasMove,
+    ApiKey,
+    AuditEntry,
     Centroid,
     Enrollment,
     Job,
@@ -13,6 +15,8 @@ from storage.store import Store
 
 __all__ = [
     "AliasMove",
+    "ApiKey",
+    "AuditEntry",
     "Centroid",
     "Enrollment",
     "Job",

@@ -30,6 +30,8 @@ VERSION_STATUSES = ("candidate", "active", "rejected", "retired")
 JOB_STATUSES = ("queued", "running", "succeeded", "rejected", "failed", "skipped")
 # "pending": stored for review but outside its speaker's centroid (it did not sound like them).
 UTTERANCE_STATUSES = ("enrolled", "pending")
+# Service roles: admin does everything; enroll adds and reads profiles; query identifies and verifies.
+KEY_ROLES = ("admin", "enroll", "query")
 
 # Tables that live in our database but belong to a library, which creates them itself:
 # APScheduler keeps the persisted refresh schedule in apscheduler_jobs (engine/scheduler.py).
@@ -235,6 +237,38 @@ class Calibration(Base):
     version: Mapped[int] = mapped_column(ForeignKey("model_versions.number"), index=True)
     params: Mapped[dict[str, Any]]
     created_at: Mapped[datetime]
+
+
+class ApiKey(Base):
+    """A service API key: only its SHA-256 digest is stored, with a short prefix to name it by."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = (
+        CheckConstraint("role IN (" + ", ".join(f"'{r}'" for r in KEY_ROLES) + ")", name="role"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    digest: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str]
+    note: Mapped[str]
+    created_at: Mapped[datetime]
+    revoked_at: Mapped[datetime | None]
+
+
+class AuditEntry(Base):
+    """Append-only record of actions on personal data and keys.
+
+    ``detail`` never names a speaker whose data was erased: it keeps counts only.
+    """
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    action: Mapped[str]
+    actor: Mapped[str]
+    detail: Mapped[dict[str, Any]]
+    at: Mapped[datetime]
 
 
 def include_object(obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:

@@ -97,3 +97,22 @@ class Job:
     requested_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    id: int
+    prefix: str  # the key's first characters, enough to tell keys apart in a listing
+    role: str  # admin / enroll / query
+    note: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    id: int
+    action: str
+    actor: str
+    detail: dict[str, Any]
+    at: datetime

@@ -48,6 +48,8 @@ from engine.errors import (
 from storage import models as m
 from storage.records import (
     AliasMove,
+    ApiKey,
+    AuditEntry,
     Centroid,
     Enrollment,
     Job,
@@ -745,17 +747,7 @@ class Store:
         """
         with self._session(f"start a {kind} job", write=True) as s:
             now = _now()
-            # Every kind: refreshes and rollbacks share one lock.
-            interrupted = list(s.scalars(select(m.Job).where(m.Job.status == "running")))
-            for job in interrupted:
-                job.status, job.finished_at = "failed", now
-                job.result = {**job.result, "error": "interrupted: the process running it stopped"}
-                if job.version is not None:
-                    version = s.get(m.ModelVersion, job.version)
-                    if version is not None and version.status == "candidate":
-                        version.status, version.note = "rejected", "interrupted before promotion"
-                        s.execute(delete(m.Centroid).where(m.Centroid.version == job.version))
-                        s.execute(delete(m.Embedding).where(m.Embedding.version == job.version))
+            interrupted = _fail_interrupted(s, now)
             queued = list(
                 s.scalars(select(m.Job).where(m.Job.kind == kind, m.Job.status == "queued").order_by(m.Job.id))
             )
@@ -771,6 +763,16 @@ class Store:
                 other.status, other.finished_at, other.result = "skipped", now, {"covered_by": job.id}
             s.flush()
             return _job_record(job), [_job_record(j) for j in interrupted]
+
+    def recover_interrupted_jobs(self) -> list[Job]:
+        """Mark jobs left running by a process that died as failed (and reject the
+        candidate each left half built); call it only while holding :meth:`exclusive`.
+
+        A starting service calls this, so a job killed with its process reads as failed
+        at once rather than when the next refresh starts.
+        """
+        with self._session("recover interrupted jobs", write=True) as s:
+            return [_job_record(j) for j in _fail_interrupted(s, _now())]
 
     def update_job(
         self, job_id: int, *, status: str | None = None, version: int | None = None, result: dict | None = None
@@ -814,11 +816,12 @@ class Store:
 
     # --------------------------------------------------------------------- reads
 
-    def speakers(self) -> list[SpeakerSummary]:
-        """Every speaker with utterance count, total speech and pending count, sorted by name."""
+    def speakers(self, name: str | None = None) -> list[SpeakerSummary]:
+        """Every speaker (or only ``name``) with utterance count, total speech and pending
+        count, sorted by name."""
         enrolled = m.Utterance.status == "enrolled"
         with self._session("list speakers") as s:
-            rows = s.execute(
+            query = (
                 select(
                     m.Speaker.name,
                     func.count(m.Utterance.id).filter(enrolled),
@@ -829,6 +832,9 @@ class Store:
                 .outerjoin(m.Utterance)
                 .group_by(m.Speaker.id)
             )
+            if name is not None:
+                query = query.where(m.Speaker.name == name)
+            rows = s.execute(query)
             summaries = [SpeakerSummary(name, n, float(speech), at, pending) for name, n, speech, at, pending in rows]
         # Sorted here: database collations disagree on the order of names.
         return sorted(summaries, key=lambda summary: summary.name)
@@ -901,6 +907,96 @@ class Store:
             if row is None:
                 raise StorageError(f"no audio stored for utterance {utterance_id}")
             return row.data, row.codec, row.sample_rate
+
+    # ------------------------------------------------------- erasure, keys, audit
+
+    def erase_speaker(self, name: str, *, actor: str) -> dict[str, Any]:
+        """Delete everything stored about a speaker, in one transaction: the kept audio
+        or features, every utterance (held ones too), its embeddings under every version,
+        its centroids and the speaker row. Replay draws from stored utterances, so
+        nothing of theirs can be replayed afterwards.
+
+        The audit log records that an erasure happened, with counts, but not the name.
+        On SQLite the freed pages are zeroed (``secure_delete``) and the write-ahead log is
+        truncated, so the bytes leave the database files too.
+
+        Returns the counts and ``trained_into``: versions whose training may have seen
+        the speaker's utterances (their weights are not changed by an erasure).
+
+        Raises
+        ------
+        UnknownSpeaker
+            No such speaker (nothing is written, not even to the audit log).
+        """
+        with self._session("erase a speaker", write=True) as s:
+            speaker_id = s.scalar(select(m.Speaker.id).where(m.Speaker.name == name).with_for_update())
+            if speaker_id is None:
+                raise UnknownSpeaker(f"speaker {name!r} is not enrolled")
+            ids = select(m.Utterance.id).where(m.Utterance.speaker_id == speaker_id).scalar_subquery()
+            first = s.scalar(select(func.min(m.Utterance.id)).where(m.Utterance.speaker_id == speaker_id))
+            trained_into = [] if first is None else sorted(
+                s.scalars(
+                    select(m.ModelVersion.number).where(
+                        m.ModelVersion.parent.is_not(None), m.ModelVersion.trained_through >= first
+                    )
+                )
+            )
+            counts = {
+                "utterances": s.execute(delete(m.UtteranceAudio).where(m.UtteranceAudio.utterance_id.in_(ids))).rowcount,
+                "embeddings": s.execute(delete(m.Embedding).where(m.Embedding.utterance_id.in_(ids))).rowcount,
+                "centroids": s.execute(delete(m.Centroid).where(m.Centroid.speaker_id == speaker_id)).rowcount,
+            }
+            s.execute(delete(m.Utterance).where(m.Utterance.speaker_id == speaker_id))
+            s.execute(delete(m.Speaker).where(m.Speaker.id == speaker_id))
+            s.add(m.AuditEntry(action="erase_speaker", actor=actor, detail=counts, at=_now()))
+        if self._backend == "sqlite" and not _in_memory(self._url):
+            with self._translating("truncate the write-ahead log"), self._write.connect() as conn:
+                conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        return {**counts, "trained_into": trained_into}
+
+    def add_key(self, *, prefix: str, digest: str, role: str, note: str, actor: str) -> ApiKey:
+        """Store an API key's digest (never the key) with its role."""
+        if role not in m.KEY_ROLES:
+            raise InvalidInput(f"role {role!r}; valid: {', '.join(m.KEY_ROLES)}")
+        with self._session("store an API key", write=True) as s:
+            row = m.ApiKey(prefix=prefix, digest=digest, role=role, note=note, created_at=_now())
+            s.add(row)
+            s.flush()
+            s.add(m.AuditEntry(action="create_key", actor=actor, detail={"key": row.id, "role": role}, at=row.created_at))
+            return _key_record(row)
+
+    def key_by_digest(self, digest: str) -> ApiKey | None:
+        """The live (not revoked) key with this digest, or None."""
+        with self._session("look up an API key") as s:
+            row = s.scalars(select(m.ApiKey).where(m.ApiKey.digest == digest, m.ApiKey.revoked_at.is_(None))).first()
+            return None if row is None else _key_record(row)
+
+    def list_keys(self) -> list[ApiKey]:
+        with self._session("list API keys") as s:
+            return [_key_record(row) for row in s.scalars(select(m.ApiKey).order_by(m.ApiKey.id))]
+
+    def revoke_key(self, key_id: int, *, actor: str) -> ApiKey:
+        with self._session(f"revoke API key {key_id}", write=True) as s:
+            row = s.get(m.ApiKey, key_id)
+            if row is None:
+                raise InvalidInput(f"no API key {key_id}")
+            if row.revoked_at is None:
+                row.revoked_at = _now()
+                s.add(m.AuditEntry(action="revoke_key", actor=actor, detail={"key": key_id}, at=row.revoked_at))
+            s.flush()
+            return _key_record(row)
+
+    def erasures(self) -> int:
+        """How many erasures have happened: processes caching embeddings (the AS-norm
+        cohort) compare this to know when to drop what they hold."""
+        with self._session("count erasures") as s:
+            return s.scalar(select(func.count()).select_from(m.AuditEntry).where(m.AuditEntry.action == "erase_speaker"))
+
+    def audit_log(self, limit: int = 100) -> list[AuditEntry]:
+        """The newest ``limit`` audit entries, newest first."""
+        with self._session("read the audit log") as s:
+            rows = s.scalars(select(m.AuditEntry).order_by(m.AuditEntry.id.desc()).limit(limit))
+            return [AuditEntry(r.id, r.action, r.actor, dict(r.detail), r.at) for r in rows]
 
     def counts(self) -> dict[str, int]:
         """Rows per table, by table name."""
@@ -985,6 +1081,9 @@ def _sqlite_engine(url: URL, *, echo: bool, begin: str) -> Engine:
         cursor = dbapi_connection.cursor()
         cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA foreign_keys = ON")
+        # Deleted rows are overwritten with zeros, not left in free pages: voiceprints
+        # are biometric data, and an erased speaker must not be recoverable from the file.
+        cursor.execute("PRAGMA secure_delete = ON")
         # WAL: readers never block the writer and the writer never blocks readers.
         cursor.execute("PRAGMA journal_mode = WAL")
         cursor.close()
@@ -1075,11 +1174,32 @@ def _missing_embeddings_query(version: int):
     )
 
 
+def _fail_interrupted(s: Session, now: datetime) -> list[m.Job]:
+    """Jobs marked running while the caller holds the job lock belong to dead processes
+    (every kind: refreshes and rollbacks share one lock)."""
+    interrupted = list(s.scalars(select(m.Job).where(m.Job.status == "running")))
+    for job in interrupted:
+        job.status, job.finished_at = "failed", now
+        job.result = {**job.result, "error": "interrupted: the process running it stopped"}
+        if job.version is not None:
+            version = s.get(m.ModelVersion, job.version)
+            if version is not None and version.status == "candidate":
+                version.status, version.note = "rejected", "interrupted before promotion"
+                s.execute(delete(m.Centroid).where(m.Centroid.version == job.version))
+                s.execute(delete(m.Embedding).where(m.Embedding.version == job.version))
+    s.flush()
+    return interrupted
+
+
 def _job_row(session: Session, job_id: int) -> m.Job:
     row = session.get(m.Job, job_id)
     if row is None:
         raise InvalidInput(f"no job {job_id}")
     return row
+
+
+def _key_record(row: m.ApiKey) -> ApiKey:
+    return ApiKey(row.id, row.prefix, row.role, row.note, row.created_at, row.revoked_at)
 
 
 def _job_record(row: m.Job) -> Job:
