@@ -21,7 +21,9 @@ import math
 import os
 import threading
 import warnings
+import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO, Sequence
 
 import numpy as np
@@ -33,9 +35,12 @@ from engine.config import AudioConfig
 from engine.errors import (
     AudioError,
     EmptyAudio,
+    IncompatibleFeatures,
+    InvalidInput,
     MissingAudio,
     NonFiniteAudio,
     NoSpeech,
+    PathNotAllowed,
     TooLong,
     TooShort,
     UndecodableAudio,
@@ -44,6 +49,7 @@ from engine.errors import (
 logger = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16_000
+FEATURES_CODEC_PREFIX = "features-"  # kept features (privacy.keep = "features"), by frontend
 
 _CLIP_LEVEL = 0.999  # |x| at or above this counts as clipped
 _PEAK_CEILING = 0.99  # the level gain is limited so the peak stays below full scale
@@ -196,6 +202,64 @@ def decode_flac(data: bytes) -> np.ndarray:
     return samples
 
 
+def features_codec(frontend: str) -> str:
+    """The ``codec`` of kept features: they mean something only to encoders of this frontend."""
+    return f"{FEATURES_CODEC_PREFIX}{frontend}"
+
+
+def encode_features(features: np.ndarray) -> bytes:
+    """Encode ``[frames, dims]`` encoder input features as zlib-compressed float16 ``.npy`` bytes.
+
+    float16 moves an utterance embedding by at most about 5e-5 per value (1 - cosine
+    about 1e-7, measured on vctk, LibriSpeech and speechocean762 speech) and halves the
+    size; zlib takes another 15-20 % off. Power mel values of speech stay far below
+    float16's largest value (65504); features that do not fit are kept as float32 rather
+    than as inf (the ``.npy`` header records the dtype).
+    """
+    features = np.asarray(features)
+    if features.ndim != 2:
+        raise ValueError(f"expected [frames, dims] features, got shape {features.shape}")
+    with np.errstate(over="ignore"):
+        half = features.astype(np.float16)
+    buffer = io.BytesIO()
+    np.save(buffer, half if np.isfinite(half).all() else features.astype(np.float32), allow_pickle=False)
+    return zlib.compress(buffer.getvalue())
+
+
+def decode_features(data: bytes, *, codec: str, frontend: str) -> np.ndarray:
+    """Decode bytes from :func:`encode_features` kept under ``codec``, for an encoder of ``frontend``.
+
+    Raises
+    ------
+    IncompatibleFeatures
+        ``codec`` names another frontend's features (or no features at all).
+    UndecodableAudio
+        The bytes are not what :func:`encode_features` writes.
+    """
+    if codec != features_codec(frontend):
+        raise IncompatibleFeatures(
+            f"stored {codec!r} data cannot feed an encoder of frontend {frontend!r} "
+            f"(it needs {features_codec(frontend)!r} or kept audio)"
+        )
+    try:
+        features = np.load(io.BytesIO(zlib.decompress(data)), allow_pickle=False)
+    except (zlib.error, ValueError, OSError, EOFError) as exc:
+        raise UndecodableAudio(f"stored features: cannot be decoded ({exc})") from None
+    if features.ndim != 2:
+        raise UndecodableAudio(f"stored features: expected [frames, dims], got shape {features.shape}")
+    return features
+
+
+def decode_stored(data: bytes, codec: str, sample_rate: int, *, frontend: str) -> np.ndarray:
+    """What was kept of an utterance, ready for an encoder of ``frontend``: its 16 kHz
+    speech (1-D float32) when audio was kept, else its features (2-D, ``[frames, dims]``)."""
+    if codec == "flac":
+        if sample_rate != SAMPLE_RATE:
+            raise InvalidInput(f"stored FLAC at {sample_rate} Hz, expected {SAMPLE_RATE}")
+        return decode_flac(data)
+    return decode_features(data, codec=codec, frontend=frontend)
+
+
 def _decode(source: Source, name: str | None, config: AudioConfig) -> _Decoded:
     """Check, decode, downmix and resample one input; everything before the VAD."""
     if isinstance(source, (bytes, bytearray, memoryview)):
@@ -203,6 +267,7 @@ def _decode(source: Source, name: str | None, config: AudioConfig) -> _Decoded:
         data = _read_checked(io.BytesIO(source), label, config)
     else:
         label = name if name is not None else str(source)
+        source = check_root(source, config.roots)
         try:
             with open(source, "rb") as fh:
                 data = _read_checked(fh, label, config)
@@ -233,6 +298,22 @@ def _decode(source: Source, name: str | None, config: AudioConfig) -> _Decoded:
         input_sample_rate=rate,
         channels=frames.shape[1],
     )
+
+
+def check_root(path: str | os.PathLike, roots: str) -> Path:
+    """``path`` resolved, provided it lies inside one of ``roots`` (``os.pathsep``-separated;
+    empty allows anywhere). Symlinks and ".." are resolved first, so neither can lead out.
+
+    Raises
+    ------
+    PathNotAllowed
+        The resolved path is outside every root.
+    """
+    resolved = Path(path).expanduser().resolve()
+    allowed = [Path(r).expanduser().resolve() for r in roots.split(os.pathsep) if r.strip()]
+    if allowed and not any(resolved.is_relative_to(root) for root in allowed):
+        raise PathNotAllowed(f"{path}: outside the folders audio may be read from ([audio] roots)")
+    return resolved
 
 
 def _read_checked(fh: BinaryIO, label: str, config: AudioConfig) -> bytes:

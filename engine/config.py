@@ -26,6 +26,9 @@ class AudioConfig:
     max_duration_s: float = 600.0  # longer inputs are rejected before being decoded
     vad_threshold: float = 0.5  # silero-vad speech probability
     target_dbfs: float = -30.0  # quieter speech is raised to this RMS level (Resemblyzer's rule)
+    # Folders that audio files and stream manifests may be read from, separated by ":"
+    # (os.pathsep); empty: anywhere. Paths are resolved (symlinks and "..") before the check.
+    roots: str = ""
 
 
 @dataclass(frozen=True)
@@ -117,12 +120,38 @@ class RefreshConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """What is kept of an enrolled utterance besides its embeddings (README, "Privacy")."""
+
+    # "audio": the 16 kHz speech (FLAC); "features": only the encoder's input features,
+    # so no playable recording is kept (trade-offs in the README).
+    keep: str = "audio"
+
+    def __post_init__(self) -> None:
+        if self.keep not in ("audio", "features"):
+            raise ConfigError(f"[privacy] keep={self.keep!r}; valid: ['audio', 'features']")
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """``voiceprint serve``: the HTTP API (README, "The HTTP service")."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_request_bytes: int = 16 * 1024 * 1024  # larger bodies get 413 before being read
+    max_audio_s: float = 300.0  # longer uploads get 413 (the smaller of this and [audio] max_duration_s)
+    refresh_check_s: float = 5.0  # how often the service looks for queued refresh requests
+
+
+@dataclass(frozen=True)
 class Config:
     audio: AudioConfig = field(default_factory=AudioConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     enrollment: EnrollmentConfig = field(default_factory=EnrollmentConfig)
     refresh: RefreshConfig = field(default_factory=RefreshConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)

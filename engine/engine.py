@@ -208,7 +208,7 @@ class Engine:
         delta = config.refresh.drift_delta
         self._drift = GenuineScoreDrift(delta=delta) if delta > 0 else None
         self._drift_lock = threading.Lock()
-        self._scoring: dict[int, tuple[int | None, _VersionScoring]] = {}
+        self._scoring: dict[int, tuple[tuple, _VersionScoring]] = {}
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -413,6 +413,14 @@ class Engine:
                     and float(cosine(embedding, previous_mean[None, :])[0]) < cut
                 )
 
+        if self.config.privacy.keep == "features":
+            # No playable recording is kept: replay and re-embedding read the encoder's
+            # input features instead, which depend on its frontend only, not on its weights.
+            embedder = self.embedder(self.store.get_version(version))
+            kept = audio.encode_features(embedder.features(utt.samples))
+            codec, rate = audio.features_codec(embedder.encoder.frontend), embedder.frontend.sample_rate
+        else:
+            kept, codec, rate = audio.encode_flac(utt.samples), "flac", audio.SAMPLE_RATE
         stored = self.store.enroll(
             speaker=speaker,
             version=version,
@@ -421,9 +429,9 @@ class Engine:
             duration_s=utt.quality.duration_s,
             speech_s=utt.quality.speech_s,
             quality=utt.quality.to_dict(),
-            audio=audio.encode_flac(utt.samples),
-            codec="flac",
-            sample_rate=audio.SAMPLE_RATE,
+            audio=kept,
+            codec=codec,
+            sample_rate=rate,
             embedding=embedding,
             expect_active=True,
             hold=hold,
@@ -466,8 +474,10 @@ class Engine:
         active = self.active_version()
         extra = {}
         if active.number not in self.store.embedded_versions(utterance_id):
-            data, _, _ = self.store.utterance_audio(utterance_id)
-            extra[active.number] = self.embedder(active).embed([audio.decode_flac(data)])[0]
+            embedder = self.embedder(active)
+            kept = audio.decode_stored(*self.store.utterance_audio(utterance_id), frontend=embedder.encoder.frontend)
+            # Kept audio decodes to a waveform (1-D), kept features to [frames, dims].
+            extra[active.number] = (embedder.embed if kept.ndim == 1 else embedder.embed_features)([kept])[0]
         record = self.store.accept_utterance(utterance_id, extra)
         return {"utterance": record.id, "speaker": record.speaker, "status": record.status}
 
@@ -475,6 +485,19 @@ class Engine:
         """Delete an utterance and take it out of its speaker's profile under every version."""
         record = self.store.remove_utterance(utterance_id)
         return {"utterance": record.id, "speaker": record.speaker, "removed": True, "was": record.status}
+
+    def erase_speaker(self, speaker: str, *, by: str | None = None) -> dict:
+        """Delete everything stored about ``speaker`` (see :meth:`storage.Store.erase_speaker`).
+
+        The audit log keeps only that an erasure happened. Returns the counts removed and
+        the versions whose training may have seen the speaker (``trained_into``).
+        ``by`` names who asked, for the audit log (default: the login name).
+        """
+        speaker = check_speaker_name(speaker)
+        result = self.store.erase_speaker(speaker, actor=by or actor())
+        with self._lock:
+            self._scoring.clear()
+        return {"speaker": speaker, "erased": True, **result}
 
     def _watch_drift(self, genuine_score: float) -> None:
         """Feed the drift detector; on a fall in genuine scores, queue one refresh request."""
@@ -549,8 +572,8 @@ class Engine:
             "active_version": active.number,
             "pending_utterances": self.store.count_utterances_after(active.trained_through),
             "queued": len(self.store.list_jobs(limit=1000, status="queued")),
-            "running_job": _job_dict(running[0]) if running else None,
-            "last_job": _job_dict(finished[0]) if finished else None,
+            "running_job": job_dict(running[0]) if running else None,
+            "last_job": job_dict(finished[0]) if finished else None,
             "held_for_review": len(self.store.utterances(status="pending")),
             "calibration": self._calibration_status(active.number),
         }
@@ -575,7 +598,8 @@ class Engine:
         """Cohort, calibration and cached statistics of a version, rebuilt when a newer
         calibration appears (a ``calibrate`` in another process included)."""
         latest = self.store.latest_calibration(version)
-        key = latest[0] if latest else None
+        # An erasure (in any process) must also leave the in-memory cohort.
+        key = (latest[0] if latest else None, self.store.erasures())
         with self._lock:
             cached = self._scoring.get(version)
             if cached is not None and cached[0] == key:
@@ -744,7 +768,7 @@ def _own_prototypes(scoring: _VersionScoring, speaker: str) -> tuple[np.ndarray,
     return None if rows is None or not len(rows) else (np.zeros(len(rows), dtype=np.int64), rows)
 
 
-def _job_dict(job: Job) -> dict:
+def job_dict(job: Job) -> dict:
     out = asdict(job)
     for key in ("requested_at", "started_at", "finished_at"):
         out[key] = out[key].isoformat() if out[key] else None

@@ -110,6 +110,12 @@ class DuplicateUtterance(StorageError):
     code = "duplicate_utterance"
 
 
+class PathNotAllowed(AudioError):
+    """A path outside the folders that ``[audio] roots`` allows audio to be read from."""
+
+    code = "path_not_allowed"
+
+
 class MissingAudio(AudioError):
     """The audio file named does not exist or cannot be read."""
 
@@ -141,3 +147,10 @@ class IncompleteVersion(StorageError):
     """A version cannot become active: some utterances have no embedding under it yet."""
 
     code = "incomplete_version"
+
+
+class IncompatibleFeatures(VoiceprintError):
+    """Stored features were made by another frontend than the encoder's, so they cannot be
+    embedded; only kept audio can move to an encoder with another frontend."""
+
+    code = "incompatible_features"

@@ -41,7 +41,7 @@ from engine import audio
 from engine.checkpoints import save_checkpoint
 from engine.config import RefreshConfig
 from engine.embedder import Embedder, pick_device
-from engine.errors import IncompleteVersion, InvalidInput, NotEnoughData
+from engine.errors import IncompleteVersion, InvalidInput, NotEnoughData, VoiceprintError
 from engine.frontends import create_frontend
 from engine.losses import LOSSES, create_loss
 from engine.metrics import d_prime, eer, top_k_accuracy
@@ -123,13 +123,16 @@ def choose_training(
     return new, sorted(reservoir.items(), key=lambda u: u.id)
 
 
-def load_stored(engine: Engine, ids: list[int]) -> dict[int, np.ndarray]:
-    """Decode the kept speech of utterances (16 kHz float32), by id."""
+def load_stored(engine: Engine, ids: list[int], frontend: str) -> dict[int, np.ndarray]:
+    """What was kept of utterances, by id: 16 kHz speech (1-D float32) where audio was kept,
+    encoder input features (2-D ``[frames, dims]``, of ``frontend``) where only those were
+    (``privacy.keep = "features"``). A store can hold both kinds if that setting changed."""
     out = {}
     for uid, (data, codec, rate) in engine.store.audio_many(ids).items():
-        if codec != "flac" or rate != audio.SAMPLE_RATE:
-            raise InvalidInput(f"utterance {uid}: stored as {codec} at {rate} Hz, expected flac at 16 kHz")
-        out[uid] = audio.decode_flac(data)
+        try:
+            out[uid] = audio.decode_stored(data, codec, rate, frontend=frontend)
+        except VoiceprintError as exc:
+            raise type(exc)(f"utterance {uid}: {exc}") from None
     return out
 
 
@@ -169,10 +172,14 @@ class NoiseBank:
 
 
 class Crops:
-    """Random fixed-length crops of waveforms, turned into encoder input frames."""
+    """Random fixed-length crops of kept utterances (see :func:`load_stored`), as encoder input frames.
 
-    def __init__(self, waves: list[np.ndarray], encoder: torch.nn.Module, device: torch.device, seed: int, noise: NoiseBank | None) -> None:
-        self.waves = waves
+    Speech is cropped to ``window_frames`` frames' worth of samples and goes through the
+    frontend; kept features are cropped to ``window_frames`` frames directly.
+    """
+
+    def __init__(self, kept: list[np.ndarray], encoder: torch.nn.Module, device: torch.device, seed: int, noise: NoiseBank | None) -> None:
+        self.kept = kept
         self.frames = encoder.window_frames
         self.frontend = create_frontend(encoder.frontend).to(device)
         self.samples = self.frames * self.frontend.hop_length
@@ -181,17 +188,23 @@ class Crops:
         self.noise = noise
 
     def batch(self, indices: list[int]) -> torch.Tensor:
-        crops = []
-        for i in indices:
-            wave = self.waves[i]
-            if len(wave) < self.samples:  # short speech is zero-padded, as at inference
-                wave = np.pad(wave, (0, self.samples - len(wave)))
-            start = int(self.rng.integers(len(wave) - self.samples + 1))
-            crop = wave[start : start + self.samples]
-            crops.append(self.noise.mix(crop) if self.noise else crop)
-        with torch.no_grad():
-            features = self.frontend(torch.from_numpy(np.stack(crops)).float().to(self.device))
-        return features[:, : self.frames]
+        crops = [self._crop(self.kept[i]) for i in indices]
+        out = [torch.from_numpy(crop).float().to(self.device) if crop.ndim == 2 else None for crop in crops]
+        speech = [k for k, crop in enumerate(crops) if crop.ndim == 1]
+        if speech:
+            with torch.no_grad():
+                features = self.frontend(torch.from_numpy(np.stack([crops[k] for k in speech])).float().to(self.device))
+            for k, frames in zip(speech, features[:, : self.frames]):
+                out[k] = frames
+        return torch.stack(out)
+
+    def _crop(self, kept: np.ndarray) -> np.ndarray:
+        length = self.samples if kept.ndim == 1 else self.frames
+        if len(kept) < length:  # a short utterance is zero-padded, as at inference
+            kept = np.pad(kept, [(0, length - len(kept))] + [(0, 0)] * (kept.ndim - 1))
+        start = int(self.rng.integers(len(kept) - length + 1))
+        crop = kept[start : start + length]
+        return self.noise.mix(crop) if self.noise and crop.ndim == 1 else crop
 
 
 # -- training --------------------------------------------------------------------------
@@ -199,7 +212,7 @@ class Crops:
 
 def train(
     parent: torch.nn.Module,
-    waves: list[np.ndarray],
+    kept: list[np.ndarray],
     speakers: list[str],
     replayed: np.ndarray,
     init_heads: dict[str, np.ndarray],
@@ -207,7 +220,8 @@ def train(
     device_name: str,
     progress: bool,
 ) -> tuple[torch.nn.Module, dict]:
-    """Fine-tune a copy of ``parent``; returns the candidate (on CPU, eval mode) and training stats."""
+    """Fine-tune a copy of ``parent`` on ``kept`` utterances (as :func:`load_stored` returns
+    them); returns the candidate (on CPU, eval mode) and training stats."""
     device = pick_device(device_name)
     torch.manual_seed(cfg.seed)
     teacher = copy.deepcopy(parent).to(device).eval().requires_grad_(False)
@@ -233,7 +247,16 @@ def train(
         [{"params": student.parameters(), "lr": cfg.lr}, {"params": loss_fn.parameters(), "lr": cfg.loss_lr}]
     )
     noise = NoiseBank(cfg.noise_dir, cfg.noise_snr_db, cfg.seed) if cfg.noise_dir else None
-    crops = Crops(waves, student, device, cfg.seed, noise)
+    features_only = sum(k.ndim == 2 for k in kept)
+    if noise and features_only:
+        # Noise is mixed into speech before the frontend; kept features have no speech left.
+        log.warning(
+            "refresh: %d of %d training utterances were kept as features only (privacy.keep); "
+            "they are trained on without noise augmentation",
+            features_only,
+            len(kept),
+        )
+    crops = Crops(kept, student, device, cfg.seed, noise)
     # Mixed precision only where it pays (CUDA); bfloat16 needs no loss scaling.
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     started, losses, step = time.perf_counter(), [], 0
@@ -382,10 +405,11 @@ def embed_utterances(engine: Engine, embedder: Embedder, ids: list[int], *, desc
     out: dict[int, np.ndarray] = {}
     with tqdm(total=len(ids), desc=desc, unit="utt", disable=not progress, leave=False) as bar:
         for start in range(0, len(ids), EMBED_CHUNK):
-            waves = load_stored(engine, ids[start : start + EMBED_CHUNK])
-            if waves:
-                for uid, vector in zip(waves, embedder.embed(list(waves.values()))):
-                    out[uid] = vector
+            kept = load_stored(engine, ids[start : start + EMBED_CHUNK], embedder.encoder.frontend)
+            speech = {uid: k for uid, k in kept.items() if k.ndim == 1}
+            features = {uid: k for uid, k in kept.items() if k.ndim == 2}
+            out.update(zip(speech, embedder.embed(list(speech.values()))))
+            out.update(zip(features, embedder.embed_features(list(features.values()))))
             bar.update(min(EMBED_CHUNK, len(ids) - start))
     return out
 
@@ -480,8 +504,8 @@ def _refresh(engine: Engine, parent: ModelVersion, report: RefreshReport, *, dry
             f"(refresh.min_holdout); enroll more, or raise refresh.holdout_fraction"
         )
     chosen = new + replay
-    waves_by_id = load_stored(engine, [u.id for u in chosen])
-    chosen = [u for u in chosen if u.id in waves_by_id]  # deleted meanwhile
+    kept_by_id = load_stored(engine, [u.id for u in chosen], engine.embedder(parent).encoder.frontend)
+    chosen = [u for u in chosen if u.id in kept_by_id]  # deleted meanwhile
     names, matrix = store.centroid_matrix(parent.number)
     init_heads = dict(zip(names, matrix))
     replay_ids = {u.id for u in replay}
@@ -497,7 +521,7 @@ def _refresh(engine: Engine, parent: ModelVersion, report: RefreshReport, *, dry
     parent_encoder = engine.embedder(parent).encoder
     candidate, report.metrics["training"] = train(
         parent_encoder,
-        [waves_by_id[u.id] for u in chosen],
+        [kept_by_id[u.id] for u in chosen],
         [u.speaker for u in chosen],
         np.array([u.id in replay_ids for u in chosen]),
         init_heads,
