@@ -123,7 +123,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="show the schedule")
     p.add_argument("--clear", action="store_true", help="remove the schedule")
 
-    command("serve", cmd_serve, "run the refresh schedule until stopped (SIGINT/SIGTERM)")
+    p = command("serve", cmd_serve, "run the HTTP API and the refresh schedule until stopped (SIGINT/SIGTERM)")
+    p.add_argument("--host", help="address to listen on (default [service] host, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default [service] port, 8080; 0 picks a free one and prints it)")
+
+    p = command("keys", cmd_keys, "create, list or revoke the service's API keys")
+    p.add_argument("action", choices=["create", "list", "revoke"])
+    p.add_argument("--role", choices=["admin", "enroll", "query"], help="create: what the key may do")
+    p.add_argument("--note", default="", help="create: what the key is for")
+    p.add_argument("--id", type=int, help="revoke: the key's id (see `keys list`)")
+
+    p = command("delete-speaker", cmd_delete_speaker, "erase everything stored about a speaker (audio, embeddings, profiles, held items)")
+    p.add_argument("speaker")
+    p.add_argument("--yes", action="store_true", help="do it without asking")
+
+    command("openapi", cmd_openapi, "print the HTTP API's OpenAPI schema (JSON)")
     command("status", cmd_status, "active version, pending utterances, running and last job, next scheduled runs")
 
     p = command("db", cmd_db, "database schema")
@@ -218,10 +232,16 @@ def report_row(args: argparse.Namespace, result, *, source: str, row: int | None
 
 
 def cmd_stream(args: argparse.Namespace) -> int:
+    from engine.audio import check_root
+    from engine.config import load_config
+    from engine.engine import CONFIG_FILE, resolve_home
+
     if args.source == "-":
         stream, base = sys.stdin, Path.cwd()
     else:
-        path = Path(args.source)
+        # A manifest is read only from where audio may be read ([audio] roots).
+        roots = load_config(resolve_home(args.home) / CONFIG_FILE).audio.roots
+        path = check_root(args.source, roots)
         try:
             stream = open(path, encoding="utf-8", newline="")
         except OSError as exc:
@@ -555,20 +575,102 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import signal
-    import threading
+    import socket
 
-    from engine import scheduler
+    import uvicorn
 
-    _, db = _home_and_db(args)
+    from service import create_app
+
+    home, db = _home_and_db(args)
     with open_engine(args) as eng:  # fail fast, with the usual message, if not initialised
-        where = eng.store.url
-    jobs = scheduler.list_schedule(db)
-    stop = threading.Event()
+        where, cfg = eng.store.url, eng.config.service
+        keys = [k for k in eng.store.list_keys() if k.revoked_at is None]
+    host = args.host or cfg.host
+    # The socket is bound here so that port 0 can report the port it got.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, cfg.port if args.port is None else args.port))
+    except OSError as exc:
+        from engine.errors import InvalidInput
+
+        raise InvalidInput(f"cannot listen on {host}:{args.port or cfg.port}: {exc.strerror}") from None
+    port = sock.getsockname()[1]
+    print(f"voiceprint serve: http://{host}:{port} on {where}; stop with Ctrl-C or SIGTERM", file=sys.stderr, flush=True)
+    if not keys:
+        print("voiceprint serve: no API keys yet, every request will get 401 (voiceprint keys create --role admin)", file=sys.stderr, flush=True)
+    server = uvicorn.Server(uvicorn.Config(create_app(home, db), log_level="info" if args.verbose else "warning"))
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again for
+    # the handler that was there before it; a no-op one lets us exit 0 after a clean stop.
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    print(f"voiceprint serve: {len(jobs)} scheduled job(s) on {where}; stop with Ctrl-C or SIGTERM", file=sys.stderr, flush=True)
-    scheduler.run(db, stop)
+        signal.signal(sig, lambda *_: None)
+    server.run(sockets=[sock])
     print("voiceprint serve: stopped", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from engine.engine import actor
+    from engine.errors import InvalidInput
+    from service.keys import create_key
+
+    with open_engine(args) as eng:
+        if args.action == "create":
+            if not args.role:
+                raise InvalidInput("keys create needs --role admin|enroll|query")
+            record, key = create_key(eng.store, args.role, note=args.note, actor=actor())
+            if args.json:
+                emit({"ok": True, "id": record.id, "role": record.role, "key": key})
+            else:
+                print(key)
+                print(f"key {record.id} ({record.role}) created; it is shown only now, store it safely", file=sys.stderr)
+            return EXIT_OK
+        if args.action == "revoke":
+            if args.id is None:
+                raise InvalidInput("keys revoke needs --id (see `voiceprint keys list`)")
+            records = [eng.store.revoke_key(args.id, actor=actor())]
+        else:
+            records = eng.store.list_keys()
+    if args.json:
+        emit([asdict(r) for r in records])
+    for r in [] if args.json else records:
+        state = f"revoked {r.revoked_at:%Y-%m-%d %H:%M}" if r.revoked_at else "live"
+        print(f"{r.id:>4}  {r.prefix}...  {r.role:<7} {state:<24} {r.created_at:%Y-%m-%d %H:%M}  {r.note}")
+    return EXIT_OK
+
+
+def cmd_delete_speaker(args: argparse.Namespace) -> int:
+    from engine.errors import InvalidInput
+
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise InvalidInput("delete-speaker erases data for good: pass --yes")
+        if input(f"erase everything stored about {args.speaker!r}? [y/N] ").strip().lower() not in ("y", "yes"):
+            print("nothing erased", file=sys.stderr)
+            return EXIT_NEGATIVE
+    with open_engine(args) as eng:
+        result = eng.erase_speaker(args.speaker)
+    if args.json:
+        emit({"ok": True, **result})
+    else:
+        print(
+            f"erased {result['speaker']}: {result['utterances']} utterance(s), {result['embeddings']} embedding(s), "
+            f"{result['centroids']} profile(s)"
+        )
+        if result["trained_into"]:
+            print(
+                f"versions {result['trained_into']} were fine-tuned on some of this speaker's audio; their weights "
+                "are unchanged (roll back past them and refresh again to remove that too)",
+                file=sys.stderr,
+            )
+    return EXIT_OK
+
+
+def cmd_openapi(args: argparse.Namespace) -> int:
+    from service import create_app
+
+    print(json.dumps(create_app(args.home, args.db).openapi(), indent=2, sort_keys=True))
     return EXIT_OK
 
 

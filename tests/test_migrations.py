@@ -34,6 +34,8 @@ def test_models_define_the_expected_tables() -> None:
         "centroids",
         "jobs",
         "calibrations",
+        "api_keys",
+        "audit_log",
     }
 
 

@@ -114,7 +114,7 @@ def test_serve_runs_the_schedule_until_sigterm(tmp_path, dev_data):
     with Engine.init(home=home) as eng:
         eng.enroll_many(vctk_items(dev_data, 10))
     assert cli("--home", str(home), "schedule", "--min-new", "1", "--check-every", "1s").returncode == 0
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "--home", str(home), "serve"], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "--home", str(home), "serve", "--port", "0"], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 180
@@ -128,6 +128,6 @@ def test_serve_runs_the_schedule_until_sigterm(tmp_path, dev_data):
         os.kill(proc.pid, signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err
-        assert "scheduled job(s)" in err and "stopped" in err
+        assert "http://127.0.0.1:" in err and "stopped" in err
     finally:
         proc.kill()

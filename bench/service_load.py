@@ -1,0 +1,154 @@
+"""Load test of a running `voiceprint serve` on loopback: enroll and identify requests
+per second and their latency, on SQLite and on PostgreSQL.
+
+    .venv/bin/python bench/service_load.py [--clients 8] [--enrollments 400] [--identifies 400]
+                                            [--max-seconds 300] [--postgres URL]
+
+For each database a fresh home is made, one server process started (port chosen by the
+OS), and ``--clients`` threads send requests over keep-alive connections: first
+``--enrollments`` enrollments of speechocean762-train files (each speaker's files dealt
+over several clients), then ``--identifies`` identify calls on those files. Each phase
+stops early at ``--max-seconds``. Latency is the client's wall time per request.
+PostgreSQL runs in a database created for the run and dropped after it (default URL:
+the local test server); ``--postgres ""`` skips it. Writes bench/results/service.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import numpy as np
+from sqlalchemy import create_engine
+from sqlalchemy.engine import make_url
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, read_manifest, write_result  # noqa: E402
+
+from engine import Engine  # noqa: E402
+from service.keys import create_key  # noqa: E402
+
+DEFAULT_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+
+
+def start_server(home: Path, db: str) -> tuple[subprocess.Popen, str]:
+    log = open(home.parent / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli", "--home", str(home), "--db", db, "serve", "--port", "0"],
+        cwd=ROOT, stdout=log, stderr=log,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        found = re.findall(r"http://127\.0\.0\.1:(\d+)", (home.parent / "server.log").read_text())
+        if found:
+            url = f"http://127.0.0.1:{found[-1]}"
+            try:
+                if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                    return proc, url
+            except httpx.TransportError:
+                pass
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit(f"the server did not start:\n{(home.parent / 'server.log').read_text()}")
+
+
+def phase(url: str, key: str, requests: list[tuple[str, Path]], clients: int, max_seconds: float) -> dict:
+    """Send ``(route, file)`` requests from ``clients`` threads; latency and throughput."""
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    lock = threading.Lock()
+    started = time.perf_counter()
+    deadline = started + max_seconds
+
+    def client(share: list[tuple[str, Path]]) -> None:
+        headers = {"Authorization": f"Bearer {key}", "Content-Type": "audio/flac"}
+        with httpx.Client(base_url=url, timeout=120, headers=headers) as http:
+            for route, path in share:
+                if time.perf_counter() > deadline:
+                    return
+                body = path.read_bytes()
+                t0 = time.perf_counter()
+                status = http.post(route, content=body).status_code
+                with lock:
+                    latencies.append(time.perf_counter() - t0)
+                    statuses[status] = statuses.get(status, 0) + 1
+
+    threads = [threading.Thread(target=client, args=(requests[i::clients],)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    ms = np.array(latencies) * 1000
+    return {
+        "requests": len(latencies),
+        "seconds": round(wall, 2),
+        "requests_per_s": round(len(latencies) / wall, 2),
+        "p50_ms": round(float(np.percentile(ms, 50)), 1),
+        "p99_ms": round(float(np.percentile(ms, 99)), 1),
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+    }
+
+
+def run(db: str | None, args: argparse.Namespace, items) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp) / "home"
+        db = db or f"sqlite:///{home / 'voiceprint.db'}"
+        with Engine.init(home=home, db=db) as eng:
+            key = create_key(eng.store, "admin", actor="bench")[1]
+        proc, url = start_server(home, db)
+        try:
+            chosen = items[: args.enrollments]
+            # Dealt round-robin, so clients enroll the same speakers at the same time.
+            enroll = [(f"/v1/speakers/{it.speaker}/utterances", it.path) for it in chosen]
+            identify = [("/v1/identify", chosen[i % len(chosen)].path) for i in range(args.identifies)]
+            result = {
+                "enroll": phase(url, key, enroll, args.clients, args.max_seconds),
+                "identify": phase(url, key, identify, args.clients, args.max_seconds),
+            }
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+        result["speech_s_per_file"] = round(float(np.mean([it.duration_s for it in chosen])), 2)
+        return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--enrollments", type=int, default=400)
+    parser.add_argument("--identifies", type=int, default=400)
+    parser.add_argument("--max-seconds", type=float, default=300.0, help="per phase")
+    parser.add_argument("--postgres", default=DEFAULT_PG, help='admin URL of a PostgreSQL server; "" skips it')
+    args = parser.parse_args()
+    items = read_manifest("speechocean762-train")
+    results = {"settings": {k: v for k, v in vars(args).items() if k != "postgres"}, "sqlite": run(None, args, items)}
+    print("sqlite", results["sqlite"], flush=True)
+    if args.postgres:
+        name = f"vp_bench_{uuid.uuid4().hex[:8]}"
+        admin = create_engine(args.postgres, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        try:
+            url = make_url(args.postgres).set(database=name).render_as_string(hide_password=False)
+            results["postgresql"] = run(url, args, items)
+            print("postgresql", results["postgresql"], flush=True)
+        finally:
+            with admin.connect() as conn:
+                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            admin.dispose()
+    print(write_result("service", results))
+
+
+if __name__ == "__main__":
+    main()
