@@ -8,6 +8,7 @@ commits, rolls back and closes, and turns SQLAlchemy errors into the project's o
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import threading
 import zlib
@@ -59,6 +60,8 @@ from storage.records import (
 )
 
 ACTIVE = "active"
+log = logging.getLogger(__name__)
+
 FINISHED_JOB = ("succeeded", "rejected", "failed", "skipped")
 # In-memory SQLite lives in one process, so an in-process lock is the whole story there.
 _MEMORY_LOCKS: dict[str, threading.Lock] = {}
@@ -949,10 +952,25 @@ class Store:
             s.execute(delete(m.Utterance).where(m.Utterance.speaker_id == speaker_id))
             s.execute(delete(m.Speaker).where(m.Speaker.id == speaker_id))
             s.add(m.AuditEntry(action="erase_speaker", actor=actor, detail=counts, at=_now()))
-        if self._backend == "sqlite" and not _in_memory(self._url):
-            with self._translating("truncate the write-ahead log"), self._write.connect() as conn:
-                conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
-        return {**counts, "trained_into": trained_into}
+        return {**counts, "trained_into": trained_into, "files_scrubbed": self._truncate_wal()}
+
+    def _truncate_wal(self) -> bool:
+        """Copy the write-ahead log into the database and empty it, so that page images
+        from before a delete do not linger in it; False when readers kept it from
+        finishing (the log is then emptied at a later checkpoint)."""
+        if self._backend != "sqlite" or _in_memory(self._url):
+            return self._backend == "sqlite"
+        # On the raw connection: a checkpoint cannot run inside the transaction that
+        # SQLAlchemy would begin.
+        connection = self._write.raw_connection()
+        try:
+            busy, _, _ = connection.cursor().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            return busy == 0
+        except Exception as exc:  # the erasure itself is committed; report, don't undo
+            log.warning("erasure committed, but the write-ahead log was not truncated: %s", exc)
+            return False
+        finally:
+            connection.close()
 
     def add_key(self, *, prefix: str, digest: str, role: str, note: str, actor: str) -> ApiKey:
         """Store an API key's digest (never the key) with its role."""
