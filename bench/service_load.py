@@ -1,14 +1,17 @@
 """Load test of a running `voiceprint serve` on loopback: enroll and identify requests
 per second and their latency, on SQLite and on PostgreSQL.
 
-    .venv/bin/python bench/service_load.py [--clients 8] [--enrollments 400] [--identifies 400]
+    .venv/bin/python bench/service_load.py [--clients 1 8] [--enrollments 400] [--identifies 400]
                                             [--max-seconds 300] [--postgres URL]
 
-For each database a fresh home is made, one server process started (port chosen by the
-OS), and ``--clients`` threads send requests over keep-alive connections: first
+For each database and each client count a fresh home is made, one server process
+started (port chosen by the OS), and that many threads send requests over keep-alive
+connections: first
 ``--enrollments`` enrollments of speechocean762-train files (each speaker's files dealt
 over several clients), then ``--identifies`` identify calls on those files. Each phase
-stops early at ``--max-seconds``. Latency is the client's wall time per request.
+stops early at ``--max-seconds``. Latency is the client's wall time per request. After
+each server stops, the same identify calls are timed in-process (``Engine.identify``,
+one at a time), so the cost of the HTTP layer can be read off.
 PostgreSQL runs in a database created for the run and dropped after it (default URL:
 the local test server); ``--postgres ""`` skips it. Writes bench/results/service.json.
 """
@@ -100,7 +103,7 @@ def phase(url: str, key: str, requests: list[tuple[str, Path]], clients: int, ma
     }
 
 
-def run(db: str | None, args: argparse.Namespace, items) -> dict:
+def run(db: str | None, clients: int, args: argparse.Namespace, items) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp) / "home"
         db = db or f"sqlite:///{home / 'voiceprint.db'}"
@@ -113,40 +116,55 @@ def run(db: str | None, args: argparse.Namespace, items) -> dict:
             enroll = [(f"/v1/speakers/{it.speaker}/utterances", it.path) for it in chosen]
             identify = [("/v1/identify", chosen[i % len(chosen)].path) for i in range(args.identifies)]
             result = {
-                "enroll": phase(url, key, enroll, args.clients, args.max_seconds),
-                "identify": phase(url, key, identify, args.clients, args.max_seconds),
+                "clients": clients,
+                "enroll": phase(url, key, enroll, clients, args.max_seconds),
+                "identify": phase(url, key, identify, clients, args.max_seconds),
             }
         finally:
             proc.terminate()
             proc.wait(timeout=60)
+        # The same identify calls in-process, one at a time: what HTTP adds to a request.
+        with Engine.open(home=home, db=db) as eng:
+            took = []
+            for item in chosen[:100]:
+                t0 = time.perf_counter()
+                try:
+                    eng.identify(item.path)
+                except Exception:
+                    continue
+                took.append(time.perf_counter() - t0)
+        result["in_process_identify_p50_ms"] = round(float(np.percentile(took, 50)) * 1000, 1)
         result["speech_s_per_file"] = round(float(np.mean([it.duration_s for it in chosen])), 2)
         return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8], help="client counts to run (default 1 8)")
     parser.add_argument("--enrollments", type=int, default=400)
     parser.add_argument("--identifies", type=int, default=400)
     parser.add_argument("--max-seconds", type=float, default=300.0, help="per phase")
     parser.add_argument("--postgres", default=DEFAULT_PG, help='admin URL of a PostgreSQL server; "" skips it')
     args = parser.parse_args()
     items = read_manifest("speechocean762-train")
-    results = {"settings": {k: v for k, v in vars(args).items() if k != "postgres"}, "sqlite": run(None, args, items)}
-    print("sqlite", results["sqlite"], flush=True)
+    results: dict = {"settings": {k: v for k, v in vars(args).items() if k != "postgres"}, "sqlite": [], "postgresql": []}
+    for clients in args.clients:
+        results["sqlite"].append(run(None, clients, args, items))
+        print("sqlite", results["sqlite"][-1], flush=True)
     if args.postgres:
-        name = f"vp_bench_{uuid.uuid4().hex[:8]}"
         admin = create_engine(args.postgres, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-        try:
-            url = make_url(args.postgres).set(database=name).render_as_string(hide_password=False)
-            results["postgresql"] = run(url, args, items)
-            print("postgresql", results["postgresql"], flush=True)
-        finally:
+        for clients in args.clients:
+            name = f"vp_bench_{uuid.uuid4().hex[:8]}"
             with admin.connect() as conn:
-                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            admin.dispose()
+                conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+            try:
+                url = make_url(args.postgres).set(database=name).render_as_string(hide_password=False)
+                results["postgresql"].append(run(url, clients, args, items))
+                print("postgresql", results["postgresql"][-1], flush=True)
+            finally:
+                with admin.connect() as conn:
+                    conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
     print(write_result("service", results))
 
 

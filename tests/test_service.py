@@ -186,12 +186,26 @@ def test_keys_and_roles_guard_every_route(tmp_path, dev_data, servers):
     assert "voiceprint_active_version 1.0" in metrics
     assert 'route="/v1/speakers/{speaker}/utterances"' in metrics and "ann" not in metrics
 
+    admin = {"X-API-Key": keys["admin"]}
+    activated = server.client.post("/v1/versions/1/activate", headers=admin)
+    assert activated.status_code == 200 and activated.json()["changed"] is False
+    assert server.client.post("/v1/versions/7/activate", headers=admin).json()["error"] == "unknown_version"
+    # Erasure over HTTP: the profile is gone, and the audit log names the key, not the speaker.
+    erased = server.client.delete("/v1/speakers/ann", headers=admin)
+    assert erased.status_code == 200 and erased.json()["utterances"] == 1
+    assert server.client.delete("/v1/speakers/ann", headers=admin).status_code == 404
+    assert server.post_audio("/v1/verify/ann", wav).status_code == 404
+    with Store(db) as store:
+        assert store.counts()["utterances"] == store.counts()["embeddings"] == store.counts()["centroids"] == 0
+        entry = store.audit_log()[0]
+    assert entry.action == "erase_speaker" and entry.actor.startswith("key:") and "ann" not in json.dumps(entry.detail)
 
-def test_cli_creates_lists_and_revokes_keys(tmp_path):
-    home, db, _ = make_home(tmp_path)
+
+def test_cli_creates_lists_and_revokes_keys(tmp_path, db_url):
+    home, db, _ = make_home(tmp_path, db_url)
 
     def cli(*argv):
-        return subprocess.run([sys.executable, "-m", "cli", "--home", str(home), "--json", *argv],
+        return subprocess.run([sys.executable, "-m", "cli", "--home", str(home), "--db", db, "--json", *argv],
                               cwd=REPO, capture_output=True, text=True, timeout=300)
 
     created = cli("keys", "create", "--role", "enroll", "--note", "kiosk")
