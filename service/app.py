@@ -30,6 +30,8 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+import torch
+
 from engine import errors
 from engine.config import load_config
 from engine.engine import CONFIG_FILE, EnrollmentResult, Identification, Verification, job_dict, resolve_db, resolve_home
@@ -320,6 +322,19 @@ def _engine(request: Request):
     return request.app.state.engine
 
 
+async def _infer(request: Request, fn, *args, **kwargs):
+    """Run speech work in the thread pool, with ``[service] torch_threads`` PyTorch threads
+    (a per-thread OpenMP setting, so it is set in the pool thread itself)."""
+    threads = _engine(request).config.service.torch_threads
+
+    def call():
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        return fn(*args, **kwargs)
+
+    return await run_in_threadpool(call)
+
+
 def _add_routes(app: FastAPI) -> None:
     metrics: Metrics = app.state.metrics
 
@@ -346,7 +361,7 @@ def _add_routes(app: FastAPI) -> None:
         """
         data, name = await audio_body(request)
         try:
-            result = await run_in_threadpool(_engine(request).enroll, speaker, data, name=name, force=force)
+            result = await _infer(request, _engine(request).enroll, speaker, data, name=name, force=force)
         except errors.VoiceprintError as exc:
             metrics.enrollments.labels(exc.code).inc()
             raise
@@ -381,7 +396,7 @@ def _add_routes(app: FastAPI) -> None:
     async def identify(request: Request, top: int = 5) -> Identification:
         """Who is speaking (1:N, open set): candidates best first; ``decision`` is null for unknown."""
         data, name = await audio_body(request)
-        result = await run_in_threadpool(_engine(request).identify, data, top=top, name=name)
+        result = await _infer(request, _engine(request).identify, data, top=top, name=name)
         metrics.decisions.labels("identify", "known" if result.decision else "unknown").inc()
         return result
 
@@ -392,7 +407,7 @@ def _add_routes(app: FastAPI) -> None:
     async def verify(request: Request, speaker: str) -> Verification:
         """Is this ``speaker`` (1:1)? ``accepted`` with the scores behind it."""
         data, name = await audio_body(request)
-        result = await run_in_threadpool(_engine(request).verify, speaker, data, name=name)
+        result = await _infer(request, _engine(request).verify, speaker, data, name=name)
         metrics.decisions.labels("verify", "accepted" if result.accepted else "rejected").inc()
         return result
 
