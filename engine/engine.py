@@ -40,7 +40,7 @@ from engine.errors import (
     VoiceprintError,
 )
 from engine.index import CentroidIndex, Hit
-from engine.scoring import Calibration, Cohort, asnorm, cosine, fit_calibration, leave_one_out_trials
+from engine.scoring import Calibration, Cohort, cosine, fit_calibration, leave_one_out_trials
 from engine.streaming import pipelined
 from storage import Job, ModelVersion, SpeakerSummary, Store
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up, then run the main job on the embedded default (SQLite in ./voiceprint-home):
-# stream the enrollments of a small real data set, then identify and verify a voice.
+# stream the enrollments of a small real data set, then identify and verify a voice,
+# from the command line and over HTTP.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -23,3 +24,21 @@ $vp speakers
 $vp calibrate   # thresholds measured on leave-one-out trials of these enrollments
 $vp identify "$DATA/vctk-4/$probe" --top 3
 $vp verify "$(dirname "$probe")" "$DATA/vctk-4/$probe"
+
+# The same question over HTTP: a query key, the service on a free port, one identify call.
+key=$($vp keys create --role query --note quickstart)
+log=$(mktemp)
+$vp serve --port 0 2> "$log" &
+server=$!
+trap 'kill $server 2>/dev/null || true' EXIT
+url=""
+for _ in $(seq 240); do
+  url=$(grep -o 'http://127.0.0.1:[0-9]*' "$log" | head -1 || true)
+  if [ -n "$url" ] && curl -sf "$url/healthz" > /dev/null; then break; fi
+  sleep 0.5
+done
+curl -sf -H "Authorization: Bearer $key" -H "Content-Type: audio/flac" \
+     --data-binary @"$DATA/vctk-4/$probe" "$url/v1/identify?top=1"
+echo
+kill "$server"
+wait "$server"

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+import csv
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -89,3 +91,17 @@ def dev_data() -> Path:
             pytest.skip(message)
         pytest.fail(message)
     return root
+
+
+@pytest.fixture(scope="session")
+def by_speaker(dev_data: Path) -> Callable[[str], dict[str, list[Path]]]:
+    """``by_speaker("vctk-4")``: a data set's files by speaker, in manifest order."""
+
+    def read(name: str) -> dict[str, list[Path]]:
+        out: dict[str, list[Path]] = {}
+        with open(dev_data / name / "manifest.csv", newline="") as fh:
+            for row in csv.DictReader(fh):
+                out.setdefault(row["speaker"], []).append(dev_data / name / row["path"])
+        return out
+
+    return read

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,19 +14,11 @@ from engine.errors import Clipped, NotEnoughData, TooNoisy
 from engine.audio import _resample
 
 
-def _by_speaker(folder: Path) -> dict[str, list[Path]]:
-    out: dict[str, list[Path]] = {}
-    with open(folder / "manifest.csv", newline="") as fh:
-        for row in csv.DictReader(fh):
-            out.setdefault(row["speaker"], []).append(folder / row["path"])
-    return out
-
-
 @pytest.fixture(scope="module")
-def calibrated(tmp_path_factory, dev_data):
+def calibrated(tmp_path_factory, by_speaker):
     """30 speakers enrolled and calibrated; 20 others enrolled afterwards (8 utterances
     each) with 4 probes each held back."""
-    voices = _by_speaker(dev_data / "speechocean762-train")
+    voices = by_speaker("speechocean762-train")
     names = sorted(voices)
     home = tmp_path_factory.mktemp("calibrated")
     (home / "config.toml").write_text("[scoring]\nverify_far = 0.05\nidentify_far = 0.05\n")
@@ -99,8 +89,8 @@ def test_a_cost_decision_uses_the_bayes_threshold(calibrated, tmp_path):
             eng.calibrate()
 
 
-def test_calibration_needs_data(tmp_path, dev_data):
-    voices = _by_speaker(dev_data / "vctk-4")
+def test_calibration_needs_data(tmp_path, by_speaker):
+    voices = by_speaker("vctk-4")
     with Engine.init(home=tmp_path) as eng:
         with pytest.raises(NotEnoughData):
             eng.calibrate()
@@ -110,8 +100,8 @@ def test_calibration_needs_data(tmp_path, dev_data):
             eng.calibrate()
 
 
-def test_a_wrong_speaker_is_held_for_review_and_accepting_or_removing_is_exact(tmp_path, dev_data):
-    voices = _by_speaker(dev_data / "vctk-4")
+def test_a_wrong_speaker_is_held_for_review_and_accepting_or_removing_is_exact(tmp_path, by_speaker):
+    voices = by_speaker("vctk-4")
     ann, bob = sorted(voices)[:2]
     with Engine.init(home=tmp_path) as eng:
         version = eng.active_version().number
@@ -140,8 +130,8 @@ def test_a_wrong_speaker_is_held_for_review_and_accepting_or_removing_is_exact(t
         assert forced.feedback == "OK" and forced.count == 4
 
 
-def test_enrollment_reports_progress_toward_the_speech_required(tmp_path, dev_data):
-    voices = _by_speaker(dev_data / "vctk-4")
+def test_enrollment_reports_progress_toward_the_speech_required(tmp_path, by_speaker):
+    voices = by_speaker("vctk-4")
     speaker = sorted(voices)[0]
     (tmp_path / "config.toml").write_text("[enrollment]\nrequired_speech_s = 10\n")
     with Engine.init(home=tmp_path) as eng:
@@ -159,8 +149,8 @@ def _wav(samples: np.ndarray, rate: int = 16000) -> bytes:
     return buf.getvalue()
 
 
-def test_clipped_and_noisy_audio_is_refused_unless_forced(tmp_path, dev_data):
-    voices = _by_speaker(dev_data / "vctk-4")
+def test_clipped_and_noisy_audio_is_refused_unless_forced(tmp_path, dev_data, by_speaker):
+    voices = by_speaker("vctk-4")
     speaker = sorted(voices)[0]
     speech, rate = sf.read(voices[speaker][0], dtype="float32")
     clipped = np.clip(speech * 30, -1, 1)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 import subprocess
@@ -21,14 +20,6 @@ from storage import Store
 REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.data
-
-
-def vctk(dev_data: Path) -> dict[str, list[Path]]:
-    out: dict[str, list[Path]] = {}
-    with open(dev_data / "vctk-4" / "manifest.csv", newline="") as fh:
-        for row in csv.DictReader(fh):
-            out.setdefault(row["speaker"], []).append(dev_data / "vctk-4" / row["path"])
-    return out
 
 
 def every_value(db: str) -> list:
@@ -52,14 +43,14 @@ def traces(values: list, needles: list[bytes]) -> list:
 
 
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def test_erasing_a_speaker_leaves_nothing_in_the_database_or_the_home_folder(backend, tmp_path, dev_data, request):
+def test_erasing_a_speaker_leaves_nothing_in_the_database_or_the_home_folder(backend, tmp_path, by_speaker, request):
     home = tmp_path / "home"
     home.mkdir()
     # Every utterance after the second is held for review, so held items are erased too.
     (home / "config.toml").write_text("[enrollment]\nconsistency_threshold = 0.999\n")
     db = request.getfixturevalue("fresh_pg_url") if backend == "postgresql" else f"sqlite:///{home / 'voiceprint.db'}"
     name = f"erase-me-{uuid.uuid4().hex[:8]}"
-    files = vctk(dev_data)
+    files = by_speaker("vctk-4")
     with Engine.init(home=home, db=db) as eng:
         mine = [eng.enroll(name, p) for p in files["p225"][:4]]
         kept = [eng.enroll("keeper", p, force=True) for p in files["p226"][:3]]
@@ -107,10 +98,10 @@ def test_erasing_a_speaker_leaves_nothing_in_the_database_or_the_home_folder(bac
             assert not [n[:16] for n in needles if n in content], path
 
 
-def test_delete_speaker_command_asks_for_confirmation(tmp_path, dev_data):
+def test_delete_speaker_command_asks_for_confirmation(tmp_path, by_speaker):
     home = tmp_path / "home"
     with Engine.init(home=home) as eng:
-        eng.enroll("ann", vctk(dev_data)["p225"][0])
+        eng.enroll("ann", by_speaker("vctk-4")["p225"][0])
 
     def cli(*argv):
         return subprocess.run([sys.executable, "-m", "cli", "--home", str(home), *argv],
@@ -126,10 +117,10 @@ def test_delete_speaker_command_asks_for_confirmation(tmp_path, dev_data):
         assert store.counts()["utterances"] == store.counts()["speakers"] == 0
 
 
-def test_audio_is_read_only_from_the_allowed_folders(tmp_path, dev_data):
+def test_audio_is_read_only_from_the_allowed_folders(tmp_path, by_speaker):
     allowed = tmp_path / "allowed"
     (allowed / "sub").mkdir(parents=True)
-    outside = vctk(dev_data)["p225"]
+    outside = by_speaker("vctk-4")["p225"]
     inside = allowed / "inside.flac"
     shutil.copy(outside[0], inside)
     (allowed / "link.flac").symlink_to(outside[1])

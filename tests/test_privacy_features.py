@@ -7,10 +7,8 @@ those features instead of audio.
 
 from __future__ import annotations
 
-import csv
 import io
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,14 +26,6 @@ CODEC = f"features-{FRONTEND}"
 STORED_ATOL = 1e-4  # float16 storage moves an embedding value by at most ~5e-5 (measured)
 
 
-def _by_speaker(folder: Path) -> dict[str, list[Path]]:
-    out: dict[str, list[Path]] = {}
-    with open(folder / "manifest.csv", newline="") as fh:
-        for row in csv.DictReader(fh):
-            out.setdefault(row["speaker"], []).append(folder / row["path"])
-    return out
-
-
 @pytest.fixture(scope="module")
 def embedder() -> Embedder:
     return Embedder(create_encoder("ge2e-lstm", pretrained=True), device="cpu")
@@ -45,8 +35,8 @@ def embedder() -> Embedder:
 
 
 @pytest.mark.data
-def test_embedding_from_stored_features_equals_embedding_from_the_waveform(embedder, dev_data):
-    voices = _by_speaker(dev_data / "vctk-4")
+def test_embedding_from_stored_features_equals_embedding_from_the_waveform(embedder, by_speaker):
+    voices = by_speaker("vctk-4")
     speech = audio.load(voices[sorted(voices)[0]][0]).samples
     # Lengths around the window edges: shorter than one window (padded), exactly one,
     # one sample more, and lengths where the last window is kept or dropped.
@@ -112,11 +102,11 @@ class _Records(logging.Handler):
 
 
 @pytest.fixture(scope="module")
-def features_home(tmp_path_factory, dev_data):
+def features_home(tmp_path_factory, dev_data, by_speaker):
     """vctk-4 (4 speakers) enrolled with keep = "features", refreshed into version 2 (the
     gate off, so that it is promoted whatever 3 steps do), one more utterance enrolled
     and one held for review under version 2, then version 1 made active again."""
-    voices = _by_speaker(dev_data / "vctk-4")
+    voices = by_speaker("vctk-4")
     ann, bob = sorted(voices)[:2]
     late, stranger = voices[ann][-1], voices[bob][-1]
     home = tmp_path_factory.mktemp("features")

@@ -3,10 +3,8 @@ keys and roles, concurrent clients, kill -9 during enrollments and refreshes, fu
 
 from __future__ import annotations
 
-import csv
 import io
 import json
-import os
 import random
 import re
 import signal
@@ -32,14 +30,6 @@ REPO = Path(__file__).resolve().parents[1]
 SMALL_REFRESH = "[refresh]\nsteps = 400\nspeakers_per_batch = 4\nholdout_fraction = 0.3\n"
 
 pytestmark = pytest.mark.data
-
-
-def files_by_speaker(dev_data: Path, name: str) -> dict[str, list[Path]]:
-    out: dict[str, list[Path]] = {}
-    with open(dev_data / name / "manifest.csv", newline="") as fh:
-        for row in csv.DictReader(fh):
-            out.setdefault(row["speaker"], []).append(dev_data / name / row["path"])
-    return out
 
 
 @dataclass
@@ -144,10 +134,10 @@ def centroids_match_embeddings(db: str) -> dict[str, int]:
 # -- API keys and roles --------------------------------------------------------------
 
 
-def test_keys_and_roles_guard_every_route(tmp_path, dev_data, servers):
+def test_keys_and_roles_guard_every_route(tmp_path, by_speaker, servers):
     home, db, keys = make_home(tmp_path)
     server = servers(home, db, keys)
-    wav = files_by_speaker(dev_data, "vctk-4")["p225"][0]
+    wav = by_speaker("vctk-4")["p225"][0]
     body = {"content": wav.read_bytes(), "headers": {"Content-Type": "audio/flac"}}
     c = server.client
     # No key, a wrong key, a wrong role: nothing is done.
@@ -234,15 +224,15 @@ CLIENTS, PER_CLIENT = 16, 50
 
 
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def test_concurrent_clients_lose_nothing(backend, tmp_path, dev_data, servers, request):
+def test_concurrent_clients_lose_nothing(backend, tmp_path, by_speaker, servers, request):
     """16 clients x 50 enrollments to overlapping speakers, with identify calls between
     them. On PostgreSQL the clients share two server processes on one database."""
     db = request.getfixturevalue("fresh_pg_url") if backend == "postgresql" else None
     home, db, keys = make_home(tmp_path, db)
     pool = servers(home, db, keys, "a")
     fleet = [pool] if backend == "sqlite" else [pool, servers(home, db, keys, "b")]
-    by_speaker = files_by_speaker(dev_data, "speechocean762-train")
-    work = [(s, p) for s, paths in sorted(by_speaker.items()) for p in paths][: CLIENTS * PER_CLIENT]
+    files = by_speaker("speechocean762-train")
+    work = [(s, p) for s, paths in sorted(files.items()) for p in paths][: CLIENTS * PER_CLIENT]
     # Dealt round-robin: every speaker's files are spread over several clients at once.
     jobs = [work[i::CLIENTS] for i in range(CLIENTS)]
     acknowledged: list[tuple[str, int]] = []
@@ -283,10 +273,10 @@ def _held(db: str) -> int:
 
 
 @pytest.mark.postgres
-def test_two_servers_on_one_postgresql_database_refresh_one_at_a_time(fresh_pg_url, tmp_path, dev_data, servers):
+def test_two_servers_on_one_postgresql_database_refresh_one_at_a_time(fresh_pg_url, tmp_path, by_speaker, servers):
     home, db, keys = make_home(tmp_path, fresh_pg_url, SMALL_REFRESH.replace("400", "3"))
     a, b = servers(home, db, keys, "a"), servers(home, db, keys, "b")
-    for n, (speaker, paths) in enumerate(files_by_speaker(dev_data, "vctk-4").items()):
+    for n, (speaker, paths) in enumerate(by_speaker("vctk-4").items()):
         for path in paths:
             assert (a if n % 2 else b).post_audio(f"/v1/speakers/{speaker}/utterances", path).status_code == 201
     jobs = [s.client.post("/v1/refresh", headers={"X-API-Key": keys["admin"]}) for s in (a, b)]
@@ -309,10 +299,10 @@ def test_two_servers_on_one_postgresql_database_refresh_one_at_a_time(fresh_pg_u
 # -- crashes ---------------------------------------------------------------------------
 
 
-def test_kill_9_during_enrollments_loses_no_acknowledged_enrollment(tmp_path, dev_data, servers):
+def test_kill_9_during_enrollments_loses_no_acknowledged_enrollment(tmp_path, by_speaker, servers):
     home, db, keys = make_home(tmp_path)
     server = servers(home, db, keys)
-    work = [(s, p) for s, paths in sorted(files_by_speaker(dev_data, "speechocean762-train").items())[:20] for p in paths]
+    work = [(s, p) for s, paths in sorted(by_speaker("speechocean762-train").items())[:20] for p in paths]
     acknowledged: list[int] = []
     lock = threading.Lock()
 
@@ -347,10 +337,10 @@ def test_kill_9_during_enrollments_loses_no_acknowledged_enrollment(tmp_path, de
     assert restarted.post_audio(f"/v1/speakers/{speaker}/utterances", path).status_code in (201, 409)
 
 
-def test_kill_9_during_a_refresh_keeps_the_active_version_and_fails_the_job(tmp_path, dev_data, servers):
+def test_kill_9_during_a_refresh_keeps_the_active_version_and_fails_the_job(tmp_path, by_speaker, servers):
     home, db, keys = make_home(tmp_path, config=SMALL_REFRESH)
     server = servers(home, db, keys)
-    for speaker, paths in files_by_speaker(dev_data, "vctk-4").items():
+    for speaker, paths in by_speaker("vctk-4").items():
         for path in paths:
             assert server.post_audio(f"/v1/speakers/{speaker}/utterances", path).status_code == 201
     before = centroids_match_embeddings(db)
@@ -381,11 +371,11 @@ def _wav(samples: np.ndarray, subtype: str = "FLOAT") -> bytes:
     return buffer.getvalue()
 
 
-def test_fuzzed_requests_get_4xx_and_store_nothing(tmp_path, dev_data, servers):
+def test_fuzzed_requests_get_4xx_and_store_nothing(tmp_path, by_speaker, servers):
     home, db, keys = make_home(tmp_path)
     (home / "config.toml").write_text("[service]\nmax_request_bytes = 2000000\nmax_audio_s = 30\n")
     server = servers(home, db, keys)
-    good = files_by_speaker(dev_data, "vctk-4")["p225"][0].read_bytes()
+    good = by_speaker("vctk-4")["p225"][0].read_bytes()
     assert server.client.post("/v1/speakers/ann/utterances", content=good,
                               headers={"X-API-Key": keys["admin"], "Content-Type": "audio/flac"}).status_code == 201
     with Store(db) as store:
