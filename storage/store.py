@@ -944,12 +944,12 @@ class Store:
                     )
                 )
             )
+            s.execute(delete(m.UtteranceAudio).where(m.UtteranceAudio.utterance_id.in_(ids)))
             counts = {
-                "utterances": s.execute(delete(m.UtteranceAudio).where(m.UtteranceAudio.utterance_id.in_(ids))).rowcount,
                 "embeddings": s.execute(delete(m.Embedding).where(m.Embedding.utterance_id.in_(ids))).rowcount,
                 "centroids": s.execute(delete(m.Centroid).where(m.Centroid.speaker_id == speaker_id)).rowcount,
+                "utterances": s.execute(delete(m.Utterance).where(m.Utterance.speaker_id == speaker_id)).rowcount,
             }
-            s.execute(delete(m.Utterance).where(m.Utterance.speaker_id == speaker_id))
             s.execute(delete(m.Speaker).where(m.Speaker.id == speaker_id))
             s.add(m.AuditEntry(action="erase_speaker", actor=actor, detail=counts, at=_now()))
         return {**counts, "trained_into": trained_into, "files_scrubbed": self._truncate_wal()}
