@@ -494,9 +494,9 @@ class Engine:
         ``by`` names who asked, for the audit log (default: the login name).
         """
         speaker = check_speaker_name(speaker)
+        # Cached cohorts are keyed by the erasure count (_version_scoring), so this process
+        # and every other one rebuild theirs without the speaker's embeddings.
         result = self.store.erase_speaker(speaker, actor=by or actor())
-        with self._lock:
-            self._scoring.clear()
         return {"speaker": speaker, "erased": True, **result}
 
     def _watch_drift(self, genuine_score: float) -> None:

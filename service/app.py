@@ -198,7 +198,7 @@ def create_app(home: str | None = None, db: str | None = None, *, background: bo
         )
         app.state.engine = engine
         metrics.track_active_version(lambda: engine.active_version().number)
-        worker = RefreshWorker(str(home_path), url, cfg.service.refresh_check_s, metrics) if background else None
+        worker = RefreshWorker(engine.store, str(home_path), url, cfg.service.refresh_check_s, metrics) if background else None
         app.state.worker = worker
         if worker is not None:
             await run_in_threadpool(recover_jobs, engine)
@@ -238,8 +238,8 @@ def recover_jobs(engine) -> None:
 class RefreshWorker:
     """Runs queued refreshes (``POST /v1/refresh``) and the stored schedule, off the event loop."""
 
-    def __init__(self, home: str, db: str, check_s: float, metrics: Metrics) -> None:
-        self.home, self.db, self.check_s, self.metrics = home, db, check_s, metrics
+    def __init__(self, store, home: str, db: str, check_s: float, metrics: Metrics) -> None:
+        self.store, self.home, self.db, self.check_s, self.metrics = store, home, db, check_s, metrics
         self.wake = threading.Event()
         self.stopping = threading.Event()
         self.threads = [
@@ -265,6 +265,14 @@ class RefreshWorker:
             self.wake.clear()
             if self.stopping.is_set():
                 break
+            # Asked on the service's own store: run_scheduled_refresh opens an Engine (a new
+            # connection pool) to refresh, too much to do every few seconds just to look.
+            try:
+                if not self.store.list_jobs(limit=1, status="queued"):
+                    continue
+            except errors.StorageError as exc:  # the database is away: look again next time
+                log.warning("refresh worker: cannot read queued jobs: %s", exc)
+                continue
             outcome = run_scheduled_refresh(self.home, self.db, None, "requested over HTTP")
             if outcome != "not due":  # "refreshed: promoted", "busy", "failed: why", ...
                 label = "failed" if outcome.startswith("failed") else outcome.removeprefix("refreshed: ")
