@@ -64,6 +64,33 @@ class RunningCentroid:
         self.count += other.count
         return self
 
+    def admits(self, vector: np.ndarray, cut: float | None, min_count: int) -> tuple[bool, float | None]:
+        """Whether ``vector`` sounds enough like this profile to join it, and the cosine.
+
+        Returns ``(ok, similarity)``: ``similarity`` is the cosine between ``vector`` and
+        the mean, None for an empty profile. ``ok`` is False only when ``similarity`` is
+        below ``cut``: a profile of fewer than ``min_count`` utterances admits anything
+        (its mean is too noisy to judge by), and so does every profile when ``cut`` is
+        None.
+
+        >>> c = RunningCentroid(dim=2)
+        >>> c.admits(np.array([1.0, 0.0]), cut=0.5, min_count=1)
+        (True, None)
+        >>> ok, similarity = c.learn_one(np.array([1.0, 0.0])).admits(np.array([0.0, 2.0]), cut=0.5, min_count=1)
+        >>> ok, round(similarity, 3)
+        (False, 0.0)
+        >>> c.admits(np.array([0.0, 2.0]), cut=0.5, min_count=2)[0]
+        True
+        """
+        x = self._check(vector)
+        if self.count == 0:
+            return True, None
+        # Floored norms: a zero vector scores 0 rather than NaN.
+        mean = self.mean / max(float(np.linalg.norm(self.mean)), 1e-12)
+        similarity = float(mean @ (x / max(float(np.linalg.norm(x)), 1e-12)))
+        held = cut is not None and self.count >= min_count and similarity < cut
+        return not held, similarity
+
     def _check(self, embedding: np.ndarray) -> np.ndarray:
         x = np.asarray(embedding, dtype=np.float64).reshape(-1)
         if x.shape != (self.dim,):

@@ -1,4 +1,4 @@
-"""Plain, frozen values returned by :class:`storage.Store`.
+"""Plain, frozen values returned by the repositories of :class:`storage.Store`.
 
 Callers never see ORM rows or sessions: these records stay valid after the session
 that produced them is closed, and cannot be changed by accident.
@@ -79,6 +79,7 @@ class Enrollment:
     previous_mean: np.ndarray | None  # None when the speaker had no centroid at this version
     mean: np.ndarray | None  # None only for a pending first utterance (no profile yet)
     speech_s: float = 0.0  # total speech in the speaker's profile now
+    similarity_before: float | None = None  # cosine to previous_mean; None when there was none
 
     @property
     def pending(self) -> bool:

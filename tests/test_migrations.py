@@ -41,19 +41,19 @@ def test_models_define_the_expected_tables() -> None:
 
 def test_empty_to_head_to_base_to_head(db_url: str) -> None:
     with Store(db_url) as store:
-        assert store.current_revision() is None
+        assert store.schema.current_revision() is None
         assert _tables(db_url) == set()
 
-        store.upgrade()
-        assert store.current_revision() == store.head_revision()
+        store.schema.upgrade()
+        assert store.schema.current_revision() == store.schema.head_revision()
         assert _tables(db_url) == MODEL_TABLES | {"alembic_version"}
 
-        store.downgrade()
-        assert store.current_revision() is None
+        store.schema.downgrade()
+        assert store.schema.current_revision() is None
         assert _tables(db_url) == {"alembic_version"}
 
-        store.upgrade()
-        assert store.current_revision() == store.head_revision()
+        store.schema.upgrade()
+        assert store.schema.current_revision() == store.schema.head_revision()
         assert _tables(db_url) == MODEL_TABLES | {"alembic_version"}
 
 
@@ -86,9 +86,9 @@ def test_autogenerate_ignores_the_scheduler_table(store: Store, db_url: str, tmp
 def test_check_schema(db_url: str) -> None:
     with Store(db_url) as store:
         with pytest.raises(SchemaOutdated, match="voiceprint db upgrade"):
-            store.check_schema()
-        store.upgrade()
-        store.check_schema()
-        store.downgrade()
-        with pytest.raises(SchemaOutdated, match=f"code expects {store.head_revision()}"):
-            store.check_schema()
+            store.schema.check_schema()
+        store.schema.upgrade()
+        store.schema.check_schema()
+        store.schema.downgrade()
+        with pytest.raises(SchemaOutdated, match=f"code expects {store.schema.head_revision()}"):
+            store.schema.check_schema()

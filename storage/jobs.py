@@ -1,0 +1,152 @@
+"""Jobs (refreshes, rollbacks): queued, started under a lock, finished or interrupted;
+and the scheduler's own job store beside them."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from engine.errors import InvalidInput
+from storage import db
+from storage import models as m
+from storage.records import Job
+
+FINISHED_JOB = ("succeeded", "rejected", "failed", "skipped")
+
+
+class Jobs:
+    """The job table: what was asked for, what runs, and how each job ended."""
+
+    def __init__(self, database: db.Database):
+        self._db = database
+
+    def queue_job(self, kind: str, reason: str) -> Job:
+        """Ask for a job (e.g. a refresh requested by a drift signal); it runs later."""
+        with self._db.session(f"queue a {kind} job", write=True) as s:
+            row = m.Job(kind=kind, status="queued", reason=reason, result={}, requested_at=db.now())
+            s.add(row)
+            s.flush()
+            return _job_record(row)
+
+    def start_job(self, kind: str, reason: str, *, owner: str) -> tuple[Job, list[Job]]:
+        """Start a job of ``kind``; call it only while holding ``Store.exclusive`` for it.
+
+        Because the caller holds the lock, any job still marked running belongs to a
+        process that died: it is marked failed, and the candidate version it left half
+        built is rejected and its embeddings removed. The oldest queued request of this
+        kind becomes the started job; later ones are marked skipped (covered by it).
+
+        Returns the started job and the interrupted ones that were cleaned up.
+        """
+        with self._db.session(f"start a {kind} job", write=True) as s:
+            now = db.now()
+            interrupted = _fail_interrupted(s, now)
+            queued = list(
+                s.scalars(select(m.Job).where(m.Job.kind == kind, m.Job.status == "queued").order_by(m.Job.id))
+            )
+            if queued:
+                job, rest = queued[0], queued[1:]
+                job.reason = reason if job.reason == reason else f"{job.reason}; {reason}"
+            else:
+                job, rest = m.Job(kind=kind, reason=reason, result={}, requested_at=now), []
+                s.add(job)
+            job.status, job.owner, job.started_at = "running", owner, now
+            s.flush()
+            for other in rest:
+                other.status, other.finished_at, other.result = "skipped", now, {"covered_by": job.id}
+            s.flush()
+            return _job_record(job), [_job_record(j) for j in interrupted]
+
+    def recover_interrupted_jobs(self) -> list[Job]:
+        """Mark jobs left running by a process that died as failed (and reject the
+        candidate each left half built); call it only while holding ``Store.exclusive``.
+
+        A starting service calls this, so a job killed with its process reads as failed
+        at once rather than when the next refresh starts.
+        """
+        with self._db.session("recover interrupted jobs", write=True) as s:
+            return [_job_record(j) for j in _fail_interrupted(s, db.now())]
+
+    def update_job(
+        self, job_id: int, *, status: str | None = None, version: int | None = None, result: dict | None = None
+    ) -> Job:
+        """Record progress or the outcome of a job; a finished status stamps ``finished_at``."""
+        if status is not None and status not in m.JOB_STATUSES:
+            raise ValueError(f"status {status!r} is not one of {', '.join(m.JOB_STATUSES)}")
+        with self._db.session(f"update job {job_id}", write=True) as s:
+            row = _job_row(s, job_id)
+            if status is not None:
+                row.status = status
+                if status in FINISHED_JOB:
+                    row.finished_at = db.now()
+            if version is not None:
+                row.version = version
+            if result is not None:
+                row.result = result
+            s.flush()
+            return _job_record(row)
+
+    def get_job(self, job_id: int) -> Job:
+        with self._db.session(f"read job {job_id}") as s:
+            return _job_record(_job_row(s, job_id))
+
+    def list_jobs(self, *, limit: int = 20, status: str | None = None) -> list[Job]:
+        """The newest ``limit`` jobs (optionally of one status), newest first."""
+        with self._db.session("list jobs") as s:
+            query = select(m.Job).order_by(m.Job.id.desc()).limit(limit)
+            if status is not None:
+                query = query.where(m.Job.status == status)
+            return [_job_record(row) for row in s.scalars(query)]
+
+    def scheduler_jobstore(self, tablename: str = "apscheduler_jobs") -> Any:
+        """An APScheduler job store in this database, on this store's write engine.
+
+        Sharing the engine gives the scheduler's writes the same SQLite settings (busy
+        timeout, BEGIN IMMEDIATE) as ours, so the two never trip over each other's locks.
+        The table is APScheduler's own; Alembic leaves it alone (see migrations/env.py).
+        """
+        from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+
+        return SQLAlchemyJobStore(engine=self._db.write_engine, tablename=tablename)
+
+
+def _fail_interrupted(s: Session, now: datetime) -> list[m.Job]:
+    """Jobs marked running while the caller holds the job lock belong to dead processes
+    (every kind: refreshes and rollbacks share one lock)."""
+    interrupted = list(s.scalars(select(m.Job).where(m.Job.status == "running")))
+    for job in interrupted:
+        job.status, job.finished_at = "failed", now
+        job.result = {**job.result, "error": "interrupted: the process running it stopped"}
+        if job.version is not None:
+            version = s.get(m.ModelVersion, job.version)
+            if version is not None and version.status == "candidate":
+                version.status, version.note = "rejected", "interrupted before promotion"
+                s.execute(delete(m.Centroid).where(m.Centroid.version == job.version))
+                s.execute(delete(m.Embedding).where(m.Embedding.version == job.version))
+    s.flush()
+    return interrupted
+
+
+def _job_row(s: Session, job_id: int) -> m.Job:
+    row = s.get(m.Job, job_id)
+    if row is None:
+        raise InvalidInput(f"no job {job_id}")
+    return row
+
+
+def _job_record(row: m.Job) -> Job:
+    return Job(
+        id=row.id,
+        kind=row.kind,
+        status=row.status,
+        reason=row.reason,
+        owner=row.owner,
+        version=row.version,
+        result=dict(row.result or {}),
+        requested_at=row.requested_at,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+    )
