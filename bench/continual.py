@@ -60,7 +60,7 @@ def score(eng: Engine, probes: list[tuple[np.ndarray, str]]) -> tuple[float, flo
     """Under the active version: top-1 of probes among every enrolled speaker, top-1 among
     their own task's speakers only, and EER against every enrolled speaker."""
     version = eng.active_version()
-    names, centroids = eng.store.centroid_matrix(version.number)
+    names, centroids = eng.store.profiles.centroid_matrix(version.number)
     centroids = centroids / np.linalg.norm(centroids, axis=1, keepdims=True)
     vectors = eng.embedder(version).embed([w for w, _ in probes])
     scores = vectors @ centroids.T

@@ -87,8 +87,8 @@ def main() -> None:
 
 def evaluate(eng: Engine, probes, calibration) -> dict:
     version = eng.active_version()
-    scoring = eng._version_scoring(version.number)
-    index = eng._index(version.number, scoring)
+    scoring = eng.recognizer.scoring(version.number)
+    index = eng.recognizer.index(version.number, scoring)
     names = index.names
     test_speakers = sorted({p.speaker for p in probes})
     columns = np.array([names.index(s) for s in test_speakers])
@@ -146,8 +146,8 @@ def evaluate(eng: Engine, probes, calibration) -> dict:
 
 def compare_prototypes(eng: Engine, version: int, test_speakers: list[str], rows, names: list[str]) -> dict:
     """Raw cosine EER and top-1 among the test speakers: mean only vs mean + 2 prototypes."""
-    protos = {s: normalise_rows(prototypes(eng.store.embeddings(s, version), 2)) for s in test_speakers}
-    means = {s: normalise_rows(eng.store.centroid(s, version).mean) for s in test_speakers}
+    protos = {s: normalise_rows(prototypes(eng.store.profiles.embeddings(s, version), 2)) for s in test_speakers}
+    means = {s: normalise_rows(eng.store.profiles.centroid(s, version).mean) for s in test_speakers}
     out = {}
     for label, use in (("mean", False), ("mean+2 prototypes", True)):
         tar, non, ok = [], [], []

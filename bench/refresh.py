@@ -122,14 +122,14 @@ def main() -> None:
                 enroll_group(group)
                 measure(f"{group} enrolled", with_unseen=False)
             start = time.perf_counter()
-            report = eng.refresh(progress=sys.stderr.isatty())
+            report = eng.refresh()
             result[f"refresh_{n}"] = {"wall_s": round(time.perf_counter() - start, 2), **report.to_dict()}
             print(f"refresh {n}: {report.status}, {time.perf_counter() - start:.1f} s", file=sys.stderr)
             measure(f"refresh {n} {report.status}")
-        utterances = len(eng.store.utterances())
+        utterances = len(eng.store.profiles.utterances())
         for target in (1, 3):
             start = time.perf_counter()
-            moved = eng.rollback(target, reason="benchmark", progress=sys.stderr.isatty())
+            moved = eng.rollback(target, reason="benchmark")
             result[f"rollback_to_{target}"] = {**moved, "wall_s": round(time.perf_counter() - start, 2), "utterances": utterances}
     result["top1_by_version"] = accuracy
     with Engine.open(home=home, db=args.db) as eng:

@@ -86,7 +86,7 @@ def voiceprint_enroll(items, db: str | None) -> dict:
             from storage import Store
 
             with Store(url) as store:
-                store.downgrade("base")
+                store.schema.downgrade("base")
     return {
         "db": "postgresql" if db else "sqlite",
         "utterances": len(timed),
@@ -151,7 +151,7 @@ def engine_latencies(items, db: str | None, refresh_steps: int) -> dict:
             from storage import Store
 
             with Store(db) as store:
-                store.downgrade("base")
+                store.schema.downgrade("base")
     return out
 
 

@@ -14,38 +14,22 @@ was done with files that could not be used.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
-from tqdm import tqdm
 
 from engine import audio
+from engine.config import Config
 from engine.errors import AudioError, InvalidInput
+from engine.manifests import LabelledFile, Trial
 from engine.metrics import eer, error_rates, min_dcf, top_k_accuracy
-
-if TYPE_CHECKING:
-    from engine.engine import Engine
+from engine.progress import Progress, report
 
 LOAD_CHUNK = 64  # files decoded and run through the VAD together
 DURATION_BUCKETS = ((0.0, 2.0, "< 2 s"), (2.0, 5.0, "2-5 s"), (5.0, float("inf"), "> 5 s"))
-
-
-@dataclass(frozen=True)
-class LabelledFile:
-    path: Path
-    speaker: str
-
-
-@dataclass(frozen=True)
-class Trial:
-    speaker: str
-    probe: Path
-    target: bool
 
 
 @dataclass
@@ -69,117 +53,30 @@ class EvalReport:
         return out
 
 
-def read_manifest(path: Path) -> list[LabelledFile]:
-    """CSV with a header holding at least ``path`` and ``speaker``; paths relative to the file."""
-    path = Path(path)
-    try:
-        with open(path, newline="") as fh:
-            reader = csv.DictReader(fh)
-            missing = {"path", "speaker"} - set(reader.fieldnames or [])
-            if missing:
-                raise InvalidInput(f"{path}: the header needs columns path and speaker (missing {sorted(missing)})")
-            rows = []
-            for line, row in enumerate(reader, start=2):
-                if not (row.get("path") or "").strip() or not (row.get("speaker") or "").strip():
-                    raise InvalidInput(f"{path}:{line}: empty path or speaker")
-                rows.append(LabelledFile(path.parent / row["path"].strip(), row["speaker"].strip()))
-    except OSError as exc:
-        raise InvalidInput(f"cannot read manifest {path}: {exc.strerror}") from None
-    if not rows:
-        raise InvalidInput(f"{path}: no rows")
-    return rows
-
-
-def read_trials(path: Path) -> list[Trial]:
-    """Lines ``enroll-speaker probe-path target|nontarget``; probe paths relative to the file."""
-    path = Path(path)
-    trials = []
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as exc:
-        raise InvalidInput(f"cannot read trials {path}: {exc.strerror}") from None
-    for number, line in enumerate(lines, start=1):
-        fields = line.split()
-        if not fields or fields[0].startswith("#"):
-            continue
-        if len(fields) != 3 or fields[2] not in ("target", "nontarget"):
-            raise InvalidInput(f"{path}:{number}: expected 'enroll-speaker probe-path target|nontarget'")
-        trials.append(Trial(fields[0], path.parent / fields[1], fields[2] == "target"))
-    if not trials:
-        raise InvalidInput(f"{path}: no trials")
-    return trials
-
-
 def evaluate(
-    engine: Engine,
+    embedder,
+    version: int,
+    config: Config,
     files: list[LabelledFile],
     *,
     enroll: int = 3,
     trials: list[Trial] | None = None,
-    version: int | None = None,
-    progress: bool = False,
+    on_progress: Progress | None = None,
 ) -> EvalReport:
-    """Score ``files`` (and ``trials``) under ``version`` (default: the active one)."""
+    """Score ``files`` (and ``trials``) with ``embedder``, the encoder of ``version``."""
     if enroll < 1:
         raise InvalidInput("--enroll must be at least 1")
-    model = engine.store.get_version(version) if version is not None else engine.active_version()
-    embedder = engine.embedder(model)
     probe_paths = sorted({t.probe for t in trials}, key=str) if trials else []
     paths = list(dict.fromkeys([f.path for f in files] + probe_paths))
-    speeches: dict[Path, audio.Speech] = {}
-    refused: Counter = Counter()
-    rates: Counter = Counter()
-    embeddings: dict[Path, np.ndarray] = {}
-    with tqdm(total=len(paths), desc="embedding", unit="file", disable=not progress, leave=False) as bar:
-        for start in range(0, len(paths), LOAD_CHUNK):
-            chunk = paths[start : start + LOAD_CHUNK]
-            loaded = audio.load_many(chunk, engine.config.audio)
-            ok = [(p, s) for p, s in zip(chunk, loaded) if isinstance(s, audio.Speech)]
-            for p, s in zip(chunk, loaded):
-                if isinstance(s, AudioError):
-                    refused[s.code] += 1
-            if ok:
-                for (p, s), vector in zip(ok, embedder.embed([s.samples for _, s in ok])):
-                    speeches[p], embeddings[p] = s, vector
-                    rates[s.quality.input_sample_rate] += 1
-            bar.update(len(chunk))
-
-    notes = _notes(refused, rates, engine)
-    by_speaker: dict[str, list[Path]] = {}
-    for f in files:
-        if f.path in speeches:
-            by_speaker.setdefault(f.speaker, []).append(f.path)
-    gallery = {s: ps[:enroll] for s, ps in by_speaker.items() if len(ps) >= enroll}
-    dropped = sorted(set(by_speaker) - set(gallery))
-    if dropped:
-        notes.append(f"{len(dropped)} speaker(s) with fewer than {enroll} usable files left out of enrollment")
-    if len(gallery) < 2:
-        raise InvalidInput(
-            f"only {len(gallery)} speaker(s) have {enroll} usable file(s) to enroll from; need 2. " + "; ".join(notes)
-        )
+    speeches, embeddings, refused, rates = _embed_files(embedder, config, paths, on_progress)
+    notes = _notes(refused, rates, config)
+    gallery = _gallery(files, speeches, enroll, notes)
     names = sorted(gallery)
     centroids = np.stack([np.mean([embeddings[p] for p in gallery[s]], axis=0) for s in names])
     centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
     column = {s: i for i, s in enumerate(names)}
-    enrolled = {p for ps in gallery.values() for p in ps}
-
-    if trials:
-        usable = [t for t in trials if t.probe in embeddings and t.speaker in column]
-        if len(usable) < len(trials):
-            notes.append(f"{len(trials) - len(usable)} trial(s) skipped: probe unusable or speaker not enrolled")
-        probes = list(dict.fromkeys(t.probe for t in usable))
-        probe_speaker = {t.probe: t.speaker for t in usable if t.target}
-    else:
-        probes = [f.path for f in files if f.path in embeddings and f.path not in enrolled and f.speaker in column]
-        probe_speaker = {f.path: f.speaker for f in files}
-    if not probes:
-        raise InvalidInput("no probes left after enrollment: give more files per speaker or a smaller --enroll")
-    row = {p: i for i, p in enumerate(probes)}
+    probes, probe_speaker, pairs = _probes_and_pairs(files, trials, embeddings, gallery, names, notes)
     scores = np.stack([embeddings[p] for p in probes]) @ centroids.T
-    if trials:
-        pairs = [(row[t.probe], column[t.speaker], t.target) for t in usable]
-    else:
-        pairs = [(i, j, probe_speaker[p] == s) for i, p in enumerate(probes) for j, s in enumerate(names)]
     pair_rows = np.array([i for i, _, _ in pairs])
     pair_scores = np.array([scores[i, j] for i, j, _ in pairs])
     is_target = np.array([t for _, _, t in pairs])
@@ -190,8 +87,8 @@ def evaluate(
     known = np.array([probe_speaker.get(p) in column for p in probes])
     truth = np.array([column.get(probe_speaker.get(p), -1) for p in probes])
     durations = np.array([speeches[p].quality.speech_s for p in probes])
-    cfg = engine.config.scoring
-    metrics = _metrics(scores, truth, known, pair_scores, is_target, cfg.verify_threshold, cfg.identify_threshold)
+    thresholds = config.scoring.verify_threshold, config.scoring.identify_threshold
+    metrics = _metrics(scores, truth, known, pair_scores, is_target, *thresholds)
     by_duration = {}
     for low, high, label in DURATION_BUCKETS:
         in_bucket = (durations >= low) & (durations < high)
@@ -200,10 +97,10 @@ def evaluate(
             by_duration[label] = {
                 "probes": int(in_bucket.sum()),
                 **_metrics(scores[in_bucket], truth[in_bucket], known[in_bucket], pair_scores[pair_in],
-                           is_target[pair_in], cfg.verify_threshold, cfg.identify_threshold, brief=True),
+                           is_target[pair_in], *thresholds, brief=True),
             }
     return EvalReport(
-        version=model.number,
+        version=version,
         files=len(paths),
         used=len(speeches),
         refused=dict(refused),
@@ -216,6 +113,69 @@ def evaluate(
         notes=notes,
         scores={"target": pair_scores[is_target], "nontarget": pair_scores[~is_target]},
     )
+
+
+def _embed_files(embedder, config: Config, paths: list[Path], on_progress: Progress | None):
+    """Load and embed every file: speech and embedding by path, refusals by error code,
+    files by input sample rate."""
+    speeches: dict[Path, audio.Speech] = {}
+    embeddings: dict[Path, np.ndarray] = {}
+    refused: Counter = Counter()
+    rates: Counter = Counter()
+    for start in range(0, len(paths), LOAD_CHUNK):
+        chunk = paths[start : start + LOAD_CHUNK]
+        loaded = audio.load_many(chunk, config.audio)
+        ok = [(p, s) for p, s in zip(chunk, loaded) if isinstance(s, audio.Speech)]
+        for s in loaded:
+            if isinstance(s, AudioError):
+                refused[s.code] += 1
+        if ok:
+            for (p, s), vector in zip(ok, embedder.embed([s.samples for _, s in ok])):
+                speeches[p], embeddings[p] = s, vector
+                rates[s.quality.input_sample_rate] += 1
+        report(on_progress, start + len(chunk), len(paths), "embedding")
+    return speeches, embeddings, refused, rates
+
+
+def _gallery(files: list[LabelledFile], speeches: dict, enroll: int, notes: list[str]) -> dict[str, list[Path]]:
+    """Each speaker's first ``enroll`` usable files (manifest order); speakers with fewer are left out."""
+    by_speaker: dict[str, list[Path]] = {}
+    for f in files:
+        if f.path in speeches:
+            by_speaker.setdefault(f.speaker, []).append(f.path)
+    gallery = {s: ps[:enroll] for s, ps in by_speaker.items() if len(ps) >= enroll}
+    dropped = sorted(set(by_speaker) - set(gallery))
+    if dropped:
+        notes.append(f"{len(dropped)} speaker(s) with fewer than {enroll} usable files left out of enrollment")
+    if len(gallery) < 2:
+        raise InvalidInput(
+            f"only {len(gallery)} speaker(s) have {enroll} usable file(s) to enroll from; need 2. " + "; ".join(notes)
+        )
+    return gallery
+
+
+def _probes_and_pairs(files, trials, embeddings, gallery, names, notes):
+    """Probes, each probe's true speaker, and the verification pairs ``(probe row,
+    speaker column, is target)``: the listed trials, else every probe against every speaker."""
+    column = {s: i for i, s in enumerate(names)}
+    enrolled = {p for ps in gallery.values() for p in ps}
+    if trials:
+        usable = [t for t in trials if t.probe in embeddings and t.speaker in column]
+        if len(usable) < len(trials):
+            notes.append(f"{len(trials) - len(usable)} trial(s) skipped: probe unusable or speaker not enrolled")
+        probes = list(dict.fromkeys(t.probe for t in usable))
+        probe_speaker = {t.probe: t.speaker for t in usable if t.target}
+    else:
+        probes = [f.path for f in files if f.path in embeddings and f.path not in enrolled and f.speaker in column]
+        probe_speaker = {f.path: f.speaker for f in files}
+    if not probes:
+        raise InvalidInput("no probes left after enrollment: give more files per speaker or a smaller --enroll")
+    row = {p: i for i, p in enumerate(probes)}
+    if trials:
+        pairs = [(row[t.probe], column[t.speaker], t.target) for t in usable]
+    else:
+        pairs = [(i, j, probe_speaker[p] == s) for i, p in enumerate(probes) for j, s in enumerate(names)]
+    return probes, probe_speaker, pairs
 
 
 def _metrics(scores, truth, known, pair_scores, is_target, verify_threshold, identify_threshold, brief=False) -> dict:
@@ -243,10 +203,10 @@ def _metrics(scores, truth, known, pair_scores, is_target, verify_threshold, ide
     return out
 
 
-def _notes(refused: Counter, rates: Counter, engine: Engine) -> list[str]:
+def _notes(refused: Counter, rates: Counter, config: Config) -> list[str]:
     notes = []
     for code, count in sorted(refused.items()):
-        why = {"too_short": f"less than {engine.config.audio.min_speech_s:g} s of speech after VAD"}.get(code, code)
+        why = {"too_short": f"less than {config.audio.min_speech_s:g} s of speech after VAD"}.get(code, code)
         notes.append(f"{count} file(s) refused: {why}")
     if refused.get("too_short"):
         notes.append("short clips (e.g. spoken digits) can be kept with VOICEPRINT_AUDIO__MIN_SPEECH_S=0.3 or eval --min-speech 0.3")

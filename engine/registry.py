@@ -50,3 +50,10 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         return sorted(self._factories)
+
+
+# The registries of the two plug-in families. They live here, not in their packages'
+# __init__, so that a plug-in module registering itself does not import the package
+# that imports it (an import circle).
+ENCODERS: Registry = Registry("encoder")
+LOSSES: Registry = Registry("loss")

@@ -6,24 +6,26 @@ Two jobs at most, with stable ids, so setting a schedule again replaces it:
     ``--every 6h`` or ``--cron "0 3 * * *"``: refresh at those times, provided at least
     ``min_new`` utterances (default 1) arrived since the active version was trained.
 ``voiceprint-refresh-poll``
-    Every ``check_every`` (default 1 minute): refresh when a request is queued (a drift
-    signal, later the HTTP API), or when ``min_new`` is set and that many utterances
-    are pending.
+    Stored only when ``--min-new`` is given: refresh as soon as that many utterances
+    are pending, looked at every ``check_every`` (default 1 minute). It is stored
+    paused, so APScheduler never fires it: the service's job worker, which watches the
+    queue of refresh requests anyway, reads it (:meth:`StoredSchedule.min_new`) and does
+    the counting. One poller, and no Engine opened just to look.
 
 Schedules live in APScheduler's ``apscheduler_jobs`` table next to ours, so they survive
 restarts and every server process sharing the database sees the same ones. Running them
-needs a ``voiceprint serve`` process; a running one notices a changed schedule at its
-next wake-up (within ``check_every``). Two processes firing at once is harmless: the
-refresh itself takes a database-wide lock, and the loser logs that it was busy.
+needs a ``voiceprint serve`` process, which reads a changed schedule without a restart.
+Two processes firing at once is harmless: the refresh itself takes a database-wide lock,
+and the loser logs that it was busy.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -62,9 +64,18 @@ def parse_cron(text: str) -> CronTrigger:
         raise InvalidInput(f"cron {text!r}: {exc} (five fields: minute hour day month weekday)") from None
 
 
+@dataclass(frozen=True)
+class MinNew:
+    """The stored ``--min-new`` condition: refresh once ``count`` utterances are pending."""
+
+    count: int
+    every_s: float  # how often to count
+    why: str  # recorded as the refresh job's reason
+
+
 def new_scheduler(store: Store) -> BackgroundScheduler:
     return BackgroundScheduler(
-        jobstores={"default": store.scheduler_jobstore()},
+        jobstores={"default": store.jobs.scheduler_jobstore()},
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": MISFIRE_GRACE_S},
         timezone=UTC,
     )
@@ -89,23 +100,25 @@ def set_schedule(
     timed = IntervalTrigger(seconds=parse_every(every).total_seconds(), timezone=UTC) if every else None
     timed = parse_cron(cron) if cron else timed
     poll = IntervalTrigger(seconds=parse_every(check_every).total_seconds(), timezone=UTC)
+    now = datetime.now(UTC)
     jobs = []
     if timed is not None:
         why = f"schedule ({_describe(timed)})"
-        jobs.append((TIMED_JOB, timed, {"home": str(home), "db": db, "min_new": min_new or 1, "why": why}))
-    why = "queued request or enough new utterances"
-    jobs.append((POLL_JOB, poll, {"home": str(home), "db": db, "min_new": min_new, "why": why}))
+        kwargs = {"home": str(home), "db": db, "min_new": min_new or 1, "why": why}
+        jobs.append((TIMED_JOB, timed, kwargs, timed.get_next_fire_time(None, now)))
+    if min_new is not None:
+        # Paused (no next run time): the service's job worker counts, not APScheduler.
+        jobs.append((POLL_JOB, poll, {"home": str(home), "db": db, "min_new": min_new, "why": "enough new utterances"}, None))
     with _jobstore(db) as (scheduler, store):
         _remove_ours(store)
-        now = datetime.now(UTC)
-        for job_id, trigger, kwargs in jobs:
+        for job_id, trigger, kwargs, next_run in jobs:
             # Written straight to the job store: starting a scheduler only to add jobs
             # would let its thread fire overdue jobs while it shuts down.
             store.add_job(
                 Job(
                     scheduler, id=job_id, name=job_id, func=run_scheduled_refresh, trigger=trigger,
                     executor="default", args=(), kwargs=kwargs, coalesce=True, max_instances=1,
-                    misfire_grace_time=MISFIRE_GRACE_S, next_run_time=trigger.get_next_fire_time(None, now),
+                    misfire_grace_time=MISFIRE_GRACE_S, next_run_time=next_run,
                 )
             )
         return _listing(store)
@@ -127,7 +140,7 @@ def _jobstore(db: str) -> Iterator[tuple[BackgroundScheduler, Any]]:
     """The job store of ``db``, opened without running a scheduler."""
     with Store(db) as store:
         scheduler = new_scheduler(store)
-        jobstore = store.scheduler_jobstore()
+        jobstore = store.jobs.scheduler_jobstore()
         jobstore.start(scheduler, "default")
         try:
             yield scheduler, jobstore
@@ -175,11 +188,11 @@ def run_scheduled_refresh(home: str, db: str, min_new: int | None, why: str) -> 
     Returns what it did ("refreshed: promoted", "not due", "busy", "failed: ...") for the
     log and the tests.
     """
-    from engine.engine import Engine
+    from engine import Engine
 
     try:
         with Engine.open(home=home, db=db) as eng:
-            queued = bool(eng.store.list_jobs(limit=1, status="queued"))
+            queued = eng.queued_refresh()
             pending = eng.pending_utterances()
             if not queued and (min_new is None or pending < min_new):
                 log.debug("scheduled refresh not due: %d pending, min_new %s, nothing queued", pending, min_new)
@@ -198,15 +211,40 @@ def run_scheduled_refresh(home: str, db: str, min_new: int | None, why: str) -> 
         return f"failed: {exc}"
 
 
-def run(db: str, stop: threading.Event) -> None:
-    """Run the stored schedule until ``stop`` is set (``voiceprint serve``)."""
-    with Store(db) as store:
-        scheduler = new_scheduler(store)
-        scheduler.start()
-        log.info("scheduler running with %d job(s)", len(scheduler.get_jobs()))
-        try:
-            stop.wait()
-        finally:
-            # Don't wait for a refresh in progress: its job row stays "running" and the
-            # next refresh marks it failed, exactly as after a crash.
-            scheduler.shutdown(wait=False)
+class StoredSchedule:
+    """The stored schedule of ``db``, run while ``voiceprint serve`` is up.
+
+    APScheduler fires the timed job; :meth:`min_new` hands the ``--min-new`` condition to
+    the service's job worker, which calls :meth:`look` on each of its rounds so that a
+    schedule another process stored takes effect without a restart.
+    """
+
+    def __init__(self, db: str) -> None:
+        self.store = Store(db)
+        self.scheduler = new_scheduler(self.store)
+
+    def start(self) -> None:
+        self.scheduler.start(paused=True)
+        stored = self.scheduler.get_job(POLL_JOB)
+        if stored is not None and stored.next_run_time is not None:
+            stored.pause()  # stored live by a version that let APScheduler poll; the worker does now
+        self.scheduler.resume()
+        log.info("scheduler running with %d job(s)", len(self.scheduler.get_jobs()))
+
+    def look(self) -> None:
+        # APScheduler sleeps until the next run time it knows of, so a timed job stored
+        # meanwhile by another process would wait for that; waking makes it read the store.
+        self.scheduler.wakeup()
+
+    def min_new(self) -> MinNew | None:
+        """The stored ``--min-new`` condition, read from the job store now."""
+        job = self.scheduler.get_job(POLL_JOB)
+        if job is None or not job.kwargs.get("min_new"):
+            return None
+        return MinNew(job.kwargs["min_new"], job.trigger.interval.total_seconds(), job.kwargs["why"])
+
+    def stop(self) -> None:
+        # Don't wait for a refresh in progress: its job row stays "running" and the
+        # next refresh marks it failed, exactly as after a crash.
+        self.scheduler.shutdown(wait=False)
+        self.store.close()

@@ -10,6 +10,7 @@ import pytest
 import soundfile as sf
 
 from engine import Engine
+from engine.home import load_home_config
 from engine.errors import Clipped, NotEnoughData, TooNoisy
 from engine.audio import _resample
 
@@ -108,21 +109,21 @@ def test_a_wrong_speaker_is_held_for_review_and_accepting_or_removing_is_exact(t
         for path in voices[ann][:3]:
             assert eng.enroll(ann, path).feedback == "OK"
         eng.enroll(bob, voices[bob][0])
-        before = eng.store.centroid(ann, version)
+        before = eng.store.profiles.centroid(ann, version)
 
         held = eng.enroll(ann, voices[bob][1])  # bob's voice under ann's name
         assert held.feedback == "INCONSISTENT_SPEAKER" and held.count == 3
-        assert np.array_equal(eng.store.centroid(ann, version).sum, before.sum)
-        assert [u.id for u in eng.store.utterances(ann, status="pending")] == [held.utterance_id]
+        assert np.array_equal(eng.store.profiles.centroid(ann, version).sum, before.sum)
+        assert [u.id for u in eng.store.profiles.utterances(ann, status="pending")] == [held.utterance_id]
         assert eng.identify(voices[bob][1]).candidates[0].speaker == bob
 
         eng.accept_utterance(held.utterance_id)
-        merged = eng.store.centroid(ann, version)
+        merged = eng.store.profiles.centroid(ann, version)
         assert merged.count == 4
-        np.testing.assert_allclose(merged.mean, eng.store.embeddings(ann, version).astype(np.float64).mean(axis=0), atol=1e-7)
+        np.testing.assert_allclose(merged.mean, eng.store.profiles.embeddings(ann, version).astype(np.float64).mean(axis=0), atol=1e-7)
 
         eng.remove_utterance(held.utterance_id)
-        restored = eng.store.centroid(ann, version)
+        restored = eng.store.profiles.centroid(ann, version)
         assert restored.count == 3
         np.testing.assert_allclose(restored.sum, before.sum, rtol=0, atol=1e-12)
 
@@ -172,11 +173,11 @@ def test_clipped_and_noisy_audio_is_refused_unless_forced(tmp_path, dev_data, by
 
 def test_a_large_cohort_is_cut_to_whole_speakers_the_same_way_every_time(calibrated):
     home, _, _ = calibrated
-    with Engine.open(home=home) as eng:
-        eng.config = dataclasses.replace(eng.config, scoring=dataclasses.replace(eng.config.scoring, cohort_size=60))
+    config = load_home_config(home)
+    with Engine.open(home=home, config=dataclasses.replace(config, scoring=dataclasses.replace(config.scoring, cohort_size=60))) as eng:
         version = eng.active_version().number
-        cohort = eng._cohort(version, None)
-        again = eng._cohort(version, None)
+        cohort = eng.recognizer.cohort(version, None)
+        again = eng.recognizer.cohort(version, None)
     assert 50 <= len(cohort) <= 60  # min_cohort <= size <= cohort_size
     assert np.array_equal(cohort.ids, again.ids)
     _, counts = np.unique(cohort.speakers, return_counts=True)

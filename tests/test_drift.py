@@ -50,7 +50,7 @@ def test_mislabelled_enrollments_queue_one_refresh_request(tmp_path, dev_data):
     with Engine.init(home=home) as eng:
         # Genuine: 30 speakers' own files.
         eng.enroll_many([(s, p, None) for s in speakers[:30] for p in files[s][:10]])
-        assert eng.store.list_jobs() == []
+        assert eng.store.jobs.list_jobs() == []
         # Then the labels "break": the next files are filed under the wrong names, so the
         # genuine scores fall (about 0.81 -> 0.72 on average). ADWIN needs a few hundred
         # scores at its default confidence to be sure.
@@ -60,10 +60,10 @@ def test_mislabelled_enrollments_queue_one_refresh_request(tmp_path, dev_data):
         # fall in scores is reported as well.
         assert sum(getattr(o, "feedback", "") == "INCONSISTENT_SPEAKER" for o in outcomes) > len(wrong) / 2
         assert sum(s.pending for s in eng.speakers()) > len(wrong) / 2
-        queued = eng.store.list_jobs(status="queued")
+        queued = eng.store.jobs.list_jobs(status="queued")
         assert len(queued) == 1 and queued[0].reason.startswith("drift: genuine enrollment scores fell")
         assert eng.status()["queued"] == 1
         # The next refresh takes the request over as its own job.
         report = eng.refresh(dry_run=True)
         assert report.job == queued[0].id
-        assert eng.store.get_job(report.job).reason.startswith("drift:")
+        assert eng.store.jobs.get_job(report.job).reason.startswith("drift:")

@@ -85,8 +85,8 @@ def test_stream_results_come_back_in_order(engine, voices):
     items.insert(2, (speaker, Path("/nonexistent.wav"), None))
     results = list(engine.enroll_stream(iter(items), batch_size=2))
     assert [getattr(r, "count", None) for r in results] == [1, 2, None, 3, 4]
-    mean = engine.store.centroid(speaker, 1).mean
-    np.testing.assert_allclose(mean, engine.store.embeddings(speaker, 1).mean(axis=0), atol=1e-6)
+    mean = engine.store.profiles.centroid(speaker, 1).mean
+    np.testing.assert_allclose(mean, engine.store.profiles.embeddings(speaker, 1).mean(axis=0), atol=1e-6)
 
 
 def test_open_refuses_an_uninitialised_home_and_creates_nothing(tmp_path):

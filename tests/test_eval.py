@@ -10,7 +10,7 @@ import pytest
 
 from cli import main
 from engine import Engine
-from engine.evaluation import read_manifest, read_trials
+from engine.manifests import read_manifest, read_trials
 from engine.errors import InvalidInput
 
 

@@ -57,22 +57,22 @@ def test_erasing_a_speaker_leaves_nothing_in_the_database_or_the_home_folder(bac
         assert {r.feedback for r in mine} == {"OK", "INCONSISTENT_SPEAKER"}
         # A second version holding embeddings of every utterance (as a refresh leaves them).
         v1 = eng.active_version()
-        v2 = eng.store.create_version(
+        v2 = eng.store.registry.create_version(
             encoder=v1.encoder, config=v1.config, checkpoint=v1.checkpoint,
             checkpoint_sha256=v1.checkpoint_sha256, parent=1, note="test copy",
             trained_through=max(r.utterance_id for r in mine + kept),
         )
-        missing = eng.store.missing_embeddings(v2.number)
+        missing = eng.store.embeddings.missing_embeddings(v2.number)
         vectors = eng.embedder(v1).embed([np.zeros(16000, np.float32) + 0.01 * (i + 1) for i in range(len(missing))])
-        eng.store.add_embeddings(v2.number, [(uid, vec) for (uid, _), vec in zip(missing, vectors)])
+        eng.store.embeddings.add_embeddings(v2.number, [(uid, vec) for (uid, _), vec in zip(missing, vectors)])
         ids = [r.utterance_id for r in mine]
         needles = [name.encode()]
         for uid in ids:
-            data, _, _ = eng.store.utterance_audio(uid)
+            data, _, _ = eng.store.profiles.utterance_audio(uid)
             needles.append(data[len(data) // 2 : len(data) // 2 + 64])  # a stretch of the kept speech
         for version in (1, v2.number):
-            needles += [vec.astype("<f4").tobytes()[:64] for vec in eng.store.embeddings(name, version)]
-        needles += [u.content_sha256.encode() for u in eng.store.utterances(name, status=None)]
+            needles += [vec.astype("<f4").tobytes()[:64] for vec in eng.store.profiles.embeddings(name, version)]
+        needles += [u.content_sha256.encode() for u in eng.store.profiles.utterances(name, status=None)]
         assert traces(every_value(db), needles), "the needles must be found before the erasure"
 
         result = eng.erase_speaker(name)
@@ -81,12 +81,12 @@ def test_erasing_a_speaker_leaves_nothing_in_the_database_or_the_home_folder(bac
 
         with pytest.raises(UnknownSpeaker):
             eng.erase_speaker(name)
-        assert not eng.store.has_speaker(name)
+        assert not eng.store.profiles.has_speaker(name)
         assert [s.name for s in eng.speakers()] == ["keeper"]
-        keeper = eng.store.centroid("keeper", 1)
-        np.testing.assert_allclose(keeper.mean, eng.store.embeddings("keeper", 1).mean(axis=0), atol=1e-6)
+        keeper = eng.store.profiles.centroid("keeper", 1)
+        np.testing.assert_allclose(keeper.mean, eng.store.profiles.embeddings("keeper", 1).mean(axis=0), atol=1e-6)
         assert keeper.count == len(kept)
-        audit = eng.store.audit_log()
+        audit = eng.store.keys.audit_log()
         assert [e.action for e in audit] == ["erase_speaker"]  # the failed second erasure left no entry
         assert audit[0].detail == {k: result[k] for k in ("utterances", "embeddings", "centroids")}
 

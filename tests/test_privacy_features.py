@@ -15,11 +15,11 @@ import pytest
 import soundfile as sf
 import torch
 
-from engine import Engine, audio
+from engine import Engine, audio, kept
 from engine.embedder import Embedder
 from engine.encoders import create_encoder
 from engine.errors import IncompatibleFeatures
-from engine.refresh import Crops, load_stored
+from engine.training import Crops
 
 FRONTEND = "resemblyzer-mel"
 CODEC = f"features-{FRONTEND}"
@@ -46,7 +46,7 @@ def test_embedding_from_stored_features_equals_embedding_from_the_waveform(embed
     assert all(f.dtype == np.float32 and f.shape[1] == 40 for f in features)
     np.testing.assert_allclose(embedder.embed_features(features), reference, rtol=0, atol=1e-6)
 
-    stored = [audio.decode_features(audio.encode_features(f), codec=CODEC, frontend=FRONTEND) for f in features]
+    stored = [kept.decode_features(kept.encode_features(f), codec=CODEC, frontend=FRONTEND) for f in features]
     assert all(s.dtype == np.float16 for s in stored)
     from_stored = embedder.embed_features(stored)
     np.testing.assert_allclose(from_stored, reference, rtol=0, atol=STORED_ATOL)
@@ -54,19 +54,19 @@ def test_embedding_from_stored_features_equals_embedding_from_the_waveform(embed
 
 
 def test_features_of_another_frontend_are_refused():
-    data = audio.encode_features(np.random.default_rng(0).random((200, 40), dtype=np.float32))
+    data = kept.encode_features(np.random.default_rng(0).random((200, 40), dtype=np.float32))
     with pytest.raises(IncompatibleFeatures, match="fbank") as caught:
-        audio.decode_features(data, codec=CODEC, frontend="fbank")
+        kept.decode_features(data, codec=CODEC, frontend="fbank")
     assert caught.value.code == "incompatible_features"
     with pytest.raises(IncompatibleFeatures):
-        audio.decode_stored(data, CODEC, 16000, frontend="fbank")
+        kept.decode(data, CODEC, 16000, frontend="fbank")
     # The right frontend decodes them.
-    assert audio.decode_stored(data, CODEC, 16000, frontend=FRONTEND).shape == (200, 40)
+    assert kept.decode(data, CODEC, 16000, frontend=FRONTEND).shape == (200, 40)
 
 
 def test_features_too_large_for_float16_are_kept_as_float32():
     features = np.full((170, 40), 1e6, dtype=np.float32)
-    back = audio.decode_features(audio.encode_features(features), codec=CODEC, frontend=FRONTEND)
+    back = kept.decode_features(kept.encode_features(features), codec=CODEC, frontend=FRONTEND)
     assert back.dtype == np.float32 and np.array_equal(back, features)
 
 
@@ -117,27 +117,27 @@ def features_home(tmp_path_factory, dev_data, by_speaker):
     )
     out: dict = {"ann": ann, "late": late, "stranger": stranger}
     warnings = _Records()
-    logging.getLogger("engine.refresh").addHandler(warnings)
+    logging.getLogger("engine.training").addHandler(warnings)
     try:
         with Engine.init(home=home) as eng:
             items = [(s, p, None) for s, paths in voices.items() for p in paths if p not in (late, stranger)]
             results = eng.enroll_many(items)
             enrolled = [r.utterance_id for r in results if not isinstance(r, Exception)]
             out["enrolled"] = enrolled
-            out["kept"] = eng.store.audio_many(enrolled)
+            out["kept"] = eng.store.embeddings.audio_many(enrolled)
             out["refresh"] = eng.refresh()
-            out["utterances_v2"] = {u.id for u in eng.store.utterances(status="enrolled")}
-            out["embedded_v2"] = set(eng.store.version_embeddings(2)[0].tolist())
+            out["utterances_v2"] = {u.id for u in eng.store.profiles.utterances(status="enrolled")}
+            out["embedded_v2"] = set(eng.store.embeddings.version_embeddings(2)[0].tolist())
             out["late_result"] = eng.enroll(ann, late)
             out["held_result"] = eng.enroll(ann, stranger)  # bob's voice under ann's name
             out["rollback"] = eng.rollback(1, reason="test")
             out["accepted"] = eng.accept_utterance(out["held_result"].utterance_id)
-            out["missing_v1"] = eng.store.missing_embeddings(1)
-            ids, _, vectors = eng.store.version_embeddings(1)
+            out["missing_v1"] = eng.store.embeddings.missing_embeddings(1)
+            ids, _, vectors = eng.store.embeddings.version_embeddings(1)
             out["v1"] = dict(zip(ids.tolist(), vectors))
             out["v1_waveform"] = eng.embedder(eng.active_version()).embed([audio.load(late).samples, audio.load(stranger).samples])
     finally:
-        logging.getLogger("engine.refresh").removeHandler(warnings)
+        logging.getLogger("engine.training").removeHandler(warnings)
     out["warnings"] = warnings.messages
     out["home"] = home
     return out
@@ -145,13 +145,13 @@ def features_home(tmp_path_factory, dev_data, by_speaker):
 
 @pytest.mark.data
 def test_only_features_are_kept(features_home):
-    kept = features_home["kept"]
-    assert sorted(kept) == sorted(features_home["enrolled"]) and len(kept) >= 30
-    for data, codec, rate in kept.values():
+    stored = features_home["kept"]
+    assert sorted(stored) == sorted(features_home["enrolled"]) and len(stored) >= 30
+    for data, codec, rate in stored.values():
         assert codec == CODEC and rate == 16000
         with pytest.raises(sf.SoundFileError):
             sf.read(io.BytesIO(data))
-        features = audio.decode_features(data, codec=codec, frontend=FRONTEND)
+        features = kept.decode_features(data, codec=codec, frontend=FRONTEND)
         assert features.dtype == np.float16 and features.shape[1] == 40 and len(features) >= 160
 
 
@@ -186,6 +186,6 @@ def test_rollback_and_accept_embed_from_features(features_home):
 def test_stored_features_are_refused_for_another_frontend(features_home):
     with Engine.open(home=features_home["home"]) as eng:
         uid = features_home["enrolled"][0]
-        assert load_stored(eng, [uid], FRONTEND)[uid].ndim == 2
+        assert eng.refresher.load_kept([uid], FRONTEND)[uid].ndim == 2
         with pytest.raises(IncompatibleFeatures, match=f"utterance {uid}: "):
-            load_stored(eng, [uid], "fbank")
+            eng.refresher.load_kept([uid], "fbank")

@@ -22,7 +22,7 @@ import pytest
 from engine import Engine
 from engine import audio
 from engine.errors import CheckpointError, InvalidInput, RefreshBusy, TooShort, UnknownVersion
-from engine.refresh import NoiseBank
+from engine.training import NoiseBank
 from engine.replay import SpeakerReservoir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,10 +92,10 @@ def continual(tmp_path_factory, dev_data):
         out["rollback"] = eng.rollback(1, reason="test")
         out["rolled_back_A"] = all_scores(eng, probes["A"])
         out["versions"] = eng.versions()
-        out["calibrated"] = {v.number: eng.store.latest_calibration(v.number) is not None for v in out["versions"]}
-        out["history"] = eng.store.alias_history()
-        out["missing_v1"] = eng.store.missing_embeddings(1)
-        out["centroid_counts"] = {s: eng.store.centroid(s, 1).count for s in speakers[: 2 * GROUP]}
+        out["calibrated"] = {v.number: eng.store.registry.latest_calibration(v.number) is not None for v in out["versions"]}
+        out["history"] = eng.store.registry.alias_history()
+        out["missing_v1"] = eng.store.embeddings.missing_embeddings(1)
+        out["centroid_counts"] = {s: eng.store.profiles.centroid(s, 1).count for s in speakers[: 2 * GROUP]}
         out["utterances"] = {s.name: s.utterances for s in eng.speakers()}
     return out
 
@@ -180,7 +180,7 @@ def test_dry_run_stores_no_version(vctk_home):
         report = eng.refresh(dry_run=True)
         assert report.status == "dry-run" and report.version is None
         assert [v.number for v in eng.versions()] == [1]
-        job = eng.store.get_job(report.job)
+        job = eng.store.jobs.get_job(report.job)
         assert job.status == "succeeded" and job.result["metrics"]["candidate"]["overall"]["probes"] >= 5
         assert not (vctk_home / "checkpoints" / "v0002.pt").exists()
 
@@ -189,18 +189,18 @@ def test_a_worse_candidate_is_rejected_with_reasons(vctk_home):
     # A learning rate a thousand times too high wrecks the encoder in a few steps.
     write_config(vctk_home, steps=10, **SMALL, lr=0.1)
     with Engine.open(home=vctk_home) as eng:
-        before = eng.store.centroid_matrix(1)
+        before = eng.store.profiles.centroid_matrix(1)
         report = eng.refresh()
         assert report.status == "rejected", report.metrics
         assert report.reasons and "does not separate speakers better" in report.reasons[0]
-        rejected = eng.store.get_version(report.version)
+        rejected = eng.store.registry.get_version(report.version)
         assert rejected.status == "rejected" and rejected.note == "; ".join(report.reasons)
         assert rejected.metrics["candidate"]["overall"]["accuracy"] <= rejected.metrics["parent"]["overall"]["accuracy"]
         assert eng.active_version().number == 1
-        assert eng.store.version_embeddings(report.version)[0].size == 0  # nothing stored under it
-        after = eng.store.centroid_matrix(1)
+        assert eng.store.embeddings.version_embeddings(report.version)[0].size == 0  # nothing stored under it
+        after = eng.store.profiles.centroid_matrix(1)
         assert after[0] == before[0] and np.array_equal(after[1], before[1])
-        assert eng.store.get_job(report.job).status == "rejected"
+        assert eng.store.jobs.get_job(report.job).status == "rejected"
 
 
 def test_gate_off_promotes_even_a_worse_candidate_and_says_so(vctk_home):
@@ -250,7 +250,7 @@ def test_nothing_new_is_skipped(vctk_home):
         second = eng.refresh()
         assert second.status == "skipped" and "no new utterances" in second.reasons[0]
         assert eng.pending_utterances() == 0
-        assert eng.store.get_job(second.job).status == "skipped"
+        assert eng.store.jobs.get_job(second.job).status == "skipped"
 
 
 def test_too_few_held_out_utterances_skip_before_training(vctk_home):
@@ -268,11 +268,11 @@ def test_rollback_to_a_corrupted_checkpoint_changes_nothing(vctk_home):
         assert report.status == "promoted", report.reasons
         path = vctk_home / "checkpoints" / "v0001.pt"
         path.write_bytes(path.read_bytes()[:-10] + b"0123456789")
-        eng._embedders.clear()  # the cache would otherwise hide the file
+    with Engine.open(home=vctk_home) as eng:  # a new process: no cached embedder hides the file
         with pytest.raises(CheckpointError):
             eng.rollback(1)
         assert eng.active_version().number == 2
-        assert [m.version for m in eng.store.alias_history()] == [1, 2]
+        assert [m.version for m in eng.store.registry.alias_history()] == [1, 2]
         with pytest.raises(UnknownVersion):
             eng.rollback(9)
 
@@ -284,7 +284,7 @@ def test_only_one_refresh_at_a_time(vctk_home):
                 eng.refresh()
             with pytest.raises(RefreshBusy):
                 eng.rollback(1)
-        assert eng.store.list_jobs() == []  # refused before anything was recorded
+        assert eng.store.jobs.list_jobs() == []  # refused before anything was recorded
 
 
 @pytest.mark.postgres
@@ -299,7 +299,7 @@ def test_refresh_lock_and_rollback_on_postgresql(fresh_pg_url, tmp_path, dev_dat
         report = eng.refresh()
         assert report.status in {"promoted", "rejected"}
         if report.status == "promoted":
-            assert eng.store.missing_embeddings(report.version) == []
+            assert eng.store.embeddings.missing_embeddings(report.version) == []
         result = eng.rollback(1)
         assert eng.active_version().number == 1 and result["version"] == 1
 
@@ -324,7 +324,7 @@ def test_enrollments_during_a_refresh_reach_the_new_version(backend, request, tm
     acknowledged, held = [], []
     try:
         with Engine.open(home=home, db=db) as eng:
-            _wait_for(lambda: eng.store.list_jobs(status="running"), proc)
+            _wait_for(lambda: eng.store.jobs.list_jobs(status="running"), proc)
             for speaker, path in late:
                 result = eng.enroll_many([(speaker, path, None)])[0]
                 if not isinstance(result, TooShort):
@@ -344,13 +344,13 @@ def test_enrollments_during_a_refresh_reach_the_new_version(backend, request, tm
     with Engine.open(home=home, db=db) as eng:
         active = eng.active_version()
         assert active.number == report["version"]
-        assert eng.store.missing_embeddings(active.number) == []
-        ids, _, _ = eng.store.version_embeddings(active.number)
+        assert eng.store.embeddings.missing_embeddings(active.number) == []
+        ids, _, _ = eng.store.embeddings.version_embeddings(active.number)
         assert set(acknowledged) <= set(ids.tolist())
-        assert set(held) == {u.id for u in eng.store.utterances(status="pending")}
+        assert set(held) == {u.id for u in eng.store.profiles.utterances(status="pending")}
         for summary in eng.speakers():
-            centroid = eng.store.centroid(summary.name, active.number)
-            vectors = eng.store.embeddings(summary.name, active.number)
+            centroid = eng.store.profiles.centroid(summary.name, active.number)
+            vectors = eng.store.profiles.embeddings(summary.name, active.number)
             assert centroid.count == summary.utterances == len(vectors)
             np.testing.assert_allclose(centroid.mean, vectors.astype(np.float64).mean(axis=0), atol=1e-6)
 
@@ -363,7 +363,7 @@ def test_a_refresh_killed_midway_leaves_everything_as_it_was(tmp_path, dev_data)
     )
     try:
         with Engine.open(home=home) as eng:
-            _wait_for(lambda: eng.store.list_jobs(status="running"), proc)
+            _wait_for(lambda: eng.store.jobs.list_jobs(status="running"), proc)
         time.sleep(3)  # well into training
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
@@ -371,13 +371,13 @@ def test_a_refresh_killed_midway_leaves_everything_as_it_was(tmp_path, dev_data)
         proc.kill()
     with Engine.open(home=home) as eng:
         assert _snapshot(eng) == before
-        assert eng.store.list_jobs(status="running")[0].owner.endswith(f":{proc.pid}")
+        assert eng.store.jobs.list_jobs(status="running")[0].owner.endswith(f":{proc.pid}")
     # The next refresh starts clean: it marks the dead job failed and runs to the end.
     write_config(home, steps=3, **SMALL)
     with Engine.open(home=home) as eng:
         report = eng.refresh()
         assert report.status in {"promoted", "rejected"}
-        jobs = {j.id: j for j in eng.store.list_jobs()}
+        jobs = {j.id: j for j in eng.store.jobs.list_jobs()}
         dead = jobs[min(jobs)]
         assert dead.status == "failed" and "interrupted" in dead.result["error"]
 
@@ -390,37 +390,37 @@ import os, numpy as np
 from engine import Engine
 eng = Engine.open(home={str(home)!r})
 with eng.store.exclusive("refresh"):
-    job, _ = eng.store.start_job("refresh", "crash test", owner="test:1")
+    job, _ = eng.store.jobs.start_job("refresh", "crash test", owner="test:1")
     v1 = eng.active_version()
-    version = eng.store.create_version(encoder=v1.encoder, config={{}}, checkpoint=v1.checkpoint,
+    version = eng.store.registry.create_version(encoder=v1.encoder, config={{}}, checkpoint=v1.checkpoint,
                                        checkpoint_sha256=v1.checkpoint_sha256, parent=1, trained_through=10**9)
-    eng.store.update_job(job.id, version=version.number)
-    ids, _, vectors = eng.store.version_embeddings(1)
-    eng.store.add_embeddings(version.number, list(zip(ids[:5].tolist(), vectors[:5])))
+    eng.store.jobs.update_job(job.id, version=version.number)
+    ids, _, vectors = eng.store.embeddings.version_embeddings(1)
+    eng.store.embeddings.add_embeddings(version.number, list(zip(ids[:5].tolist(), vectors[:5])))
     os._exit(9)
 """
     proc = subprocess.run([sys.executable, "-c", crash], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 9, proc.stderr
     with Engine.open(home=home) as eng:
         assert _snapshot(eng) == before
-        assert eng.store.get_version(2).status == "candidate"
-        assert eng.store.version_embeddings(2)[0].size == 5
+        assert eng.store.registry.get_version(2).status == "candidate"
+        assert eng.store.embeddings.version_embeddings(2)[0].size == 5
         report = eng.refresh()
-        stale = eng.store.get_version(2)
+        stale = eng.store.registry.get_version(2)
         assert stale.status == "rejected" and stale.note == "interrupted before promotion"
-        assert eng.store.version_embeddings(2)[0].size == 0
+        assert eng.store.embeddings.version_embeddings(2)[0].size == 0
         assert report.version == 3 or report.status != "promoted"
 
 
 def _snapshot(eng: Engine) -> tuple:
     """Everything a killed refresh must not change: the active version and its data."""
     active = eng.active_version().number
-    names, matrix = eng.store.centroid_matrix(active)
-    ids, _, vectors = eng.store.version_embeddings(active)
+    names, matrix = eng.store.profiles.centroid_matrix(active)
+    ids, _, vectors = eng.store.embeddings.version_embeddings(active)
     return (
         active,
-        [(m.version, m.reason) for m in eng.store.alias_history()],
-        [(u.id, u.speaker, u.content_sha256) for u in eng.store.utterances()],
+        [(m.version, m.reason) for m in eng.store.registry.alias_history()],
+        [(u.id, u.speaker, u.content_sha256) for u in eng.store.profiles.utterances()],
         names,
         matrix.tobytes(),
         ids.tolist(),
@@ -470,7 +470,7 @@ def test_reservoir_samples_each_speaker_uniformly():
 
 def test_gate_metrics_and_decision_by_hand():
     from engine.config import RefreshConfig
-    from engine.refresh import decide, gate_metrics
+    from engine.gate import decide, gate_metrics
 
     # Two speakers on orthogonal axes: rows 0-2 are "a", 3-5 are "b"; rows 2 and 5 are held out.
     a, b = np.eye(4)[0], np.eye(4)[1]
@@ -501,14 +501,13 @@ def test_replay_size_zero_trains_on_new_data_only():
     from datetime import UTC, datetime
 
     from engine.config import RefreshConfig
-    from engine.refresh import choose_training
-    from storage import ModelVersion, UtteranceRecord
+    from engine.training import choose_training
+    from storage import UtteranceRecord
 
     now = datetime.now(UTC)
     utts = [UtteranceRecord(i, f"s{i % 3}", "x", f"{i:064x}", 2.0, 2.0, {}, now) for i in range(1, 31)]
-    parent = ModelVersion(2, 1, "active", "ge2e-lstm", {}, "c", "0" * 64, {}, None, now, True, trained_through=20)
-    new, replay = choose_training(utts, parent, RefreshConfig(replay_size=0))
+    new, replay = choose_training(utts, 20, RefreshConfig(replay_size=0))
     assert [u.id for u in new] == list(range(21, 31)) and replay == []
-    new, replay = choose_training(utts, parent, RefreshConfig(replay_size=6))
+    new, replay = choose_training(utts, 20, RefreshConfig(replay_size=6))
     assert len(replay) == 6 and all(u.id <= 20 for u in replay)
     assert sorted(len([u for u in replay if u.speaker == s]) for s in ("s0", "s1", "s2")) == [2, 2, 2]

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from engine.registry import Registry
-
-ENCODERS: Registry[type[nn.Module]] = Registry("encoder")
+from engine.registry import ENCODERS
 
 
 def create_encoder(name: str, *, pretrained: bool = False) -> nn.Module:

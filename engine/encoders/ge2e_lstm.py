@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine.encoders import ENCODERS
+from engine.registry import ENCODERS
 from engine.errors import CheckpointError
 
 

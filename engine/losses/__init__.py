@@ -20,9 +20,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from engine.registry import Registry
-
-LOSSES: Registry[type[nn.Module]] = Registry("loss")
+from engine.registry import LOSSES
 
 
 def create_loss(name: str, *, embedding_dim: int, num_classes: int = 0, **hyper) -> nn.Module:

@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from engine.losses import LOSSES
+from engine.registry import LOSSES
 from engine.losses.softmax import GrowingHead
 
 # Keeps sqrt(1 - cos^2) away from 0, where its gradient is infinite.

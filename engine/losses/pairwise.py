@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from engine.losses import LOSSES
+from engine.registry import LOSSES
 from engine.losses.e2e import LearnableCosineScore, check_metric_batch
 
 

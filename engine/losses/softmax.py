@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.losses import LOSSES
+from engine.registry import LOSSES
 
 
 class GrowingHead(nn.Module):

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.losses import LOSSES
+from engine.registry import LOSSES
 from engine.losses.e2e import check_metric_batch
 
 MINING = ("batch-hard", "semi-hard")

@@ -1,0 +1,201 @@
+"""Enrollment: an utterance's path from bytes to a committed profile update.
+
+prepare (name, decode, VAD, quality) -> embed under the active version -> commit
+(utterance, kept data, embedding and centroid in one transaction, held for review when
+it does not sound like the profile) -> feed the drift detector.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from engine import audio, kept
+from engine.audio import Source
+from engine.config import Config
+from engine.drift import GenuineScoreDrift
+from engine.errors import Clipped, InvalidInput, TooNoisy, VersionChanged, VoiceprintError
+from engine.models import ModelRegistry
+from engine.names import check_speaker_name
+from engine.results import EnrollmentResult, Outcome
+from engine.streaming import pipelined
+from storage import Store
+
+log = logging.getLogger(__name__)
+
+STREAM_BATCH = 64  # utterances prepared and embedded together when they are already waiting
+COMMIT_ATTEMPTS = 3  # re-embeddings when a refresh or rollback moves "active" meanwhile
+
+Item = tuple[str, Source, str | None]  # speaker, audio, display name (defaults to the path)
+Prepared = tuple[str, audio.Speech] | VoiceprintError
+
+
+class Enroller:
+    """Enroll utterances into the profiles of the active version.
+
+    ``consistency_cut(version)`` gives the cosine below which an utterance is held for
+    review (the recognizer's calibrated cut); ``request_refresh(reason)`` queues a
+    refresh when genuine scores drift down.
+    """
+
+    def __init__(self, store: Store, models: ModelRegistry, config: Config, consistency_cut, request_refresh) -> None:
+        self.store, self.models, self.config = store, models, config
+        self._consistency_cut = consistency_cut
+        self._request_refresh = request_refresh
+        delta = config.refresh.drift_delta
+        self._drift = GenuineScoreDrift(delta=delta) if delta > 0 else None
+        self._drift_lock = threading.Lock()
+
+    def enroll_many(self, items: Sequence[Item | VoiceprintError], *, force: bool = False) -> list[Outcome]:
+        """Enroll ``(speaker, source, name)`` items, one transaction per utterance; an
+        item that is already an error (e.g. a malformed stream row) comes back as it is."""
+        return self.embed_and_commit(self.prepare(items, force=force), force=force)
+
+    def enroll_stream(
+        self, items: Iterable[Item | VoiceprintError], *, batch_size: int = STREAM_BATCH, force: bool = False
+    ) -> Iterator[Outcome]:
+        """Enroll items as they arrive; the audio of the next batch is prepared while the
+        current one is embedded and committed."""
+        return pipelined(
+            items,
+            lambda batch: self.prepare(batch, force=force),
+            lambda batch: self.embed_and_commit(batch, force=force),
+            batch_size=batch_size,
+        )
+
+    def prepare(self, items: Sequence[Item | VoiceprintError], *, force: bool = False) -> list[Prepared]:
+        """Check names, load audio (decode, resample, VAD) and judge its quality:
+        everything before the encoder."""
+        prepared: list = list(items)
+        speakers = {}
+        for i, item in enumerate(items):
+            if not isinstance(item, VoiceprintError):
+                try:
+                    speakers[i] = check_speaker_name(item[0])
+                except InvalidInput as exc:
+                    prepared[i] = exc
+        todo = list(speakers)
+        loaded = audio.load_many([items[i][1] for i in todo], self.config.audio, names=[items[i][2] for i in todo])
+        for i, speech in zip(todo, loaded):
+            if not isinstance(speech, VoiceprintError) and not force:
+                speech = self._quality_problem(speech) or speech
+            prepared[i] = speech if isinstance(speech, VoiceprintError) else (speakers[i], speech)
+        return prepared
+
+    def _quality_problem(self, speech: audio.Speech) -> VoiceprintError | None:
+        """CLIPPED or TOO_NOISY for speech that would blur a profile, else None."""
+        cfg, q = self.config.enrollment, speech.quality
+        if q.clipping_ratio > cfg.max_clipping_ratio:
+            return Clipped(
+                f"{speech.source}: {q.clipping_ratio:.1%} of the samples are clipped "
+                f"(at most {cfg.max_clipping_ratio:.1%}); record at a lower level"
+            )
+        if q.snr_db < cfg.min_snr_db:
+            return TooNoisy(
+                f"{speech.source}: estimated SNR {q.snr_db:.1f} dB, at least {cfg.min_snr_db:g} dB needed; "
+                "record somewhere quieter"
+            )
+        return None
+
+    def embed_and_commit(self, prepared: Sequence[Prepared], *, force: bool = False) -> list[Outcome]:
+        results: list = list(prepared)
+        ready = [(i, p) for i, p in enumerate(prepared) if not isinstance(p, VoiceprintError)]
+        if ready:
+            version = self.models.active()
+            embeddings = self.models.embedder(version).embed([speech.samples for _, (_, speech) in ready])
+            cut = self._cut(version.number, force)  # once per batch: it reads the calibration
+            for (i, (speaker, speech)), embedding in zip(ready, embeddings):
+                try:
+                    results[i] = self._commit(speaker, speech, embedding, version.number, cut=cut, force=force)
+                except VoiceprintError as exc:
+                    results[i] = exc
+        return results
+
+    def _cut(self, version: int, force: bool) -> float | None:
+        """The consistency cosine for enrollments under ``version``; None: no check."""
+        if force or not self.config.enrollment.consistency_check:
+            return None
+        return self._consistency_cut(version)
+
+    def _commit(
+        self, speaker: str, utt: audio.Speech, embedding: np.ndarray, version: int, *, cut: float | None, force: bool
+    ) -> EnrollmentResult:
+        for _ in range(COMMIT_ATTEMPTS):
+            try:
+                return self._commit_under(speaker, utt, embedding, version, cut=cut)
+            except VersionChanged:
+                # A refresh or rollback moved "active" after this utterance was embedded:
+                # embed it again under the new version so that version holds it too.
+                active = self.models.active()
+                embedding, version = self.models.embedder(active).embed([utt.samples])[0], active.number
+                cut = self._cut(version, force)
+        return self._commit_under(speaker, utt, embedding, version, cut=cut)
+
+    def _commit_under(
+        self, speaker: str, utt: audio.Speech, embedding: np.ndarray, version: int, *, cut: float | None
+    ) -> EnrollmentResult:
+        cfg = self.config.enrollment
+        embedder = self.models.embedder(self.models.get(version)) if self.config.privacy.keep == "features" else None
+        data, codec, rate = kept.encode(utt.samples, embedder, self.config.privacy.keep)
+        stored = self.store.profiles.enroll(
+            speaker=speaker,
+            version=version,
+            source=utt.source,
+            content_sha256=utt.content_sha256,
+            duration_s=utt.quality.duration_s,
+            speech_s=utt.quality.speech_s,
+            quality=utt.quality.to_dict(),
+            audio=data,
+            codec=codec,
+            sample_rate=rate,
+            embedding=embedding,
+            expect_active=True,
+            consistency_cut=cut,
+            consistency_min_count=cfg.consistency_min_count,
+        )
+        if stored.similarity_before is not None:
+            # Held utterances count too: many of them at once (a new microphone, a broken
+            # labelling job) is exactly the fall the detector is there to report.
+            self._watch_drift(stored.similarity_before)
+        return EnrollmentResult(
+            speaker=speaker,
+            utterance_id=stored.utterance.id,
+            source=utt.source,
+            version=version,
+            speech_s=utt.quality.speech_s,
+            quality=utt.quality.to_dict(),
+            similarity_before=stored.similarity_before,
+            count=stored.count,
+            feedback="INCONSISTENT_SPEAKER" if stored.pending else "OK",
+            profile_speech_s=stored.speech_s,
+            progress=min(1.0, stored.speech_s / cfg.required_speech_s) if cfg.required_speech_s > 0 else 1.0,
+        )
+
+    def _watch_drift(self, genuine_score: float) -> None:
+        """Feed the drift detector; on a fall in genuine scores, queue one refresh request."""
+        if self._drift is None:
+            return
+        with self._drift_lock:
+            fell = self._drift.update(genuine_score).drift_detected
+            mean = self._drift.mean
+        if fell and not self.store.jobs.list_jobs(limit=1, status="queued"):
+            job = self._request_refresh(f"drift: genuine enrollment scores fell (ADWIN window mean now {mean:.3f})")
+            log.warning("genuine scores drifted down (mean %.3f); refresh requested as job %d", mean, job.id)
+
+    def accept_utterance(self, utterance_id: int) -> dict:
+        """Move a pending utterance into its speaker's profile (a person checked it).
+
+        If the active version changed since it was held, it is embedded under the active
+        version first, so the profile that scores next includes it.
+        """
+        active = self.models.active()
+        extra = {}
+        if active.number not in self.store.profiles.embedded_versions(utterance_id):
+            embedder = self.models.embedder(active)
+            data = kept.decode(*self.store.profiles.utterance_audio(utterance_id), frontend=embedder.encoder.frontend)
+            extra[active.number] = kept.embed(embedder, [data])[0]
+        record = self.store.profiles.accept_utterance(utterance_id, extra)
+        return {"utterance": record.id, "speaker": record.speaker, "status": record.status}

@@ -1,0 +1,78 @@
+"""What the engine answers: plain dataclasses shared by the facade, the CLI and the service."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from engine.index import Hit
+from engine.errors import VoiceprintError
+
+
+@dataclass(frozen=True)
+class EnrollmentResult:
+    """Feedback for one enrolled utterance."""
+
+    speaker: str
+    utterance_id: int
+    source: str
+    version: int
+    speech_s: float
+    quality: dict
+    similarity_before: float | None  # cosine to the speaker's centroid before this utterance
+    count: int  # utterances in the speaker's profile now
+    feedback: str = "OK"  # or "INCONSISTENT_SPEAKER": stored pending review, outside the profile
+    profile_speech_s: float = 0.0  # speech in the speaker's profile now
+    progress: float = 0.0  # profile_speech_s / [enrollment] required_speech_s, at most 1
+
+
+@dataclass(frozen=True)
+class Identification:
+    source: str
+    version: int
+    speech_s: float
+    candidates: tuple[Hit, ...]  # best first, by the deciding back-end's score
+    decision: str | None  # the best speaker, or None for "unknown"
+    threshold: float  # on the deciding back-end's scale
+    backend: str = "cosine"  # the back-end that decided (cosine until the version is calibrated)
+    reason: str = ""  # why "unknown": below the threshold, or too close to the second best
+
+
+@dataclass(frozen=True)
+class Verification:
+    speaker: str
+    source: str
+    version: int
+    speech_s: float
+    score: float  # raw cosine
+    threshold: float  # on the deciding back-end's scale
+    accepted: bool
+    normalised: float | None = None
+    llr: float | None = None
+    backend: str = "cosine"
+
+
+@dataclass
+class RefreshReport:
+    """What a refresh did. ``status``: promoted, rejected, dry-run or skipped."""
+
+    job: int
+    status: str
+    parent: int
+    version: int | None = None
+    reasons: list[str] = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+Outcome = EnrollmentResult | VoiceprintError
+
+
+def job_dict(job) -> dict:
+    """A job record as JSON-ready values (timestamps in ISO 8601)."""
+    out = asdict(job)
+    for key in ("requested_at", "started_at", "finished_at"):
+        out[key] = out[key].isoformat() if out[key] else None
+    return out
