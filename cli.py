@@ -9,16 +9,19 @@ one line on stderr, plus a JSON document on stdout.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import os
 import sys
 from collections import deque
-from dataclasses import asdict
+from collections.abc import Iterable, Iterator
+from contextlib import closing
+from dataclasses import asdict, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator, TextIO
+from typing import Any
+
+from engine.errors import InvalidInput, VoiceprintError
 
 EXIT_OK, EXIT_NEGATIVE, EXIT_ERROR = 0, 1, 2
 GLOBAL_DEFAULTS = {"home": None, "db": None, "json": False, "verbose": False}
@@ -31,12 +34,10 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, option):
             setattr(args, option, default)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from engine.errors import VoiceprintError
-
     try:
         return args.run(args)
     except VoiceprintError as exc:
-        print(f"voiceprint: error: {exc}", file=sys.stderr)
+        error(str(exc))
         if args.json:
             emit({"ok": False, "error": exc.code, "message": str(exc)})
         return EXIT_ERROR
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     # parser shared by the top level and every subcommand. Their defaults are suppressed
     # (the action objects are shared, so a default would let the subcommand overwrite a
     # value given before it) and filled in from GLOBAL_DEFAULTS after parsing.
+    # One function on purpose: it is the table of every command, read top to bottom.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--home", default=argparse.SUPPRESS, help="home folder (default $VOICEPRINT_HOME, else ./voiceprint-home)")
     common.add_argument("--db", default=argparse.SUPPRESS, help="SQLAlchemy URL (default $VOICEPRINT_DATABASE_URL, else SQLite in the home)")
@@ -82,10 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     command("calibrate", cmd_calibrate, "fit the active version's score normalisation, LLR calibration and thresholds on its enrollments")
     p = command("pending", cmd_pending, "list utterances held for review (they did not sound like their speaker)")
     p.add_argument("--speaker", help="only this speaker's")
-    p = command("accept", cmd_accept, "move a held utterance into its speaker's profile")
+    p = command("accept", cmd_utterance, "move a held utterance into its speaker's profile")
     p.add_argument("utterance", type=int, help="utterance id (see `voiceprint pending`)")
-    p = command("remove-utterance", cmd_remove_utterance, "delete an utterance and take it out of its speaker's profile exactly")
+    p.set_defaults(method="accept_utterance", done="utterance {utterance} joined {speaker}'s profile")
+    p = command("remove-utterance", cmd_utterance, "delete an utterance and take it out of its speaker's profile exactly")
     p.add_argument("utterance", type=int, help="utterance id")
+    p.set_defaults(method="remove_utterance", done="utterance {utterance} of {speaker} removed (it was {was})")
 
     p = command("identify", cmd_identify, "rank enrolled speakers for one utterance (1:N)")
     p.add_argument("file", type=Path)
@@ -119,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     when.add_argument("--every", help="refresh at this interval: 90s, 15m, 6h, 2d")
     when.add_argument("--cron", help='refresh at these times, crontab syntax in UTC, e.g. "0 3 * * *"')
     p.add_argument("--min-new", type=int, help="refresh only once this many utterances arrived since the active version")
-    p.add_argument("--check-every", default="1m", help="how often queued requests and --min-new are checked (default 1m)")
+    p.add_argument("--check-every", default="1m", help="how often --min-new is checked (default 1m)")
     p.add_argument("--list", action="store_true", help="show the schedule")
     p.add_argument("--clear", action="store_true", help="remove the schedule")
 
@@ -160,14 +164,102 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def open_engine(args: argparse.Namespace):
+def answer(args: argparse.Namespace, document: Any, lines: Iterable[str] = (), notes: Iterable[str] = ()) -> None:
+    """With ``--json`` the document on stdout; else the lines on stdout, then the notes on stderr."""
+    if args.json:
+        emit(document)
+        return
+    for line in lines:
+        print(line)
+    for note in notes:
+        print(note, file=sys.stderr)
+
+
+def error(text: str) -> None:
+    print(f"voiceprint: error: {text}", file=sys.stderr, flush=True)
+
+
+def open_engine(args: argparse.Namespace, config=None):
     from engine import Engine
 
-    return Engine.open(home=args.home, db=args.db)
+    return Engine.open(home=args.home, db=args.db, config=config)
 
 
-def describe_failure(exc: Exception) -> str:
-    return f"{exc} ({getattr(exc, 'code', 'error')})"
+def _home_and_db(args: argparse.Namespace) -> tuple[str, str]:
+    from engine.home import resolve_db, resolve_home
+
+    home = resolve_home(args.home)
+    return str(home), resolve_db(args.db, home)
+
+
+class ProgressBars:
+    """Draws the engine's ``on_progress(done, total, what)`` reports: a tqdm bar on
+    stderr per phase (a new ``what`` starts a new bar), only for a person watching: not
+    with ``--json``, not into a file or a pipe, not when ``wanted`` is false."""
+
+    def __init__(self, args: argparse.Namespace, wanted: bool = True) -> None:
+        self.enabled = wanted and not args.json and sys.stderr.isatty()
+        self.what, self.bar = None, None
+
+    def __call__(self, done: int, total: int, what: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None or what != self.what:
+            from tqdm import tqdm
+
+            self.close()
+            self.bar, self.what = tqdm(total=total, desc=what, leave=False, file=sys.stderr), what
+        self.bar.total = total
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _maybe(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+# -- enrollment ----------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from engine import Engine
+
+    with Engine.init(home=args.home, db=args.db) as eng:
+        doc = {"home": str(eng.home), "db": str(eng.url), "active_version": eng.active_version().number}
+    answer(args, doc, [f"initialised {doc['home']} (database {doc['db']}); active model version {doc['active_version']}"])
+    return EXIT_OK
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    failed = 0
+    with open_engine(args) as eng, closing(ProgressBars(args, wanted=len(args.files) > 1)) as bars:
+        results = eng.enroll_stream(((args.speaker, path, None) for path in args.files), force=args.force)
+        for done, (path, result) in enumerate(zip(args.files, results), 1):
+            failed += report_row(args, result, source=str(path))
+            bars(done, len(args.files), "enrolling")
+    if failed and len(args.files) == 1:
+        return EXIT_ERROR  # a single bad file is an error, not a partial outcome
+    return EXIT_NEGATIVE if failed else EXIT_OK
+
+
+def report_row(args: argparse.Namespace, result, *, source: str, row: int | None = None) -> int:
+    """Print one row's outcome; return 1 if it failed."""
+    where = f"row {row}: " if row is not None else ""
+    if isinstance(result, VoiceprintError):
+        if args.json:
+            emit({"row": row, "ok": False, "source": source, "error": result.code, "feedback": result.code.upper(), "message": str(result)})
+        else:
+            error(f"{where}{source}: {result} ({result.code})")
+        return 1
+    if args.json:
+        emit({"row": row, "ok": True, **asdict(result)})
+    else:
+        print(f"{where}{enrollment_line(result)}", flush=True)
+    return 0
 
 
 def enrollment_line(result) -> str:
@@ -183,70 +275,19 @@ def enrollment_line(result) -> str:
     )
 
 
-# -- commands ------------------------------------------------------------------------
-
-
-def cmd_init(args: argparse.Namespace) -> int:
-    from engine import Engine
-
-    with Engine.init(home=args.home, db=args.db) as eng:
-        active = eng.active_version()
-        doc = {"home": str(eng.home), "db": str(eng.store.url), "active_version": active.number}
-    if args.json:
-        emit(doc)
-    else:
-        print(f"initialised {doc['home']} (database {doc['db']}); active model version {doc['active_version']}")
-    return EXIT_OK
-
-
-def cmd_enroll(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    failed = 0
-    with open_engine(args) as eng:
-        show_bar = sys.stderr.isatty() and not args.json and len(args.files) > 1
-        results = eng.enroll_stream(((args.speaker, path, None) for path in args.files), force=args.force)
-        for path, result in zip(args.files, tqdm(results, total=len(args.files), unit="utt", disable=not show_bar, file=sys.stderr)):
-            failed += report_row(args, result, source=str(path))
-    if failed and len(args.files) == 1:
-        return EXIT_ERROR  # a single bad file is an error, not a partial outcome
-    return EXIT_NEGATIVE if failed else EXIT_OK
-
-
-def report_row(args: argparse.Namespace, result, *, source: str, row: int | None = None) -> int:
-    """Print one row's outcome; return 1 if it failed."""
-    from engine.errors import VoiceprintError
-
-    where = f"row {row}: " if row is not None else ""
-    if isinstance(result, VoiceprintError):
-        if args.json:
-            emit({"row": row, "ok": False, "source": source, "error": result.code, "feedback": result.code.upper(), "message": str(result)})
-        else:
-            print(f"voiceprint: error: {where}{source}: {describe_failure(result)}", file=sys.stderr, flush=True)
-        return 1
-    if args.json:
-        emit({"row": row, "ok": True, **asdict(result)})
-    else:
-        print(f"{where}{enrollment_line(result)}", flush=True)
-    return 0
-
-
 def cmd_stream(args: argparse.Namespace) -> int:
     from engine.audio import check_root
-    from engine.config import load_config
-    from engine.engine import CONFIG_FILE, resolve_home
+    from engine.home import load_home_config
+    from engine.manifests import stream_rows
 
     if args.source == "-":
         stream, base = sys.stdin, Path.cwd()
     else:
         # A manifest is read only from where audio may be read ([audio] roots).
-        roots = load_config(resolve_home(args.home) / CONFIG_FILE).audio.roots
-        path = check_root(args.source, roots)
+        path = check_root(args.source, load_home_config(args.home).audio.roots)
         try:
             stream = open(path, encoding="utf-8", newline="")
         except OSError as exc:
-            from engine.errors import InvalidInput
-
             raise InvalidInput(f"cannot open stream {path}: {exc.strerror}") from None
         base = path.parent
     # Rows and results come in the same order; the row number and the path as written
@@ -254,7 +295,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
     labels: deque[tuple[int, str]] = deque()
 
     def items() -> Iterator[Any]:
-        for number, item, source in rows(stream, base):
+        for number, item, source in stream_rows(stream, base):
             labels.append((number, source))
             yield item
 
@@ -273,171 +314,156 @@ def cmd_stream(args: argparse.Namespace) -> int:
     return EXIT_NEGATIVE if failed else EXIT_OK
 
 
-def rows(stream: TextIO, base: Path) -> Iterator[tuple[int, Any, str]]:
-    """Parse rows as they arrive: ``(row number, (speaker, path, None) or an error, source)``.
-
-    The first non-empty line decides the format: ``{`` starts JSON lines with keys
-    ``speaker`` and ``path``; anything else is a CSV header naming ``speaker`` and
-    ``path`` columns (others ignored, e.g. a dataset manifest). Relative paths are
-    resolved against the stream file's folder (the working folder for stdin).
-    """
-    from engine.errors import InvalidInput
-
-    header: list[str] | None = None
-    json_lines = False
-    number = 0
-    # readline() rather than iterating the file: iteration reads ahead in blocks and
-    # would hold back rows that have already arrived on a pipe.
-    for line in iter(stream.readline, ""):
-        if not line.strip():
-            continue
-        if header is None and not json_lines:
-            if line.lstrip().startswith("{"):
-                json_lines = True
-            else:
-                header = [h.strip().lower() for h in next(csv.reader([line]))]
-                if "speaker" not in header or "path" not in header:
-                    raise InvalidInput(f"stream header {header} must name 'speaker' and 'path' columns")
-                continue
-        number += 1
-        try:
-            if json_lines:
-                record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise ValueError("not a JSON object")
-            else:
-                values = next(csv.reader([line]))
-                if len(values) != len(header):
-                    raise ValueError(f"{len(values)} fields, header has {len(header)}")
-                record = dict(zip(header, values))
-            speaker, raw_path = str(record["speaker"]), str(record["path"])
-        except (ValueError, KeyError) as exc:
-            yield number, InvalidInput(f"malformed row: {exc}"), line.strip()[:80]
-            continue
-        path = Path(raw_path)
-        yield number, (speaker, path if path.is_absolute() else base / path, None), raw_path
-
-
-def cmd_identify(args: argparse.Namespace) -> int:
-    with open_engine(args) as eng:
-        result = eng.identify(args.file, top=args.top)
-    if args.json:
-        doc = asdict(result)
-        doc["unknown"] = result.decision is None
-        emit(doc)
-        return EXIT_OK
-    why = f" ({result.reason})" if result.reason and result.candidates else ""
-    print(
-        f"decision: {result.decision or 'unknown'}{why}  ({result.backend} threshold {result.threshold:.3f}, "
-        f"model version {result.version})"
-    )
-    if result.candidates:
-        print(f"{'':>4} {'speaker':<30} {'cosine':>7} {'as-norm':>8} {'LLR':>7}")
-    for rank, hit in enumerate(result.candidates, 1):
-        print(f"{rank:>3}. {hit.speaker:<30} {hit.score:>7.3f} {_maybe(hit.normalised):>8} {_maybe(hit.llr):>7}")
-    if not result.candidates:
-        print("no speakers are enrolled yet")
-    return EXIT_OK
-
-
-def cmd_verify(args: argparse.Namespace) -> int:
-    with open_engine(args) as eng:
-        result = eng.verify(args.speaker, args.file)
-    if args.json:
-        emit(asdict(result))
-    else:
-        verdict = "accept" if result.accepted else "reject"
-        print(
-            f"{verdict} {result.speaker}: cosine {result.score:.3f}  as-norm {_maybe(result.normalised)}  "
-            f"LLR {_maybe(result.llr)}  ({result.backend} threshold {result.threshold:.3f}, model version {result.version})"
-        )
-    return EXIT_OK if result.accepted else EXIT_NEGATIVE
-
-
-def _maybe(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
-
-
-def cmd_calibrate(args: argparse.Namespace) -> int:
-    with open_engine(args) as eng:
-        calibration = eng.calibrate()
-    doc = asdict(calibration)
-    if args.json:
-        emit(doc)
-        return EXIT_OK
-    t = calibration.trials
-    print(
-        f"calibrated version {calibration.version} on {t['target']} target and {t['nontarget']} non-target "
-        f"leave-one-out trials ({t['speakers']} speakers, {t['utterances']} utterances)"
-    )
-    for backend, cuts in calibration.thresholds.items():
-        fit = calibration.fit.get(backend, {})
-        extra = f"  Cllr {fit['cllr']:.3f}" if "cllr" in fit else ""
-        print(
-            f"  {backend:<18} verify >= {cuts['verify']:.3f}  identify >= {cuts['identify']:.3f}  "
-            f"EER {fit.get('eer', float('nan')):.2%}{extra}"
-        )
-    for note in calibration.fit.get("notes", []):
-        print(f"note: {note}", file=sys.stderr)
-    if "asnorm" not in calibration.thresholds:
-        print("note: the AS-norm cohort is too small (see [scoring] min_cohort); cosine decides", file=sys.stderr)
-    return EXIT_OK
-
-
 def cmd_pending(args: argparse.Namespace) -> int:
     with open_engine(args) as eng:
-        held = eng.store.utterances(args.speaker, status="pending")
-    if args.json:
-        emit([asdict(u) for u in held])
-        return EXIT_OK
-    for u in held:
-        print(f"{u.id:>8}  {u.speaker:<30} {u.source}  ({u.created_at:%Y-%m-%d %H:%M})")
-    print(f"{len(held)} utterances pending review", file=sys.stderr)
+        held = eng.utterances(args.speaker, status="pending")
+    lines = (f"{u.id:>8}  {u.speaker:<30} {u.source}  ({u.created_at:%Y-%m-%d %H:%M})" for u in held)
+    answer(args, [asdict(u) for u in held], lines, [f"{len(held)} utterances pending review"])
     return EXIT_OK
 
 
-def cmd_accept(args: argparse.Namespace) -> int:
+def cmd_utterance(args: argparse.Namespace) -> int:
+    """accept and remove-utterance: one utterance id in, one line out."""
     with open_engine(args) as eng:
-        doc = eng.accept_utterance(args.utterance)
-    emit(doc) if args.json else print(f"utterance {doc['utterance']} joined {doc['speaker']}'s profile")
-    return EXIT_OK
-
-
-def cmd_remove_utterance(args: argparse.Namespace) -> int:
-    with open_engine(args) as eng:
-        doc = eng.remove_utterance(args.utterance)
-    emit(doc) if args.json else print(f"utterance {doc['utterance']} of {doc['speaker']} removed (it was {doc['was']})")
+        doc = getattr(eng, args.method)(args.utterance)
+    answer(args, doc, [args.done.format(**doc)])
     return EXIT_OK
 
 
 def cmd_speakers(args: argparse.Namespace) -> int:
     with open_engine(args) as eng:
         speakers = eng.speakers()
-    if args.json:
-        emit([asdict(s) for s in speakers])
-        return EXIT_OK
-    print(f"{'speaker':<30} {'utterances':>10} {'speech s':>9} {'pending':>8}")
-    for s in speakers:
-        print(f"{s.name:<30} {s.utterances:>10} {s.speech_s:>9.1f} {s.pending:>8}")
-    print(f"{len(speakers)} speakers", file=sys.stderr)
+    lines = [f"{'speaker':<30} {'utterances':>10} {'speech s':>9} {'pending':>8}"]
+    lines += [f"{s.name:<30} {s.utterances:>10} {s.speech_s:>9.1f} {s.pending:>8}" for s in speakers]
+    answer(args, [asdict(s) for s in speakers], lines, [f"{len(speakers)} speakers"])
     return EXIT_OK
+
+
+def cmd_delete_speaker(args: argparse.Namespace) -> int:
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise InvalidInput("delete-speaker erases data for good: pass --yes")
+        if input(f"erase everything stored about {args.speaker!r}? [y/N] ").strip().lower() not in ("y", "yes"):
+            print("nothing erased", file=sys.stderr)
+            return EXIT_NEGATIVE
+    with open_engine(args) as eng:
+        result = eng.erase_speaker(args.speaker)
+    line = (
+        f"erased {result['speaker']}: {result['utterances']} utterance(s), {result['embeddings']} embedding(s), "
+        f"{result['centroids']} profile(s)"
+    )
+    trained = [] if not result["trained_into"] else [
+        f"versions {result['trained_into']} were fine-tuned on some of this speaker's audio; their weights "
+        "are unchanged (roll back past them and refresh again to remove that too)"
+    ]
+    answer(args, {"ok": True, **result}, [line], trained)
+    return EXIT_OK
+
+
+# -- recognition ---------------------------------------------------------------------
+
+
+def cmd_identify(args: argparse.Namespace) -> int:
+    with open_engine(args) as eng:
+        result = eng.identify(args.file, top=args.top)
+    why = f" ({result.reason})" if result.reason and result.candidates else ""
+    lines = [
+        f"decision: {result.decision or 'unknown'}{why}  ({result.backend} threshold {result.threshold:.3f}, "
+        f"model version {result.version})"
+    ]
+    if result.candidates:
+        lines.append(f"{'':>4} {'speaker':<30} {'cosine':>7} {'as-norm':>8} {'LLR':>7}")
+    for rank, hit in enumerate(result.candidates, 1):
+        lines.append(f"{rank:>3}. {hit.speaker:<30} {hit.score:>7.3f} {_maybe(hit.normalised):>8} {_maybe(hit.llr):>7}")
+    if not result.candidates:
+        lines.append("no speakers are enrolled yet")
+    answer(args, {**asdict(result), "unknown": result.decision is None}, lines)
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    with open_engine(args) as eng:
+        result = eng.verify(args.speaker, args.file)
+    line = (
+        f"{'accept' if result.accepted else 'reject'} {result.speaker}: cosine {result.score:.3f}  as-norm {_maybe(result.normalised)}  "
+        f"LLR {_maybe(result.llr)}  ({result.backend} threshold {result.threshold:.3f}, model version {result.version})"
+    )
+    answer(args, asdict(result), [line])
+    return EXIT_OK if result.accepted else EXIT_NEGATIVE
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    with open_engine(args) as eng:
+        calibration = eng.calibrate()
+    t = calibration.trials
+    lines = [
+        f"calibrated version {calibration.version} on {t['target']} target and {t['nontarget']} non-target "
+        f"leave-one-out trials ({t['speakers']} speakers, {t['utterances']} utterances)"
+    ]
+    for backend, cuts in calibration.thresholds.items():
+        fit = calibration.fit.get(backend, {})
+        extra = f"  Cllr {fit['cllr']:.3f}" if "cllr" in fit else ""
+        lines.append(
+            f"  {backend:<18} verify >= {cuts['verify']:.3f}  identify >= {cuts['identify']:.3f}  "
+            f"EER {fit.get('eer', float('nan')):.2%}{extra}"
+        )
+    notes = [f"note: {note}" for note in calibration.fit.get("notes", [])]
+    if "asnorm" not in calibration.thresholds:
+        notes.append("note: the AS-norm cohort is too small (see [scoring] min_cohort); cosine decides")
+    answer(args, asdict(calibration), lines, notes)
+    return EXIT_OK
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from engine.evaluation import plot
+    from engine.home import load_home_config
+    from engine.manifests import read_manifest, read_trials
+
+    files = read_manifest(args.manifest)
+    trials = read_trials(args.trials) if args.trials else None
+    config = None
+    if args.min_speech is not None:
+        home_config = load_home_config(args.home)
+        config = replace(home_config, audio=replace(home_config.audio, min_speech_s=args.min_speech))
+    with open_engine(args, config) as eng, closing(ProgressBars(args)) as bars:
+        report = eng.evaluate(files, enroll=args.enroll, trials=trials, version=args.version, on_progress=bars)
+    if args.plot:
+        plot(report, args.plot)
+    m = report.metrics
+    lines = [
+        f"version {report.version}: {report.speakers} speakers, {report.probes} probes, "
+        f"{report.trials['target']} target / {report.trials['nontarget']} non-target trials",
+        f"  EER        {m['eer']:.2%}  (at cosine {m['eer_threshold']:.3f})",
+        f"  minDCF     {m['min_dcf_0.01']:.4f} (p_target 0.01)  {m['min_dcf_0.05']:.4f} (p_target 0.05)",
+        f"  top-1      {m['top1']:.2%}   top-5 {m['top5']:.2%}",
+        f"  at verify threshold {m['verify_threshold']:.2f}: false accepts {m['false_accept_rate']:.2%}, misses {m['miss_rate']:.2%}",
+        f"  open set at identify threshold {m['identify_threshold']:.2f}: {m['open_set_false_accept_rate']:.2%} of probes "
+        "would be accepted as someone else if their speaker were not enrolled",
+    ]
+    for label, bucket in report.by_duration.items():
+        top1 = "-" if bucket["top1"] is None else f"{bucket['top1']:.2%}"
+        lines.append(f"  speech {label:<6} {bucket['probes']:>5} probes  EER {bucket['eer']:.2%}  top-1 {top1}")
+    lines += [f"  note: {note}" for note in report.notes]
+    lines += [f"  plot written to {args.plot}"] if args.plot else []
+    answer(args, {"ok": True, **report.to_dict(), "plot": str(args.plot) if args.plot else None}, lines)
+    return EXIT_OK
+
+
+# -- models --------------------------------------------------------------------------
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
     with open_engine(args) as eng:
         versions = eng.versions()
-    if args.json:
-        emit([asdict(v) for v in versions])
-        return EXIT_OK
-    print(f"{'version':>7} {'parent':>6} {'status':<9} {'created':<19} {'top-1':>13} {'EER':>13}  note")
+    lines = [f"{'version':>7} {'parent':>6} {'status':<9} {'created':<19} {'top-1':>13} {'EER':>13}  note"]
     for v in versions:
-        created = v.created_at.strftime("%Y-%m-%d %H:%M:%S")
-        marker = "*" if v.active else " "
-        print(
-            f"{marker}{v.number:>6} {v.parent if v.parent is not None else '-':>6} {v.status:<9} {created:<19} "
+        lines.append(
+            f"{'*' if v.active else ' '}{v.number:>6} {v.parent if v.parent is not None else '-':>6} {v.status:<9} "
+            f"{v.created_at:%Y-%m-%d %H:%M:%S} "
             f"{_gate_change(v.metrics, 'accuracy', '.1%'):>13} {_gate_change(v.metrics, 'eer', '.2%'):>13}  {v.note or ''}"
         )
-    print("* active; top-1 and EER: parent -> this version on held-out utterances (refresh gate)", file=sys.stderr)
+    legend = "* active; top-1 and EER: parent -> this version on held-out utterances (refresh gate)"
+    answer(args, [asdict(v) for v in versions], lines, [legend])
     return EXIT_OK
 
 
@@ -450,230 +476,67 @@ def _gate_change(metrics: dict, key: str, spec: str) -> str:
 
 
 def cmd_refresh(args: argparse.Namespace) -> int:
-    with open_engine(args) as eng:
-        report = eng.refresh(dry_run=args.dry_run, reason=args.reason, progress=_show_progress(args))
-    if args.json:
-        emit({"ok": True, **report.to_dict()})
-    else:
-        gate = report.metrics.get("parent"), report.metrics.get("candidate")
-        what = {
-            "promoted": f"version {report.version} promoted (now active)",
-            "rejected": f"version {report.version} rejected, version {report.parent} stays active",
-            "dry-run": "dry run: nothing stored",
-            "skipped": "skipped",
-        }[report.status]
-        print(f"refresh job {report.job}: {what}")
-        if all(gate):
-            for group in ("overall", "old", "new"):
-                if group in gate[0]:
-                    p, c = gate[0][group], gate[1][group]
-                    print(
-                        f"  {group:<8} {p['probes']:>4} held-out  top-1 {p['accuracy']:.1%} -> {c['accuracy']:.1%}"
-                        f"  EER {p['eer']:.2%} -> {c['eer']:.2%}"
-                    )
-        for reason in report.reasons:
-            print(f"  {'why' if report.status != 'skipped' else 'because'}: {reason}")
-        if report.timings:
-            print("  " + "  ".join(f"{k} {v}" for k, v in report.timings.items()), file=sys.stderr)
+    with open_engine(args) as eng, closing(ProgressBars(args)) as bars:
+        report = eng.refresh(dry_run=args.dry_run, reason=args.reason, on_progress=bars)
+    what = {
+        "promoted": f"version {report.version} promoted (now active)",
+        "rejected": f"version {report.version} rejected, version {report.parent} stays active",
+        "dry-run": "dry run: nothing stored",
+        "skipped": "skipped",
+    }[report.status]
+    lines = [f"refresh job {report.job}: {what}"]
+    parent, candidate = report.metrics.get("parent"), report.metrics.get("candidate")
+    if parent and candidate:
+        lines += [
+            f"  {group:<8} {parent[group]['probes']:>4} held-out  "
+            f"top-1 {parent[group]['accuracy']:.1%} -> {candidate[group]['accuracy']:.1%}  "
+            f"EER {parent[group]['eer']:.2%} -> {candidate[group]['eer']:.2%}"
+            for group in ("overall", "old", "new")
+            if group in parent
+        ]
+    lines += [f"  {'why' if report.status != 'skipped' else 'because'}: {reason}" for reason in report.reasons]
+    timings = ["  " + "  ".join(f"{k} {v}" for k, v in report.timings.items())] if report.timings else []
+    answer(args, {"ok": True, **report.to_dict()}, lines, timings)
     return EXIT_NEGATIVE if report.status == "rejected" else EXIT_OK
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    with open_engine(args) as eng:
-        result = eng.rollback(args.version, reason=args.reason, progress=_show_progress(args))
-    if args.json:
-        emit({"ok": True, **result})
-    elif result["changed"]:
-        print(
+    with open_engine(args) as eng, closing(ProgressBars(args)) as bars:
+        result = eng.rollback(args.version, reason=args.reason, on_progress=bars)
+    if result["changed"]:
+        line = (
             f"version {result['version']} is active again (was {result['previous']}); "
             f"{result['embedded']} utterances embedded under it, {result['seconds']:.1f} s"
         )
     else:
-        print(f"version {result['version']} was already active; nothing changed")
+        line = f"version {result['version']} was already active; nothing changed"
+    answer(args, {"ok": True, **result}, [line])
     return EXIT_OK
-
-
-def _show_progress(args: argparse.Namespace) -> bool:
-    return not args.json and sys.stderr.isatty()
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from engine import evaluation
-
-    files = evaluation.read_manifest(args.manifest)
-    trials = evaluation.read_trials(args.trials) if args.trials else None
-    with open_engine(args) as eng:
-        if args.min_speech is not None:
-            audio_cfg = dataclasses.replace(eng.config.audio, min_speech_s=args.min_speech)
-            eng.config = dataclasses.replace(eng.config, audio=audio_cfg)
-        report = evaluation.evaluate(
-            eng, files, enroll=args.enroll, trials=trials, version=args.version, progress=_show_progress(args)
-        )
-    if args.plot:
-        evaluation.plot(report, args.plot)
-    if args.json:
-        emit({"ok": True, **report.to_dict(), "plot": str(args.plot) if args.plot else None})
-        return EXIT_OK
-    m = report.metrics
-    print(f"version {report.version}: {report.speakers} speakers, {report.probes} probes, "
-          f"{report.trials['target']} target / {report.trials['nontarget']} non-target trials")
-    print(f"  EER        {m['eer']:.2%}  (at cosine {m['eer_threshold']:.3f})")
-    print(f"  minDCF     {m['min_dcf_0.01']:.4f} (p_target 0.01)  {m['min_dcf_0.05']:.4f} (p_target 0.05)")
-    print(f"  top-1      {m['top1']:.2%}   top-5 {m['top5']:.2%}")
-    print(f"  at verify threshold {m['verify_threshold']:.2f}: false accepts {m['false_accept_rate']:.2%}, misses {m['miss_rate']:.2%}")
-    print(f"  open set at identify threshold {m['identify_threshold']:.2f}: {m['open_set_false_accept_rate']:.2%} of probes "
-          "would be accepted as someone else if their speaker were not enrolled")
-    for label, bucket in report.by_duration.items():
-        top1 = "-" if bucket["top1"] is None else f"{bucket['top1']:.2%}"
-        print(f"  speech {label:<6} {bucket['probes']:>5} probes  EER {bucket['eer']:.2%}  top-1 {top1}")
-    for note in report.notes:
-        print(f"  note: {note}")
-    if args.plot:
-        print(f"  plot written to {args.plot}")
-    return EXIT_OK
-
-
-def _home_and_db(args: argparse.Namespace) -> tuple[str, str]:
-    from engine.engine import resolve_db, resolve_home
-
-    home = resolve_home(args.home)
-    return str(home), resolve_db(args.db, home)
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
     from engine import scheduler
-    from engine.errors import InvalidInput
-
     home, db = _home_and_db(args)
     open_engine(args).close()  # a clear error if the home or database is not initialised
     setting = bool(args.every or args.cron or args.min_new is not None)
+    jobs, removed = [], 0
     if args.clear:
         if setting:
             raise InvalidInput("--clear takes no --every/--cron/--min-new")
         removed = scheduler.clear_schedule(db)
-        jobs: list = []
-    elif args.list or not setting:
-        jobs, removed = scheduler.list_schedule(db), 0
+        lines, notes = [f"schedule cleared ({removed} job(s) removed)"], []
     else:
-        jobs = scheduler.set_schedule(home, db, every=args.every, cron=args.cron, min_new=args.min_new, check_every=args.check_every)
-        removed = 0
-    if args.json:
-        emit({"ok": True, "jobs": jobs, "removed": removed})
-    elif args.clear:
-        print(f"schedule cleared ({removed} job(s) removed)")
-    elif not jobs:
-        print("no schedule: set one with --every, --cron or --min-new")
-    else:
-        for job in jobs:
-            condition = f"  if >= {job['min_new']} new" if job["min_new"] else ""
-            print(f"{job['id']:<26} {job['trigger']:<22} next {job['next_run']}{condition}")
-        print("runs while `voiceprint serve` is up", file=sys.stderr)
-    return EXIT_OK
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    import signal
-    import socket
-
-    import uvicorn
-
-    from service import create_app
-
-    home, db = _home_and_db(args)
-    with open_engine(args) as eng:  # fail fast, with the usual message, if not initialised
-        where, cfg = eng.store.url, eng.config.service
-        keys = [k for k in eng.store.list_keys() if k.revoked_at is None]
-    host = args.host or cfg.host
-    # The socket is bound here so that port 0 can report the port it got.
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # IPPROTO_TCP named explicitly: asyncio turns Nagle's algorithm off (TCP_NODELAY) only
-    # on sockets that say they are TCP, and with it on every response waited 40 ms for a
-    # delayed ACK.
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, cfg.port if args.port is None else args.port))
-    except OSError as exc:
-        from engine.errors import InvalidInput
-
-        raise InvalidInput(f"cannot listen on {host}:{args.port or cfg.port}: {exc.strerror}") from None
-    port = sock.getsockname()[1]
-    print(f"voiceprint serve: http://{host}:{port} on {where}; stop with Ctrl-C or SIGTERM", file=sys.stderr, flush=True)
-    if not keys:
-        print("voiceprint serve: no API keys yet, every request will get 401 (voiceprint keys create --role admin)", file=sys.stderr, flush=True)
-    server = uvicorn.Server(uvicorn.Config(create_app(home, db), log_level="info" if args.verbose else "warning"))
-    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again for
-    # the handler that was there before it; a no-op one lets us exit 0 after a clean stop.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: None)
-    server.run(sockets=[sock])
-    print("voiceprint serve: stopped", file=sys.stderr)
-    return EXIT_OK
-
-
-def cmd_keys(args: argparse.Namespace) -> int:
-    from engine.engine import actor
-    from engine.errors import InvalidInput
-    from service.keys import create_key
-
-    with open_engine(args) as eng:
-        if args.action == "create":
-            if not args.role:
-                raise InvalidInput("keys create needs --role admin|enroll|query")
-            record, key = create_key(eng.store, args.role, note=args.note, actor=actor())
-            if args.json:
-                emit({"ok": True, "id": record.id, "role": record.role, "key": key})
-            else:
-                print(key)
-                print(f"key {record.id} ({record.role}) created; it is shown only now, store it safely", file=sys.stderr)
-            return EXIT_OK
-        if args.action == "revoke":
-            if args.id is None:
-                raise InvalidInput("keys revoke needs --id (see `voiceprint keys list`)")
-            records = [eng.store.revoke_key(args.id, actor=actor())]
+        if args.list or not setting:
+            jobs = scheduler.list_schedule(db)
         else:
-            records = eng.store.list_keys()
-    if args.json:
-        emit([asdict(r) for r in records])
-    for r in [] if args.json else records:
-        state = f"revoked {r.revoked_at:%Y-%m-%d %H:%M}" if r.revoked_at else "live"
-        print(f"{r.id:>4}  {r.prefix}...  {r.role:<7} {state:<24} {r.created_at:%Y-%m-%d %H:%M}  {r.note}")
-    return EXIT_OK
-
-
-def cmd_delete_speaker(args: argparse.Namespace) -> int:
-    from engine.errors import InvalidInput
-
-    if not args.yes:
-        if not sys.stdin.isatty():
-            raise InvalidInput("delete-speaker erases data for good: pass --yes")
-        if input(f"erase everything stored about {args.speaker!r}? [y/N] ").strip().lower() not in ("y", "yes"):
-            print("nothing erased", file=sys.stderr)
-            return EXIT_NEGATIVE
-    with open_engine(args) as eng:
-        result = eng.erase_speaker(args.speaker)
-    if args.json:
-        emit({"ok": True, **result})
-    else:
-        print(
-            f"erased {result['speaker']}: {result['utterances']} utterance(s), {result['embeddings']} embedding(s), "
-            f"{result['centroids']} profile(s)"
-        )
-        if result["trained_into"]:
-            print(
-                f"versions {result['trained_into']} were fine-tuned on some of this speaker's audio; their weights "
-                "are unchanged (roll back past them and refresh again to remove that too)",
-                file=sys.stderr,
-            )
-    return EXIT_OK
-
-
-def cmd_openapi(args: argparse.Namespace) -> int:
-    from service import create_app
-
-    print(json.dumps(create_app(args.home, args.db).openapi(), indent=2, sort_keys=True))
+            jobs = scheduler.set_schedule(home, db, every=args.every, cron=args.cron, min_new=args.min_new, check_every=args.check_every)
+        lines = [
+            f"{job['id']:<26} {job['trigger']:<22} next {job['next_run'] or '-'}"
+            + (f"  if >= {job['min_new']} new" if job["min_new"] else "")
+            for job in jobs
+        ] or ["no schedule: set one with --every, --cron or --min-new"]
+        notes = ["runs while `voiceprint serve` is up"] if jobs else []
+    answer(args, {"ok": True, "jobs": jobs, "removed": removed}, lines, notes)
     return EXIT_OK
 
 
@@ -684,27 +547,22 @@ def cmd_status(args: argparse.Namespace) -> int:
     with open_engine(args) as eng:
         status = eng.status()
     status["schedule"] = scheduler.list_schedule(db)
-    if args.json:
-        emit(status)
-        return EXIT_OK
-    print(f"active version      {status['active_version']}")
-    print(f"new utterances      {status['pending_utterances']} (enrolled since the active version was trained)")
-    print(f"held for review     {status['held_for_review']} (voiceprint pending)")
-    cal = status["calibration"]
-    if cal is None:
-        print("calibration         none: cosine decides (run voiceprint calibrate)")
-    else:
-        print(
-            f"calibration         {cal['created_at'][:19]} on {cal['speakers_then']} speakers "
-            f"({cal['speakers_now']} enrolled now; calibrate again when that grows a lot)"
-        )
-    print(f"queued requests     {status['queued']}")
-    running = status["running_job"]
-    print(f"running job         {'-' if not running else _job_line(running)}")
-    last = status["last_job"]
-    print(f"last job            {'-' if not last else _job_line(last)}")
+    cal, running, last = status["calibration"], status["running_job"], status["last_job"]
+    lines = [
+        f"active version      {status['active_version']}",
+        f"new utterances      {status['pending_utterances']} (enrolled since the active version was trained)",
+        f"held for review     {status['held_for_review']} (voiceprint pending)",
+        "calibration         none: cosine decides (run voiceprint calibrate)" if cal is None else
+        f"calibration         {cal['created_at'][:19]} on {cal['speakers_then']} speakers "
+        f"({cal['speakers_now']} enrolled now; calibrate again when that grows a lot)",
+        f"queued requests     {status['queued']}",
+        f"running job         {'-' if not running else _job_line(running)}",
+        f"last job            {'-' if not last else _job_line(last)}",
+    ]
     for job in status["schedule"] or [{"id": "-", "next_run": "no schedule"}]:
-        print(f"next run            {job['next_run']}  ({job['id']})")
+        when = job["next_run"] or f"once {job['min_new']} are new"  # the --min-new condition has no fixed time
+        lines.append(f"next run            {when}  ({job['id']})")
+    answer(args, status, lines)
     return EXIT_OK
 
 
@@ -714,23 +572,70 @@ def _job_line(job: dict) -> str:
     return f"#{job['id']} {job['kind']} {job['status']}{version} at {when} ({job['reason']})"
 
 
+# -- the service ---------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from service import create_app
+    from service.server import listen, serve
+
+    home, db = _home_and_db(args)
+    with open_engine(args) as eng:  # fail fast, with the usual message, if not initialised
+        where, cfg = eng.url, eng.config.service
+        keys = [k for k in eng.list_keys() if k.revoked_at is None]
+    host = args.host or cfg.host
+    sock = listen(host, cfg.port if args.port is None else args.port)
+    print(f"voiceprint serve: http://{host}:{sock.getsockname()[1]} on {where}; stop with Ctrl-C or SIGTERM", file=sys.stderr, flush=True)
+    if not keys:
+        print("voiceprint serve: no API keys yet, every request will get 401 (voiceprint keys create --role admin)", file=sys.stderr, flush=True)
+    serve(create_app(home, db), sock, verbose=args.verbose)
+    print("voiceprint serve: stopped", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    with open_engine(args) as eng:
+        if args.action == "create":
+            if not args.role:
+                raise InvalidInput("keys create needs --role admin|enroll|query")
+            record, key = eng.create_key(args.role, note=args.note)
+            notes = [f"key {record.id} ({record.role}) created; it is shown only now, store it safely"]
+            answer(args, {"ok": True, "id": record.id, "role": record.role, "key": key}, [key], notes)
+            return EXIT_OK
+        if args.action == "revoke":
+            if args.id is None:
+                raise InvalidInput("keys revoke needs --id (see `voiceprint keys list`)")
+            records = [eng.revoke_key(args.id)]
+        else:
+            records = eng.list_keys()
+    answer(args, [asdict(r) for r in records], map(_key_line, records))
+    return EXIT_OK
+
+
+def _key_line(key) -> str:
+    state = f"revoked {key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "live"
+    return f"{key.id:>4}  {key.prefix}...  {key.role:<7} {state:<24} {key.created_at:%Y-%m-%d %H:%M}  {key.note}"
+
+
+def cmd_openapi(args: argparse.Namespace) -> int:
+    from service import create_app
+
+    print(json.dumps(create_app(args.home, args.db).openapi(), indent=2, sort_keys=True))
+    return EXIT_OK
+
+
 def cmd_db(args: argparse.Namespace) -> int:
-    from engine.engine import ensure_sqlite_folder
+    # The one command below the engine: it must work on a database the engine cannot open yet.
+    from engine.home import ensure_sqlite_folder
     from storage import Store
 
     _, url = _home_and_db(args)
     ensure_sqlite_folder(url)
-    store = Store(url)
-    try:
+    with Store(url) as store:
         if args.action == "upgrade":
-            store.upgrade()
-        doc = {"db": str(store.url), "revision": store.current_revision(), "head": store.head_revision()}
-    finally:
-        store.close()
-    if args.json:
-        emit(doc)
-    else:
-        print(f"{doc['db']}: revision {doc['revision'] or '(empty)'}, newest {doc['head']}")
+            store.schema.upgrade()
+        doc = {"db": str(store.url), "revision": store.schema.current_revision(), "head": store.schema.head_revision()}
+    answer(args, doc, [f"{doc['db']}: revision {doc['revision'] or '(empty)'}, newest {doc['head']}"])
     return EXIT_OK
 
 

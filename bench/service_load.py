@@ -37,7 +37,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, read_manifest, write_result  # noqa: E402
 
 from engine import Engine  # noqa: E402
-from service.keys import create_key  # noqa: E402
 
 DEFAULT_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
@@ -108,7 +107,7 @@ def run(db: str | None, clients: int, args: argparse.Namespace, items) -> dict:
         home = Path(tmp) / "home"
         db = db or f"sqlite:///{home / 'voiceprint.db'}"
         with Engine.init(home=home, db=db) as eng:
-            key = create_key(eng.store, "admin", actor="bench")[1]
+            key = eng.create_key("admin", by="bench")[1]
         proc, url = start_server(home, db)
         try:
             chosen = items[: args.enrollments]

@@ -1,5 +1,5 @@
-"""The HTTP service: FastAPI routes over one :class:`engine.Engine`, with the refresh
-scheduler in the same process (``voiceprint serve``)."""
+"""The HTTP service: FastAPI routes over one :class:`engine.Engine`, with the job worker
+that runs refreshes and the refresh schedule in the same process (``voiceprint serve``)."""
 
 from service.app import create_app
 

@@ -122,8 +122,8 @@ def test_enrollment_feedback_and_exact_centroid(home, dev_data, capsys):
 
     store = Store(url)
     try:
-        centroid = store.centroid("1688", 1)
-        np.testing.assert_allclose(centroid.mean, store.embeddings("1688", 1).mean(axis=0), atol=1e-6)
+        centroid = store.profiles.centroid("1688", 1)
+        np.testing.assert_allclose(centroid.mean, store.profiles.embeddings("1688", 1).mean(axis=0), atol=1e-6)
         assert centroid.count == 4
     finally:
         store.close()
@@ -287,10 +287,10 @@ def test_acknowledged_enrollments_survive_kill_9(sqlite_home, dev_data):
 
     store = Store(f"sqlite:///{home / 'voiceprint.db'}")
     try:
-        stored = {(u.speaker, u.id) for u in store.utterances()}
+        stored = {(u.speaker, u.id) for u in store.profiles.utterances()}
         assert {(a["speaker"], a["utterance_id"]) for a in acked} <= stored
         for name in {speaker for speaker, _ in stored}:
-            np.testing.assert_allclose(store.centroid(name, 1).mean, store.embeddings(name, 1).mean(axis=0), atol=1e-6)
+            np.testing.assert_allclose(store.profiles.centroid(name, 1).mean, store.profiles.embeddings(name, 1).mean(axis=0), atol=1e-6)
     finally:
         store.close()
 

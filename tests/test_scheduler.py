@@ -1,4 +1,5 @@
-"""Refresh scheduling: persisted schedules, the due-or-not decision, and `voiceprint serve`."""
+"""Refresh scheduling: persisted schedules, the due-or-not decision, the service's job
+worker as the one poller, and `voiceprint serve`."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ import pytest
 
 from engine import Engine, scheduler
 from engine.errors import InvalidInput
+from service.metrics import Metrics
+from service.worker import JobWorker
+from storage import Store
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_REFRESH = "[refresh]\nsteps = 2\nspeakers_per_batch = 4\nholdout_fraction = 0.3\n"
@@ -62,18 +66,23 @@ def test_schedules_persist_across_processes(home_db):
         (scheduler.POLL_JOB, "every 1m", 50),
         (scheduler.TIMED_JOB, "every 6h", 50),
     ]
+    # The --min-new condition is stored paused: APScheduler never fires it, the
+    # service's job worker counts (test_only_the_service_worker_polls).
+    assert jobs[0]["next_run"] is None and jobs[1]["next_run"] is not None
     # Another process (and a restarted server) reads the same schedule back.
     listed = json.loads(cli(*base, "schedule", "--list").stdout)["jobs"]
     assert listed == jobs
-    # Setting again replaces, it does not add.
+    # Setting again replaces, it does not add; with nothing to count, only the timed job is stored.
     cron = json.loads(cli(*base, "schedule", "--cron", "0 3 * * *").stdout)["jobs"]
-    assert [(j["id"], j["trigger"]) for j in cron] == [(scheduler.POLL_JOB, "every 1m"), (scheduler.TIMED_JOB, "cron 0 3 * * *")]
-    assert cron[1]["next_run"].endswith("03:00:00+00:00")
+    assert [(j["id"], j["trigger"]) for j in cron] == [(scheduler.TIMED_JOB, "cron 0 3 * * *")]
+    assert cron[0]["next_run"].endswith("03:00:00+00:00")
     status = json.loads(cli(*base, "status").stdout)
     assert status["active_version"] == 1 and status["pending_utterances"] == 0
-    assert [j["id"] for j in status["schedule"]] == [scheduler.POLL_JOB, scheduler.TIMED_JOB]
+    assert [j["id"] for j in status["schedule"]] == [scheduler.TIMED_JOB]
+    count_only = json.loads(cli(*base, "schedule", "--min-new", "5", "--check-every", "30s").stdout)["jobs"]
+    assert [(j["id"], j["trigger"], j["min_new"], j["next_run"]) for j in count_only] == [(scheduler.POLL_JOB, "every 30s", 5, None)]
     cleared = cli(*base, "schedule", "--clear")
-    assert json.loads(cleared.stdout)["removed"] == 2 and scheduler.list_schedule(db) == []
+    assert json.loads(cleared.stdout)["removed"] == 1 and scheduler.list_schedule(db) == []
 
 
 def test_bad_schedules_are_refused_and_store_nothing(home_db):
@@ -93,18 +102,49 @@ def test_scheduled_job_refreshes_only_when_due(home_db, dev_data):
     assert pending == 40
     assert scheduler.run_scheduled_refresh(str(home), db, min_new=41, why="test") == "not due"
     with Engine.open(home=home, db=db) as eng:
-        assert eng.store.list_jobs() == []
-        with eng.store.exclusive("refresh"):  # someone else is refreshing
-            assert scheduler.run_scheduled_refresh(str(home), db, min_new=40, why="test") == "busy"
+        assert eng.jobs() == []
+    with Store(db) as store, store.exclusive("refresh"):  # someone else is refreshing
+        assert scheduler.run_scheduled_refresh(str(home), db, min_new=40, why="test") == "busy"
     outcome = scheduler.run_scheduled_refresh(str(home), db, min_new=40, why="test")
     assert outcome.startswith("refreshed: "), outcome
     with Engine.open(home=home, db=db) as eng:
-        job = eng.store.list_jobs()[0]
+        job = eng.jobs()[0]
         assert job.reason == "test; 40 pending" and job.status in {"succeeded", "rejected"}
-        # A queued request makes a poll job due even without enough new utterances.
+        # A queued request makes the job due even without enough new utterances.
         eng.request_refresh("drift: test")
     outcome = scheduler.run_scheduled_refresh(str(home), db, min_new=None, why="poll")
     assert outcome.startswith("refreshed: ")
+
+
+def test_only_the_service_worker_polls(home_db, dev_data):
+    """Nothing APScheduler fires looks at the queue or counts new utterances: the service's
+    job worker does both, through the service's own engine."""
+    home, db = home_db
+    with Engine.open(home=home, db=db) as eng:
+        eng.enroll_many(vctk_items(dev_data, 2))
+    scheduler.set_schedule(str(home), db, min_new=8, check_every="1s")
+    schedule = scheduler.StoredSchedule(db)
+    schedule.start()
+    try:
+        time.sleep(3)  # three --check-every periods: a poll job fired by APScheduler would have started a refresh
+        assert schedule.min_new() == scheduler.MinNew(8, 1.0, "enough new utterances")
+    finally:
+        schedule.stop()
+    with Engine.open(home=home, db=db) as eng:
+        assert eng.jobs() == [] and eng.pending_utterances() == 8
+        worker = JobWorker(eng, str(home), db, check_s=3600, metrics=Metrics())
+        worker.start()  # its own round waits an hour: only the calls below look
+        try:
+            assert worker.due() == (8, "enough new utterances")
+            assert worker.due() is None  # counted again only after --check-every
+            time.sleep(1.1)
+            scheduler.set_schedule(str(home), db, min_new=9, check_every="1s")
+            assert worker.due() is None  # the changed schedule is read: 8 pending, 9 wanted
+            eng.request_refresh("drift: test")
+            assert worker.due() == (None, "requested over HTTP")
+        finally:
+            worker.stop()
+        assert [j.status for j in eng.jobs()] == ["queued"]  # asking what is due runs nothing
 
 
 def test_serve_runs_the_schedule_until_sigterm(tmp_path, dev_data):
@@ -119,12 +159,12 @@ def test_serve_runs_the_schedule_until_sigterm(tmp_path, dev_data):
     try:
         deadline = time.monotonic() + 180
         with Engine.open(home=home) as eng:
-            while not [j for j in eng.store.list_jobs() if j.finished_at]:
+            while not [j for j in eng.jobs() if j.finished_at]:
                 assert proc.poll() is None, proc.communicate()
                 assert time.monotonic() < deadline, "serve did not run the scheduled refresh"
                 time.sleep(0.5)
-            job = eng.store.list_jobs()[-1]
-        assert job.reason.startswith("queued request or enough new utterances")
+            job = eng.jobs()[-1]
+        assert job.reason.startswith("enough new utterances")
         os.kill(proc.pid, signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err

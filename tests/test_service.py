@@ -20,10 +20,10 @@ import httpx
 import numpy as np
 import pytest
 import soundfile as sf
+from sqlalchemy import create_engine
 
 from engine import Engine
 from service import create_app
-from service.keys import create_key, digest
 from storage import Store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,7 +99,7 @@ def make_home(root: Path, db: str | None = None, config: str = "") -> tuple[Path
     (home / "config.toml").write_text(config)
     db = db or f"sqlite:///{home / 'voiceprint.db'}"
     with Engine.init(home=home, db=db) as eng:
-        keys = {role: create_key(eng.store, role, actor="test")[1] for role in ("admin", "enroll", "query")}
+        keys = {role: eng.create_key(role, by="test")[1] for role in ("admin", "enroll", "query")}
     return home, db, keys
 
 
@@ -121,11 +121,11 @@ def servers(request):
 def centroids_match_embeddings(db: str) -> dict[str, int]:
     """Every centroid equals the mean of its speaker's enrolled embeddings; returns the counts."""
     with Store(db) as store:
-        version = store.active_version().number
-        names, means = store.centroid_matrix(version)
+        version = store.registry.active_version().number
+        names, means = store.profiles.centroid_matrix(version)
         counts = {}
         for name, mean in zip(names, means):
-            vectors = store.embeddings(name, version)
+            vectors = store.profiles.embeddings(name, version)
             np.testing.assert_allclose(mean, vectors.mean(axis=0), atol=1e-5, err_msg=name)
             counts[name] = len(vectors)
         return counts
@@ -164,10 +164,15 @@ def test_keys_and_roles_guard_every_route(tmp_path, by_speaker, servers):
     assert server.get("/v1/speakers/bob", role="enroll").status_code == 404
 
     # A revoked key stops working at once; the keys table holds digests, never keys.
-    with Store(db) as store:
-        query_id = next(k.id for k in store.list_keys() if k.role == "query")
-        store.revoke_key(query_id, actor="test")
-        stored = json.dumps([list(row) for row in store._read.connect().exec_driver_sql("SELECT * FROM api_keys")], default=str)
+    with Engine.open(home=home, db=db) as eng:
+        query_id = next(k.id for k in eng.list_keys() if k.role == "query")
+        eng.revoke_key(query_id, by="test")
+    raw = create_engine(db)
+    try:
+        with raw.connect() as conn:
+            stored = json.dumps([list(row) for row in conn.exec_driver_sql("SELECT * FROM api_keys")], default=str)
+    finally:
+        raw.dispose()
     assert server.post_audio("/v1/identify", wav, role="query").status_code == 401
     assert not any(key in stored or key[3:] in stored for key in keys.values())
 
@@ -187,7 +192,7 @@ def test_keys_and_roles_guard_every_route(tmp_path, by_speaker, servers):
     assert server.post_audio("/v1/verify/ann", wav).status_code == 404
     with Store(db) as store:
         assert store.counts()["utterances"] == store.counts()["embeddings"] == store.counts()["centroids"] == 0
-        entry = store.audit_log()[0]
+        entry = store.keys.audit_log()[0]
     assert entry.action == "erase_speaker" and entry.actor.startswith("key:") and "ann" not in json.dumps(entry.detail)
 
 
@@ -201,15 +206,17 @@ def test_cli_creates_lists_and_revokes_keys(tmp_path, db_url):
     created = cli("keys", "create", "--role", "enroll", "--note", "kiosk")
     assert created.returncode == 0, created.stderr
     key = json.loads(created.stdout)["key"]
-    with Store(db) as store:
-        record = store.key_by_digest(digest(key))
+    with Engine.open(home=home, db=db) as eng:
+        record = eng.authenticate(key)
         assert record is not None and record.role == "enroll" and record.note == "kiosk"
     assert cli("keys", "create").returncode == 2  # a role is required
     assert cli("keys", "revoke", "--id", str(record.id)).returncode == 0
     listed = json.loads(cli("keys", "list").stdout)
     assert [k["revoked_at"] is not None for k in listed if k["id"] == record.id] == [True]
+    with Engine.open(home=home, db=db) as eng:
+        assert eng.authenticate(key) is None  # revoked
     with Store(db) as store:
-        assert [e.action for e in store.audit_log()][:2] == ["revoke_key", "create_key"]
+        assert [e.action for e in store.keys.audit_log()][:2] == ["revoke_key", "create_key"]
 
 
 def test_openapi_schema_is_committed():
@@ -260,7 +267,7 @@ def test_concurrent_clients_lose_nothing(backend, tmp_path, by_speaker, servers,
     # Only speech the engine refuses (too short after VAD, too noisy...) may fail.
     assert len(acknowledged) >= 0.9 * len(work)
     with Store(db) as store:
-        stored = {u.id: u.speaker for u in store.utterances(status=None)}
+        stored = {u.id: u.speaker for u in store.profiles.utterances(status=None)}
     assert all(stored.get(uid) == speaker for speaker, uid in acknowledged)
     assert len(stored) == len(acknowledged)
     counts = centroids_match_embeddings(db)
@@ -269,7 +276,7 @@ def test_concurrent_clients_lose_nothing(backend, tmp_path, by_speaker, servers,
 
 def _held(db: str) -> int:
     with Store(db) as store:
-        return len(store.utterances(status="pending"))
+        return len(store.profiles.utterances(status="pending"))
 
 
 @pytest.mark.postgres
@@ -290,7 +297,7 @@ def test_two_servers_on_one_postgresql_database_refresh_one_at_a_time(fresh_pg_u
         assert time.monotonic() < deadline, states
         time.sleep(0.5)
     with Store(db) as store:
-        ran = sorted((j.started_at, j.finished_at) for j in store.list_jobs() if j.started_at and j.status != "skipped")
+        ran = sorted((j.started_at, j.finished_at) for j in store.jobs.list_jobs() if j.started_at and j.status != "skipped")
     assert ran, states
     assert all(earlier[1] <= later[0] for earlier, later in zip(ran, ran[1:])), ran  # never two at once
     assert {s["status"] for s in states} <= {"succeeded", "rejected", "skipped"}
@@ -329,7 +336,7 @@ def test_kill_9_during_enrollments_loses_no_acknowledged_enrollment(tmp_path, by
 
     restarted = servers(home, db, keys, "restarted")
     with Store(db) as store:
-        stored = {u.id for u in store.utterances(status=None)}
+        stored = {u.id for u in store.profiles.utterances(status=None)}
     assert set(acknowledged) <= stored
     centroids_match_embeddings(db)
     # The restarted server carries on where the killed one stopped.

@@ -1,0 +1,235 @@
+"""The HTTP routes: each one is a thin call into the app's :class:`engine.Engine`.
+
+Speech work (decoding, VAD, the encoder) runs in Starlette's thread pool (:func:`infer`),
+so the event loop keeps accepting requests while it runs; plain ``def`` routes (database
+reads) run there anyway.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import torch
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+
+from engine import errors
+from engine.results import EnrollmentResult, Identification, Verification, job_dict
+from service.keys import allows
+
+AUDIO_TYPES = ("audio/", "application/octet-stream")
+
+router = APIRouter()
+
+
+class ApiError(Exception):
+    """An error of the HTTP layer itself (authentication, size, media type)."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.headers = status, code, headers
+
+
+class ErrorBody(BaseModel):
+    error: str
+    message: str
+
+
+ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 403, 404, 409, 413, 415, 422)}
+
+
+# -- authentication --------------------------------------------------------------------
+
+_bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <key>` (voiceprint keys create)")
+_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="the key in an X-API-Key header instead")
+
+
+def require(role: str):
+    """A dependency that lets the request through only with a live key allowed ``role``."""
+
+    def check(
+        request: Request,
+        bearer: HTTPAuthorizationCredentials | None = Depends(_bearer),
+        header: str | None = Depends(_header),
+    ) -> None:
+        key = _engine(request).authenticate(bearer.credentials if bearer else header)
+        if key is None:
+            raise ApiError(401, "unauthorized", "a valid API key is required", {"WWW-Authenticate": "Bearer"})
+        if not allows(key, role):
+            raise ApiError(403, "forbidden", f"this key has the {key.role} role; this route needs {role}")
+        request.state.key = key
+
+    return Depends(check)
+
+
+# -- request bodies --------------------------------------------------------------------
+
+AUDIO_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "an audio file (WAV, FLAC, OGG, MP3) as the body, or as the `file` field of a form",
+        "content": {
+            "audio/*": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {
+                "schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}, "required": ["file"]}
+            },
+        },
+    }
+}
+
+
+async def audio_body(request: Request) -> tuple[bytes, str]:
+    """The uploaded audio and a name for it, from a raw body or a multipart form."""
+    kind = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip().lower()
+    if kind == "multipart/form-data":
+        form = await request.form(max_files=1, max_fields=4)
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise ApiError(400, "invalid_input", "the form needs a `file` field holding the audio")
+        return await upload.read(), f"upload:{upload.filename or 'file'}"
+    if not kind.startswith(AUDIO_TYPES):
+        raise ApiError(415, "unsupported_media_type", f"send audio/* or application/octet-stream or a multipart form, not {kind}")
+    return await request.body(), "upload"
+
+
+def _engine(request: Request):
+    return request.app.state.engine
+
+
+async def infer(request: Request, fn, *args, **kwargs):
+    """Run speech work in the thread pool, with ``[service] torch_threads`` PyTorch threads
+    (a per-thread OpenMP setting, so it is set in the pool thread itself)."""
+    threads = _engine(request).config.service.torch_threads
+
+    def call():
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        return fn(*args, **kwargs)
+
+    return await run_in_threadpool(call)
+
+
+# -- routes ----------------------------------------------------------------------------
+
+
+@router.get("/healthz", tags=["service"])
+def healthz(request: Request) -> dict:
+    """Liveness and readiness: the database answers and a version is active."""
+    return {"status": "ok", "active_version": _engine(request).active_version().number}
+
+
+@router.get("/metrics", tags=["service"], response_class=Response)
+def prometheus(request: Request) -> Response:
+    """Prometheus metrics of this process."""
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.post(
+    "/v1/speakers/{speaker}/utterances", tags=["enrollment"], status_code=201, response_model=EnrollmentResult,
+    openapi_extra=AUDIO_BODY, responses=ERRORS, dependencies=[require("enroll")],
+)
+async def enroll(request: Request, speaker: str, force: bool = False) -> EnrollmentResult:
+    """Enroll one utterance of ``speaker`` (created on first use); returns the enrollment feedback.
+
+    ``feedback`` is ``OK``, or ``INCONSISTENT_SPEAKER`` when the utterance was held for
+    review. Audio that is too short, silent, clipped or noisy gets a 422 and nothing
+    is stored. ``force`` skips the clipping, noise and consistency checks.
+    """
+    data, name = await audio_body(request)
+    outcomes = request.app.state.metrics.enrollments
+    try:
+        result = await infer(request, _engine(request).enroll, speaker, data, name=name, force=force)
+    except errors.VoiceprintError as exc:
+        outcomes.labels(exc.code).inc()
+        raise
+    outcomes.labels(result.feedback).inc()
+    return result
+
+
+@router.get("/v1/speakers", tags=["enrollment"], responses=ERRORS, dependencies=[require("enroll")])
+def speakers(request: Request) -> list[dict]:
+    """Every enrolled speaker: utterances in the profile, speech seconds, held for review."""
+    return [asdict(s) for s in _engine(request).speakers()]
+
+
+@router.get("/v1/speakers/{speaker}", tags=["enrollment"], responses=ERRORS, dependencies=[require("enroll")])
+def speaker(request: Request, speaker: str) -> dict:
+    """One speaker's profile summary and the ids of utterances held for review."""
+    engine = _engine(request)
+    summary = engine.speaker(speaker)
+    held = [u.id for u in engine.utterances(speaker, status="pending")]
+    return {**asdict(summary), "held_for_review": held}
+
+
+@router.delete("/v1/speakers/{speaker}", tags=["enrollment"], responses=ERRORS, dependencies=[require("admin")])
+def erase(request: Request, speaker: str) -> dict:
+    """Erase everything stored about a speaker: audio or features, embeddings under every
+    version, centroids, held utterances. The audit log keeps only that an erasure happened."""
+    return _engine(request).erase_speaker(speaker, by=f"key:{request.state.key.id}")
+
+
+@router.post(
+    "/v1/identify", tags=["recognition"], response_model=Identification,
+    openapi_extra=AUDIO_BODY, responses=ERRORS, dependencies=[require("query")],
+)
+async def identify(request: Request, top: int = 5) -> Identification:
+    """Who is speaking (1:N, open set): candidates best first; ``decision`` is null for unknown."""
+    data, name = await audio_body(request)
+    result = await infer(request, _engine(request).identify, data, top=top, name=name)
+    request.app.state.metrics.decisions.labels("identify", "known" if result.decision else "unknown").inc()
+    return result
+
+
+@router.post(
+    "/v1/verify/{speaker}", tags=["recognition"], response_model=Verification,
+    openapi_extra=AUDIO_BODY, responses=ERRORS, dependencies=[require("query")],
+)
+async def verify(request: Request, speaker: str) -> Verification:
+    """Is this ``speaker`` (1:1)? ``accepted`` with the scores behind it."""
+    data, name = await audio_body(request)
+    result = await infer(request, _engine(request).verify, speaker, data, name=name)
+    request.app.state.metrics.decisions.labels("verify", "accepted" if result.accepted else "rejected").inc()
+    return result
+
+
+@router.post("/v1/refresh", tags=["models"], status_code=202, responses=ERRORS, dependencies=[require("admin")])
+def refresh(request: Request, reason: str = "requested over HTTP") -> dict:
+    """Queue a refresh; poll ``GET /v1/jobs/{id}``. A job another refresh covered reads
+    ``skipped`` with ``result.covered_by``."""
+    job = _engine(request).request_refresh(reason[:200])
+    worker = request.app.state.worker
+    if worker is not None:
+        worker.wake.set()
+    return job_dict(job)
+
+
+@router.get("/v1/jobs/{job_id}", tags=["models"], responses=ERRORS, dependencies=[require("admin")])
+def job(request: Request, job_id: int) -> dict:
+    """A refresh or rollback job: queued, running, succeeded, rejected, failed or skipped."""
+    try:
+        return job_dict(_engine(request).job(job_id))
+    except errors.InvalidInput as exc:
+        raise ApiError(404, "unknown_job", str(exc)) from None
+
+
+@router.get("/v1/versions", tags=["models"], responses=ERRORS, dependencies=[require("admin")])
+def versions(request: Request) -> list[dict]:
+    """Every model version, with status, gate metrics and which one is active."""
+    return [_version(v) for v in _engine(request).versions()]
+
+
+@router.post("/v1/versions/{number}/activate", tags=["models"], responses=ERRORS, dependencies=[require("admin")])
+def activate(request: Request, number: int, reason: str = "rollback over HTTP") -> dict:
+    """Make a kept version active again (rollback); utterances it lacks are embedded first."""
+    return _engine(request).rollback(number, reason=reason[:200])
+
+
+def _version(version) -> dict:
+    out = asdict(version)
+    out["created_at"] = version.created_at.isoformat()
+    out.pop("config")  # large, and readable from the checkpoint's version in the CLI
+    return out
