@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from engine import manifests
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 
@@ -30,9 +32,18 @@ class Item:
 
 
 def read_manifest(name: str) -> list[Item]:
-    folder = data_dir() / name
-    with open(folder / "manifest.csv", newline="") as fh:
-        return [Item(folder / r["path"], r["speaker"], float(r["duration_s"])) for r in csv.DictReader(fh)]
+    """Data set ``name``'s files, read by :func:`engine.manifests.read_manifest`, with durations.
+
+    The benchmarks also need the ``duration_s`` column (seconds of audio per file); the
+    engine's reader checks the header and rows, this adds that one column in row order.
+    """
+    path = data_dir() / name / "manifest.csv"
+    files = manifests.read_manifest(path)
+    with open(path, newline="") as fh:
+        durations = [float(row["duration_s"]) for row in csv.DictReader(fh)]
+    if len(durations) != len(files):  # both readers skip only blank lines, so this is a bug
+        raise RuntimeError(f"{path}: {len(files)} files but {len(durations)} durations")
+    return [Item(f.path, f.speaker, d) for f, d in zip(files, durations)]
 
 
 def split_per_speaker(items: list[Item], enroll: int) -> tuple[list[Item], list[Item]]:

@@ -5,4 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3.11 -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
+# The distribution used to be called "voiceprint" (a name taken on PyPI by an unrelated
+# project); an older checkout's install under that name would own the same `voiceprint`
+# command, so it goes before the install under today's name.
+if .venv/bin/python -m pip show --quiet voiceprint > /dev/null 2>&1; then
+  .venv/bin/python -m pip uninstall --quiet --yes voiceprint
+fi
 .venv/bin/python -m pip install --quiet -e '.[test]'

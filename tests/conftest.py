@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
-import csv
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,7 @@ from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
+from engine import manifests
 from storage import Store
 
 DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -76,7 +75,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path) -> str:
 def store(db_url: str) -> Iterator[Store]:
     """A Store on an empty database migrated to the newest revision."""
     store = Store(db_url)
-    store.upgrade()
+    store.schema.upgrade()
     yield store
     store.close()
 
@@ -98,10 +97,6 @@ def by_speaker(dev_data: Path) -> Callable[[str], dict[str, list[Path]]]:
     """``by_speaker("vctk-4")``: a data set's files by speaker, in manifest order."""
 
     def read(name: str) -> dict[str, list[Path]]:
-        out: dict[str, list[Path]] = {}
-        with open(dev_data / name / "manifest.csv", newline="") as fh:
-            for row in csv.DictReader(fh):
-                out.setdefault(row["speaker"], []).append(dev_data / name / row["path"])
-        return out
+        return manifests.by_speaker(dev_data / name / "manifest.csv")
 
     return read
