@@ -307,6 +307,15 @@ def cycle_violations(imports: Iterable[Import]) -> list[str]:
     return out
 
 
+def store_reaches(source: str, path: str) -> list[str]:
+    """Places where ``path`` reads an ``.store`` attribute: reaching past the facade."""
+    return [
+        f"{path}:{node.lineno}: uses .store (go through the Engine's methods)"
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Attribute) and node.attr == "store"
+    ]
+
+
 def long_files(lengths: Mapping[str, int], limit: int = MAX_LINES, allowed: Mapping[str, int] = {}) -> list[str]:
     limits = {path: allowed.get(path, limit) for path in lengths}
     return [f"{path}: {n} lines (limit {limits[path]})" for path, n in sorted(lengths.items()) if n > limits[path]]
@@ -366,6 +375,18 @@ def test_storage_imports_only_errors_and_centroids_from_engine(tree):
 
 def test_cli_and_service_use_the_facade(tree):
     _verdict(facade_violations(tree.imports))
+
+
+def test_cli_and_service_never_reach_into_the_engines_store():
+    files = _files(["service", *MODULES])
+    _verdict([v for p in files for v in store_reaches(p.read_text(), p.relative_to(ROOT).as_posix())])
+
+
+def test_store_reach_rule():
+    assert store_reaches("def f(eng):\n    return eng.store.jobs.list_jobs()\n", "cli.py") == [
+        "cli.py:2: uses .store (go through the Engine's methods)"
+    ]
+    assert store_reaches("def f(eng):\n    return eng.jobs()\n", "cli.py") == []
 
 
 def test_no_import_cycles(tree):
