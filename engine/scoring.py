@@ -320,6 +320,8 @@ class TrialScores:
     utterances: int
 
 
+# Long on purpose: one pass builds every trial kind (target, non-target, best stranger,
+# consistency) from the same scores; split, each part would recompute or pass them around.
 def leave_one_out_trials(
     ids: np.ndarray,
     speakers: list[str],
@@ -410,6 +412,7 @@ def leave_one_out_trials(
     )
 
 
+# Long on purpose: the LLR fit and each back-end's thresholds read as one recipe.
 def fit_calibration(version: int, trials: TrialScores, settings: dict) -> Calibration:
     """Fit the LLR map and every back-end's thresholds on leave-one-out trials.
 

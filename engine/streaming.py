@@ -32,6 +32,8 @@ class _Failure:
     error: BaseException
 
 
+# Long on purpose: the reader and preparer stages are closures sharing one stop event
+# and two bounded queues; as separate functions they would pass all of that around.
 def pipelined(
     items: Iterable[Item],
     prepare: Callable[[Sequence[Item]], Prepared],

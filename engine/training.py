@@ -122,6 +122,7 @@ class Crops:
         return self.noise.mix(crop) if self.noise and crop.ndim == 1 else crop
 
 
+# The training loop is kept whole (about 60 lines) so one step reads top to bottom.
 def train(
     parent: torch.nn.Module,
     kept: list[np.ndarray],
