@@ -34,7 +34,6 @@ from engine.config import AudioConfig
 from engine.errors import (
     AudioError,
     EmptyAudio,
-    InvalidInput,
     MissingAudio,
     NonFiniteAudio,
     NoSpeech,

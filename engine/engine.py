@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from engine import access, evaluation, jobs
+from engine.audio import Source
 from engine.config import Config
 from engine.enrollment import Enroller, Item
 from engine.errors import NotInitialised, UnknownSpeaker, VoiceprintError
@@ -24,7 +25,6 @@ from engine.progress import Progress
 from engine.recognition import Recognizer
 from engine.refresh import Refresher
 from engine.results import EnrollmentResult, Identification, Outcome, RefreshReport, Verification, job_dict
-from engine.audio import Source
 from storage import ApiKey, Job, ModelVersion, SpeakerSummary, Store, UtteranceRecord
 
 

@@ -22,7 +22,7 @@ from engine.models import ModelRegistry
 from engine.names import check_speaker_name
 from engine.results import EnrollmentResult, Outcome
 from engine.streaming import pipelined
-from storage import Store
+from storage import ModelVersion, Store
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class Enroller:
             cut = self._cut(version.number, force)  # once per batch: it reads the calibration
             for (i, (speaker, speech)), embedding in zip(ready, embeddings):
                 try:
-                    results[i] = self._commit(speaker, speech, embedding, version.number, cut=cut, force=force)
+                    results[i] = self._commit(speaker, speech, embedding, version, cut=cut, force=force)
                 except VoiceprintError as exc:
                     results[i] = exc
         return results
@@ -121,7 +121,7 @@ class Enroller:
         return self._consistency_cut(version)
 
     def _commit(
-        self, speaker: str, utt: audio.Speech, embedding: np.ndarray, version: int, *, cut: float | None, force: bool
+        self, speaker: str, utt: audio.Speech, embedding: np.ndarray, version: ModelVersion, *, cut: float | None, force: bool
     ) -> EnrollmentResult:
         for _ in range(COMMIT_ATTEMPTS):
             try:
@@ -129,20 +129,19 @@ class Enroller:
             except VersionChanged:
                 # A refresh or rollback moved "active" after this utterance was embedded:
                 # embed it again under the new version so that version holds it too.
-                active = self.models.active()
-                embedding, version = self.models.embedder(active).embed([utt.samples])[0], active.number
-                cut = self._cut(version, force)
+                version = self.models.active()
+                embedding = self.models.embedder(version).embed([utt.samples])[0]
+                cut = self._cut(version.number, force)
         return self._commit_under(speaker, utt, embedding, version, cut=cut)
 
     def _commit_under(
-        self, speaker: str, utt: audio.Speech, embedding: np.ndarray, version: int, *, cut: float | None
+        self, speaker: str, utt: audio.Speech, embedding: np.ndarray, version: ModelVersion, *, cut: float | None
     ) -> EnrollmentResult:
         cfg = self.config.enrollment
-        embedder = self.models.embedder(self.models.get(version)) if self.config.privacy.keep == "features" else None
-        data, codec, rate = kept.encode(utt.samples, embedder, self.config.privacy.keep)
+        data, codec, rate = kept.encode(utt.samples, self.models.embedder(version), self.config.privacy.keep)
         stored = self.store.profiles.enroll(
             speaker=speaker,
-            version=version,
+            version=version.number,
             source=utt.source,
             content_sha256=utt.content_sha256,
             duration_s=utt.quality.duration_s,
@@ -164,7 +163,7 @@ class Enroller:
             speaker=speaker,
             utterance_id=stored.utterance.id,
             source=utt.source,
-            version=version,
+            version=version.number,
             speech_s=utt.quality.speech_s,
             quality=utt.quality.to_dict(),
             similarity_before=stored.similarity_before,

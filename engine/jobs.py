@@ -32,7 +32,6 @@ class RunningJob:
     def __init__(self, store: Store, job: Job) -> None:
         self.store, self.job = store, job
         self.snapshot: Callable[[], dict] = dict  # what is known so far, recorded if the body fails
-        self.finished = False
 
     @property
     def id(self) -> int:
@@ -44,7 +43,6 @@ class RunningJob:
 
     def finish(self, status: str, *, result: dict, version: int | None = None) -> None:
         self.store.jobs.update_job(self.job.id, status=status, version=version, result=result)
-        self.finished = True
 
 
 @contextmanager

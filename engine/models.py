@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import threading
 import uuid
-from pathlib import Path
 
 import torch
 
@@ -78,6 +77,3 @@ class ModelRegistry:
         )
         self.store.registry.set_alias(ACTIVE, version.number, actor=actor(), reason="init")
         return version
-
-    def checkpoint_file(self, version: ModelVersion) -> Path:
-        return self.home.checkpoint_path(version.checkpoint)
