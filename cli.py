@@ -554,7 +554,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"held for review     {status['held_for_review']} (voiceprint pending)",
         "calibration         none: cosine decides (run voiceprint calibrate)" if cal is None else
         f"calibration         {cal['created_at'][:19]} on {cal['speakers_then']} speakers "
-        f"({cal['speakers_now']} enrolled now; calibrate again when that grows a lot)",
+        f"({cal['speakers_now']} enrolled now; calibrate again when that grows a lot)"
+        f"{', scores centred' if cal.get('centred') else ''}",
         f"queued requests     {status['queued']}",
         f"running job         {'-' if not running else _job_line(running)}",
         f"last job            {'-' if not last else _job_line(last)}",

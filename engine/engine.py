@@ -146,14 +146,15 @@ class Engine:
 
     def remove_utterance(self, utterance_id: int) -> dict:
         """Delete an utterance and take it out of its speaker's profile under every version."""
-        record = self.store.profiles.remove_utterance(utterance_id)
+        record = self.store.profiles.remove_utterance(utterance_id, actor=actor())
         return {"utterance": record.id, "speaker": record.speaker, "removed": True, "was": record.status}
 
     def erase_speaker(self, speaker: str, *, by: str | None = None) -> dict:
         """Delete everything stored about ``speaker``; the audit log keeps only that it
         happened. Returns the counts removed and ``trained_into``, the versions whose
-        training may have seen the speaker. Cached cohorts are keyed by the erasure count,
-        so every process rebuilds its own without the speaker's embeddings."""
+        training may have seen the speaker. Cached cohorts and centres are keyed by the
+        count of profile changes, so every process rebuilds its own without the speaker's
+        embeddings."""
         speaker = check_speaker_name(speaker)
         return {"speaker": speaker, "erased": True, **self.store.profiles.erase_speaker(speaker, actor=by or actor())}
 

@@ -18,6 +18,7 @@ from engine.audio import Source
 from engine.config import Config
 from engine.drift import GenuineScoreDrift
 from engine.errors import Clipped, InvalidInput, TooNoisy, VersionChanged, VoiceprintError
+from engine.home import actor
 from engine.models import ModelRegistry
 from engine.names import check_speaker_name
 from engine.results import EnrollmentResult, Outcome
@@ -196,5 +197,5 @@ class Enroller:
             embedder = self.models.embedder(active)
             data = kept.decode(*self.store.profiles.utterance_audio(utterance_id), frontend=embedder.encoder.frontend)
             extra[active.number] = kept.embed(embedder, [data])[0]
-        record = self.store.profiles.accept_utterance(utterance_id, extra)
+        record = self.store.profiles.accept_utterance(utterance_id, extra, actor=actor())
         return {"utterance": record.id, "speaker": record.speaker, "status": record.status}

@@ -1,11 +1,16 @@
 """The gate a candidate version must pass before it is promoted.
 
-A fixed slice of each speaker's utterances is held out (never trained on). Parent and
-candidate both embed it; the candidate must separate speakers better (d') and may not
-lose top-1 or EER beyond tolerances, overall or on speakers the parent knew.
+Two slices are held out of training, both fixed by hashes so they are the same in every
+refresh: a slice of each speaker's utterances, and a slice of whole speakers ("unseen":
+never trained on, they stand for the people who will enroll after the refresh). Parent
+and candidate both embed them; the candidate must separate speakers better (d') and may
+not lose top-1 or EER beyond tolerances, overall, on speakers the parent knew, or on
+the unseen speakers.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import numpy as np
 
@@ -22,35 +27,60 @@ def is_held_out(utterance, fraction: float) -> bool:
     return int(utterance.content_sha256[:8], 16) / 0x1_0000_0000 < fraction
 
 
-def split(utterances: list, fraction: float) -> tuple[list, list]:
-    """(trainable, held out); every speaker keeps at least one trainable utterance.
+UNSEEN_MIN_SPEAKERS = 2  # fewer unseen speakers than this: no speaker slice (all are trained on)
+
+
+def unseen_speakers(names, fraction: float) -> set[str]:
+    """The speakers never trained on, chosen by a hash of the name (so a speaker stays in
+    or out for good); empty when fewer than ``UNSEEN_MIN_SPEAKERS`` fall in the slice, so
+    a small home trains on everyone."""
+    chosen = {n for n in names if int(hashlib.sha256(n.encode()).hexdigest()[:8], 16) / 0x1_0000_0000 < fraction}
+    return chosen if len(chosen) >= UNSEEN_MIN_SPEAKERS else set()
+
+
+def split(utterances: list, fraction: float, unseen: set[str] = frozenset()) -> tuple[list, list]:
+    """(trainable, held out); every speaker keeps at least one utterance outside the
+    held-out slice (for its centroid).
 
     When all of a speaker's utterances fall in the held-out slice, the first one is
-    trained on anyway; once the speaker has others, it returns to the slice.
+    trained on anyway; once the speaker has others, it returns to the slice. Utterances
+    of ``unseen`` speakers are never trainable: the held-out ones are probes, the others
+    make their centroids.
     """
     trainable, held = [], []
     by_speaker: dict[str, list] = {}
     for utt in utterances:
         by_speaker.setdefault(utt.speaker, []).append(utt)
-    for utts in by_speaker.values():
+    for speaker, utts in by_speaker.items():
         out = [u for u in utts if is_held_out(u, fraction)]
         if len(out) == len(utts):
-            out = out[1:]  # the speaker's first utterance stays trainable
+            out = out[1:]  # the speaker's first utterance stays out of the slice
         out_ids = {u.id for u in out}
-        trainable += [u for u in utts if u.id not in out_ids]
+        if speaker not in unseen:
+            trainable += [u for u in utts if u.id not in out_ids]
         held += out
     return trainable, held
 
 
 def gate_metrics(
-    vectors: np.ndarray, speakers: list[str], held: np.ndarray, old_speakers: set[str]
+    vectors: np.ndarray,
+    speakers: list[str],
+    held: np.ndarray,
+    old_speakers: set[str],
+    unseen: set[str] = frozenset(),
+    *,
+    centre: bool = False,
 ) -> dict:
     """Top-1 accuracy and EER of held-out rows against centroids of the other rows.
 
-    Reported overall and for "old" / "new" speakers (by the held-out utterance's speaker).
-    Groups without held-out utterances are left out.
+    Reported overall and, by the held-out utterance's speaker, for "old" / "new" speakers
+    (trained on; known to the parent or not) and "unseen" ones (never trained on).
+    Groups without held-out utterances are left out. ``centre``: score after subtracting
+    the mean of the centroid rows, as a centring back-end does.
     """
     speakers_arr = np.array(speakers)
+    if centre:
+        vectors = vectors - vectors[~held].mean(axis=0)
     names = sorted(set(speakers_arr[~held]))
     centroids = np.stack([vectors[~held & (speakers_arr == s)].mean(axis=0) for s in names])
     centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
@@ -59,8 +89,10 @@ def gate_metrics(
     scores = vectors[probes] @ centroids.T
     truth = np.array([column[s] for s in speakers_arr[probes]], dtype=int)
     out = {}
-    groups = {"overall": np.ones(len(probes), bool), "old": np.isin(speakers_arr[probes], list(old_speakers))}
-    groups["new"] = ~groups["old"]
+    is_unseen = np.isin(speakers_arr[probes], list(unseen))
+    groups = {"overall": np.ones(len(probes), bool), "old": np.isin(speakers_arr[probes], list(old_speakers)) & ~is_unseen}
+    groups["new"] = ~groups["old"] & ~is_unseen
+    groups["unseen"] = is_unseen
     for group, rows in groups.items():
         if not rows.any():
             continue
@@ -71,6 +103,7 @@ def gate_metrics(
         # None, not NaN, where a metric is undefined: PostgreSQL's JSON refuses NaN.
         out[group] = {
             "probes": int(rows.sum()),
+            "speakers": len(set(speakers_arr[probes][rows])),
             "accuracy": round(top_k_accuracy(sub, sub_truth), 4),
             "eer": round(eer(target, nontarget)[0], 4) if len(nontarget) else None,
             "d_prime": round(d_prime(target, nontarget), 3) if min(len(target), len(nontarget)) > 1 else None,
@@ -86,7 +119,8 @@ def decide(parent: dict, candidate: dict, cfg: RefreshConfig) -> list[str]:
     uses all trials, where EER hinges on the few trials near one threshold and top-1 moves
     in steps of a whole utterance, so on a few hundred held-out utterances both are too
     noisy to rank two close models. They act as guards instead: neither may get worse by
-    more than its tolerance, overall or on the speakers the parent already knew.
+    more than its tolerance, overall, on the speakers the parent already knew, or on the
+    unseen speakers (never trained on: what the refresh does to people who enroll later).
     """
     probes = parent.get("overall", {}).get("probes", 0)
     if probes < cfg.min_holdout:
@@ -97,9 +131,11 @@ def decide(parent: dict, candidate: dict, cfg: RefreshConfig) -> list[str]:
     reasons = []
     if not c["d_prime"] > p["d_prime"]:
         reasons.append(f"does not separate speakers better: d' {c['d_prime']:.2f} vs parent {p['d_prime']:.2f}")
-    for group, label in (("overall", "overall"), ("old", "on old speakers")):
-        if group not in parent:
+    for group, label in (("overall", "overall"), ("old", "on old speakers"), ("unseen", "on unseen speakers")):
+        if group not in parent or group not in candidate:
             continue
+        if group == "unseen":
+            label = f"on unseen speakers (the {parent[group]['speakers']} held out of training)"
         p, c = parent[group], candidate[group]
         if c["accuracy"] < p["accuracy"] - cfg.accuracy_tolerance:
             reasons.append(

@@ -18,7 +18,7 @@ from engine.scoring import Calibration, Cohort, asnorm, normalise_rows
 @dataclass(frozen=True)
 class Hit:
     speaker: str
-    score: float  # raw cosine with the speaker's profile
+    score: float  # cosine with the speaker's profile (centred when the calibration centres)
     normalised: float | None = None  # AS-norm score, when there is a cohort
     llr: float | None = None  # log-likelihood ratio, when the version is calibrated
 

@@ -1,9 +1,10 @@
 """Scores and decisions: identify (1:N), verify (1:1) and calibrate, per model version.
 
-Each version has its own scoring state: the AS-norm cohort (stored utterances), its
-newest calibration (thresholds and the score-to-LLR map) and cached profile statistics.
-The state is rebuilt when a newer calibration appears or an erasure happens, in this
-process or any other sharing the database.
+Each version has its own scoring state: the domain centre and the AS-norm cohort (both
+from stored embeddings), its newest calibration (thresholds and the score-to-LLR map)
+and cached profile statistics. The state is rebuilt when a newer calibration appears or
+a profile changes after the fact (an erasure, a removed or an accepted utterance), in
+this process or any other sharing the database.
 """
 
 from __future__ import annotations
@@ -22,24 +23,29 @@ from engine.errors import InvalidInput, NotEnoughData, UnknownSpeaker
 from engine.index import CentroidIndex
 from engine.models import ModelRegistry
 from engine.results import Identification, Verification
-from engine.scoring import Calibration, Cohort, fit_calibration, leave_one_out_trials
+from engine.scoring import Calibration, Cohort, centred, fit_calibration, leave_one_out_trials
 from storage import ModelVersion, Store
 
 log = logging.getLogger(__name__)
 
 
 class VersionScoring:
-    """What scoring a version needs beyond its centroids: the AS-norm cohort, the newest
-    calibration and, cached, every profile's enrollment-side cohort statistics."""
+    """What scoring a version needs beyond its centroids: the domain centre, the AS-norm
+    cohort, the newest calibration and, cached, every profile's enrollment-side cohort
+    statistics. Every vector is centred (:meth:`centred`) before it is scored."""
 
-    def __init__(self, cohort: Cohort | None, calibration: Calibration | None, protos) -> None:
+    def __init__(self, cohort: Cohort | None, calibration: Calibration | None, protos, centre: np.ndarray | None = None) -> None:
         self.cohort = cohort
         self.calibration = calibration
-        self.prototypes = protos  # {speaker: [k, D]} or None
+        self.prototypes = protos  # {speaker: [k, D]} or None, centred
+        self.centre = centre  # the mean of the version's enrolled embeddings, or None
         self._names: list[str] = []
         self._centroids = np.zeros((0, 0), dtype=np.float32)
         self._stats = (np.zeros(0), np.zeros(0))
         self._lock = threading.Lock()  # the service scores from several threads
+
+    def centred(self, vectors: np.ndarray) -> np.ndarray:
+        return centred(vectors, self.centre)
 
     def enrollment_stats(self, names: list[str], centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Cohort statistics of every profile, recomputed only for profiles that changed."""
@@ -85,11 +91,13 @@ class Recognizer:
         self._scoring: dict[int, tuple[tuple, VersionScoring]] = {}
 
     def scoring(self, version: int) -> VersionScoring:
-        """Cohort, calibration and cached statistics of a version, rebuilt when a newer
-        calibration appears (a ``calibrate`` in another process included)."""
+        """Centre, cohort, calibration and cached statistics of a version, rebuilt when a
+        newer calibration appears (a ``calibrate`` in another process included) or a
+        profile changes after the fact."""
         latest = self.store.registry.latest_calibration(version)
-        # An erasure (in any process) must also leave the in-memory cohort.
-        key = (latest[0] if latest else None, self.store.keys.erasures())
+        # An erasure, removal or accepted utterance (in any process) must also reach the
+        # in-memory cohort and centre.
+        key = (latest[0] if latest else None, self.store.keys.profile_changes())
         with self._lock:
             cached = self._scoring.get(version)
             if cached is not None and cached[0] == key:
@@ -98,12 +106,21 @@ class Recognizer:
         if latest is not None:
             calibration = Calibration.from_params(version, latest[2], id=latest[0], created_at=latest[1].isoformat())
         through = calibration.settings.get("cohort_through") if calibration else None
-        state = VersionScoring(self.cohort(version, through), calibration, self._prototypes(version))
+        # A calibration fitted on centred scores is only valid on centred scores: the
+        # centre is recomputed from the same stored embeddings it was fitted on (ids up
+        # to ``through``), so an erasure takes the erased speaker out of it too.
+        centre = self.centre(version, through) if calibration and calibration.settings.get("centre") else None
+        state = VersionScoring(self.cohort(version, through, centre), calibration, self._prototypes(version, centre), centre)
         with self._lock:
             self._scoring[version] = (key, state)
         return state
 
-    def cohort(self, version: int, through: int | None) -> Cohort | None:
+    def centre(self, version: int, through: int | None) -> np.ndarray | None:
+        """The domain centre: the mean of the version's enrolled embeddings (ids up to ``through``)."""
+        total = self.store.embeddings.embedding_sum(version, through=through)
+        return total.mean if total.count else None
+
+    def cohort(self, version: int, through: int | None, centre: np.ndarray | None = None) -> Cohort | None:
         """The AS-norm cohort: the first utterances of each speaker (up to ``through``, the
         newest id the calibration saw, so scores are normalised as they were fitted)."""
         cfg = self.config.scoring
@@ -120,13 +137,14 @@ class Recognizer:
             speakers = [s for s, keep in zip(speakers, chosen) if keep]
         if len(ids) < cfg.min_cohort:
             return None
-        return Cohort(ids, speakers, vectors, top_k=cfg.cohort_top_k)
+        return Cohort(ids, speakers, centred(vectors, centre), top_k=cfg.cohort_top_k)
 
-    def _prototypes(self, version: int) -> dict[str, np.ndarray] | None:
+    def _prototypes(self, version: int, centre: np.ndarray | None) -> dict[str, np.ndarray] | None:
         k = self.config.scoring.prototypes
         if k <= 0:
             return None
         ids, speakers, vectors = self.store.embeddings.version_embeddings(version)
+        vectors = centred(vectors, centre)
         names = np.asarray(speakers, dtype=object)
         return {name: prototypes(vectors[names == name], k) for name in sorted(set(speakers))}
 
@@ -146,10 +164,12 @@ class Recognizer:
         if len(set(speakers)) < 2:
             raise NotEnoughData(f"calibration needs at least two enrolled speakers; version {version} has {len(set(speakers))}")
         through = int(ids.max())
-        cohort = self.cohort(version, through)
+        centre = vectors.astype(np.float64).mean(axis=0) if cfg.centre else None
+        cohort = self.cohort(version, through, centre)
         try:
             trials = leave_one_out_trials(
-                ids, speakers, vectors, cohort, probes_per_speaker=cfg.calibration_probes_per_speaker, seed=version
+                ids, speakers, vectors, cohort, probes_per_speaker=cfg.calibration_probes_per_speaker, seed=version,
+                centre=centre,
             )
         except ValueError as exc:
             raise NotEnoughData(str(exc)) from None
@@ -165,6 +185,7 @@ class Recognizer:
             "cohort_top_k": cfg.cohort_top_k,
             "cohort_size": 0 if cohort is None else len(cohort),
             "cohort_through": through,
+            "centre": cfg.centre,
         }
         fitted = fit_calibration(version, trials, settings)
         new_id, created = self.store.registry.add_calibration(version, fitted.to_params())
@@ -187,6 +208,7 @@ class Recognizer:
             "speakers_then": calibration.trials["speakers"],
             "speakers_now": speakers,
             "backends": sorted(calibration.thresholds),
+            "centred": bool(calibration.settings.get("centre", False)),
         }
 
     def consistency_threshold(self, version: int) -> float:
@@ -204,6 +226,7 @@ class Recognizer:
 
     def index(self, version: int, scoring: VersionScoring) -> CentroidIndex:
         names, centroids = self.store.profiles.centroid_matrix(version)
+        centroids = scoring.centred(centroids)
         stats = scoring.enrollment_stats(names, centroids) if scoring.cohort is not None and names else None
         protos = None
         if scoring.prototypes:
@@ -228,7 +251,7 @@ class Recognizer:
         utt, embedding = self._embed_probe(source, name, version)
         scoring = self.scoring(version.number)
         backend = scoring.backend(cfg.backend)
-        hits = tuple(self.index(version.number, scoring).search(embedding, max(top, 2)))
+        hits = tuple(self.index(version.number, scoring).search(scoring.centred(embedding), max(top, 2)))
         threshold = self._threshold(scoring, backend, "identify")
         decision, reason = None, ""
         if not hits:
@@ -255,12 +278,12 @@ class Recognizer:
         backend = scoring.backend(self.config.scoring.backend)
         index = CentroidIndex(
             [speaker],
-            centroid.mean[None, :],
+            scoring.centred(centroid.mean[None, :]),
             cohort=scoring.cohort,
             calibration=scoring.calibration,
             prototypes=_own_prototypes(scoring, speaker),
         )
-        hit = index.search(embedding, 1)[0]
+        hit = index.search(scoring.centred(embedding), 1)[0]
         threshold = self._threshold(scoring, backend, "verify")
         return Verification(
             speaker, utt.source, version.number, utt.quality.speech_s, hit.score, threshold,

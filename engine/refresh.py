@@ -74,14 +74,14 @@ class Refresher:
 
     def _refresh(self, job, parent: ModelVersion, result: RefreshReport, *, dry_run: bool, on_progress) -> None:
         utterances = self.store.profiles.utterances()
-        candidate, held = self._train_candidate(parent, utterances, result, on_progress)
+        candidate, held, unseen = self._train_candidate(parent, utterances, result, on_progress)
         clock = time.perf_counter()
         embedder = Embedder(candidate, device=self.config.encoder.device, batch_windows=self.config.encoder.batch_windows)
         snapshot = [u.id for u in utterances]
         vectors = self.embed_utterances(embedder, snapshot, what="re-embedding", on_progress=on_progress)
         result.timings["embed_s"] = round(time.perf_counter() - clock, 2)
         result.timings["embed_utterances_per_s"] = round(len(vectors) / max(result.timings["embed_s"], 1e-9), 1)
-        self._judge(parent, utterances, held, vectors, result)
+        self._judge(parent, utterances, held, unseen, vectors, result)
         if dry_run:
             result.status = "dry-run"
             return
@@ -103,9 +103,10 @@ class Refresher:
 
     def _train_candidate(self, parent: ModelVersion, utterances: list, result: RefreshReport, on_progress):
         """Choose the training data, load what was kept of it, and train; returns the
-        candidate encoder and the gate's held-out utterances."""
+        candidate encoder, the gate's held-out utterances and the unseen speakers."""
         cfg, clock = self.config.refresh, time.perf_counter()
-        trainable, held = gate.split(utterances, cfg.holdout_fraction)
+        unseen = gate.unseen_speakers({u.speaker for u in utterances}, cfg.unseen_speaker_fraction)
+        trainable, held = gate.split(utterances, cfg.holdout_fraction, unseen)
         new, replay = choose_training(trainable, parent.trained_through, cfg)
         if not new:
             raise NothingToTrain(f"no new utterances since version {parent.number} was trained")
@@ -128,6 +129,7 @@ class Refresher:
             "new": len(new),
             "replayed": len(replay),
             "speakers": len({u.speaker for u in utterances}),
+            "unseen_speakers": len(unseen),
         }
         candidate, result.metrics["training"] = train(
             parent_encoder,
@@ -140,9 +142,9 @@ class Refresher:
             on_progress,
         )
         result.timings["train_s"] = result.metrics["training"]["seconds"]
-        return candidate, held
+        return candidate, held, unseen
 
-    def _judge(self, parent: ModelVersion, utterances: list, held: list, vectors: dict, result: RefreshReport) -> None:
+    def _judge(self, parent: ModelVersion, utterances: list, held: list, unseen: set[str], vectors: dict, result: RefreshReport) -> None:
         """Gate metrics of parent and candidate on the same held-out utterances, and the
         reasons to reject (none: promote)."""
         ids, _, parent_matrix = self.store.embeddings.version_embeddings(parent.number)
@@ -153,8 +155,9 @@ class Refresher:
         old_speakers = {u.speaker for u in utterances if u.id <= parent.trained_through}
         held_mask = np.array([uid in held_ids for uid in common])
         speakers = [speaker_of[uid] for uid in common]
-        result.metrics["parent"] = gate.gate_metrics(parent_matrix[[row[uid] for uid in common]], speakers, held_mask, old_speakers)
-        result.metrics["candidate"] = gate.gate_metrics(np.stack([vectors[uid] for uid in common]), speakers, held_mask, old_speakers)
+        centre = self.config.scoring.centre  # judged on the scores the product will use
+        for name, matrix in (("parent", parent_matrix[[row[uid] for uid in common]]), ("candidate", np.stack([vectors[uid] for uid in common]))):
+            result.metrics[name] = gate.gate_metrics(matrix, speakers, held_mask, old_speakers, unseen, centre=centre)
         result.reasons = gate.decide(result.metrics["parent"], result.metrics["candidate"], self.config.refresh)
         if not self.config.refresh.gate and result.reasons:
             result.metrics["gate_overridden"] = result.reasons

@@ -43,7 +43,7 @@ class Verification:
     source: str
     version: int
     speech_s: float
-    score: float  # raw cosine
+    score: float  # cosine with the profile (centred when the calibration centres)
     threshold: float  # on the deciding back-end's scale
     accepted: bool
     normalised: float | None = None

@@ -91,6 +91,23 @@ class Embeddings:
             ).scalars()
             return {row.utterance_id: (row.data, row.codec, row.sample_rate) for row in rows}
 
+    def embedding_sum(self, version: int, *, through: int | None = None) -> RunningCentroid:
+        """Running sum and count of the enrolled embeddings at ``version`` (utterance ids up
+        to ``through`` when given): the domain centre of the score back-end. Streamed, so
+        a large version is never held in memory at once."""
+        total = None
+        query = (
+            select(m.Embedding.vector)
+            .join(m.Utterance, m.Utterance.id == m.Embedding.utterance_id)
+            .where(m.Embedding.version == version, m.Utterance.status == "enrolled")
+            .where(m.Utterance.id <= through if through is not None else True)
+        )
+        with self._db.session(f"sum the embeddings of version {version}") as s:
+            for vector in s.scalars(query.execution_options(yield_per=4096)):
+                vector = from_f32(vector)
+                total = (total or RunningCentroid(dim=len(vector))).learn_one(vector)
+        return total if total is not None else RunningCentroid(dim=0)
+
     def cohort_embeddings(
         self, version: int, *, per_speaker: int, through: int | None = None
     ) -> tuple[np.ndarray, list[str], np.ndarray]:

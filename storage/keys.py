@@ -48,11 +48,15 @@ class Keys:
             s.flush()
             return _key_record(row)
 
-    def erasures(self) -> int:
-        """How many erasures have happened: processes caching embeddings (the AS-norm
-        cohort) compare this to know when to drop what they hold."""
-        with self._db.session("count erasures") as s:
-            return s.scalar(select(func.count()).select_from(m.AuditEntry).where(m.AuditEntry.action == "erase_speaker"))
+    def profile_changes(self) -> int:
+        """How many erasures, removals and accepted held utterances have happened: the
+        changes that reach back into stored profiles. Processes caching what was computed
+        from stored embeddings (the AS-norm cohort, the domain centre) compare this to
+        know when to drop what they hold."""
+        with self._db.session("count profile changes") as s:
+            return s.scalar(
+                select(func.count()).select_from(m.AuditEntry).where(m.AuditEntry.action.in_(m.PROFILE_CHANGES))
+            )
 
     def audit_log(self, limit: int = 100) -> list[AuditEntry]:
         """The newest ``limit`` audit entries, newest first."""

@@ -113,7 +113,9 @@ class Profiles:
                 similarity_before=similarity,
             )
 
-    def accept_utterance(self, utterance_id: int, embeddings: dict[int, np.ndarray] | None = None) -> UtteranceRecord:
+    def accept_utterance(
+        self, utterance_id: int, embeddings: dict[int, np.ndarray] | None = None, *, actor: str = "system"
+    ) -> UtteranceRecord:
         """Move a pending utterance into its speaker's profile.
 
         ``embeddings`` ({version: vector}) adds embeddings it lacks (the active version
@@ -138,9 +140,10 @@ class Profiles:
                 )
             fold(s, row, +1, now)
             row.status = "enrolled"
+            s.add(m.AuditEntry(action="accept_utterance", actor=actor, detail={"utterance": utterance_id}, at=now))
             return _utterance_record(row, s.get(m.Speaker, row.speaker_id).name)
 
-    def remove_utterance(self, utterance_id: int) -> UtteranceRecord:
+    def remove_utterance(self, utterance_id: int, *, actor: str = "system") -> UtteranceRecord:
         """Delete an utterance (audio and embeddings with it) and take it out of its
         speaker's centroid under every version, exactly (running sums allow removal).
 
@@ -152,6 +155,7 @@ class Profiles:
             if row.status == "enrolled":
                 fold(s, row, -1, db.now())
             s.execute(delete(m.Utterance).where(m.Utterance.id == utterance_id))
+            s.add(m.AuditEntry(action="remove_utterance", actor=actor, detail={"utterance": utterance_id}, at=db.now()))
             return record
 
     def embedded_versions(self, utterance_id: int) -> list[int]:

@@ -83,6 +83,9 @@ def continual(tmp_path_factory, dev_data):
     out: dict = {"groups": {g: set(names) for g, names in groups.items()}, "probes": probes}
     with Engine.init(home=home) as eng:
         enroll_all(eng, enroll["A"])
+        # Calibrated first, as a deployment would be: version 1's answers are then on its
+        # own centred scale, the one it must give again after the rollback.
+        eng.calibrate()
         out["v1_A"] = all_scores(eng, probes["A"])
         out["refresh1"] = eng.refresh()
         out["v2_A"] = all_scores(eng, probes["A"])
@@ -144,7 +147,7 @@ def test_rollback_to_version_1_restores_its_exact_scores(continual):
     assert continual["centroid_counts"] == {s: n for s, n in continual["utterances"].items()}
     status = {v.number: (v.status, v.active) for v in continual["versions"]}
     assert status == {1: ("active", True), 2: ("retired", False), 3: ("retired", False)}
-    assert continual["calibrated"] == {1: True, 2: True, 3: True}  # version 1 was fitted on its way back
+    assert continual["calibrated"] == {1: True, 2: True, 3: True}
     moves = [(m.version, m.previous_version) for m in continual["history"]]
     assert moves == [(1, None), (2, 1), (3, 2), (1, 3)]
     assert continual["history"][-1].reason.startswith("test")
@@ -210,10 +213,23 @@ def test_gate_off_promotes_even_a_worse_candidate_and_says_so(vctk_home):
         assert report.status == "promoted" and report.reasons == []
         assert report.metrics["gate_overridden"]  # what the gate would have said
         assert eng.active_version().number == report.version
+        # Going back to version 1, never calibrated, fits it on the way.
+        assert eng.store.registry.latest_calibration(1) is None
+        eng.rollback(1)
+        assert eng.store.registry.latest_calibration(1) is not None
+
+
+def test_ge2e_refresh_trains_without_a_head(vctk_home):
+    write_config(vctk_home, steps=3, **SMALL, loss="ge2e-softmax", lr=1e-5)
+    with Engine.open(home=vctk_home) as eng:
+        report = eng.refresh(dry_run=True)
+    training = report.metrics["training"]
+    assert training["loss"] == "ge2e-softmax" and training["steps"] == 3
+    assert np.isfinite(training["last_loss"])
 
 
 def test_aam_softmax_refresh_trains_a_head_over_the_enrolled_speakers(vctk_home):
-    write_config(vctk_home, steps=3, **SMALL, loss="aam-softmax")
+    write_config(vctk_home, steps=3, **SMALL)  # the default loss
     with Engine.open(home=vctk_home) as eng:
         report = eng.refresh(dry_run=True)
     training = report.metrics["training"]
@@ -480,7 +496,7 @@ def test_gate_metrics_and_decision_by_hand():
     good = gate_metrics(clean, speakers, held, old_speakers={"a"})
     assert good["overall"]["probes"] == 2 and good["overall"]["accuracy"] == 1.0 and good["overall"]["eer"] == 0.0
     # One held-out utterance is one target trial: no spread, so no d' (None, not NaN).
-    assert good["old"] == {"probes": 1, "accuracy": 1.0, "eer": 0.0, "d_prime": None}
+    assert good["old"] == {"probes": 1, "speakers": 1, "accuracy": 1.0, "eer": 0.0, "d_prime": None}
     one = gate_metrics(clean, speakers, np.array([False] * 5 + [True]), old_speakers={"a"})
     assert "too few held-out trials" in decide(one, one, RefreshConfig(min_holdout=1))[0]
     assert "does not separate speakers better" in decide(good, good, RefreshConfig(min_holdout=2))[0]
