@@ -24,7 +24,12 @@ def is_held_out(utterance, fraction: float) -> bool:
     Decided by its content hash, so the slice is the same in every refresh and a held-out
     utterance is not trained on later (the one exception: see :func:`split`).
     """
-    return int(utterance.content_sha256[:8], 16) / 0x1_0000_0000 < fraction
+    return _in_slice(utterance.content_sha256, fraction)
+
+
+def _in_slice(hex_digest: str, fraction: float) -> bool:
+    """Whether a sha256 hex digest falls in the first ``fraction`` of its range."""
+    return int(hex_digest[:8], 16) / 0x1_0000_0000 < fraction
 
 
 UNSEEN_MIN_SPEAKERS = 2  # fewer unseen speakers than this: no speaker slice (all are trained on)
@@ -34,7 +39,7 @@ def unseen_speakers(names, fraction: float) -> set[str]:
     """The speakers never trained on, chosen by a hash of the name (so a speaker stays in
     or out for good); empty when fewer than ``UNSEEN_MIN_SPEAKERS`` fall in the slice, so
     a small home trains on everyone."""
-    chosen = {n for n in names if int(hashlib.sha256(n.encode()).hexdigest()[:8], 16) / 0x1_0000_0000 < fraction}
+    chosen = {n for n in names if _in_slice(hashlib.sha256(n.encode()).hexdigest(), fraction)}
     return chosen if len(chosen) >= UNSEEN_MIN_SPEAKERS else set()
 
 

@@ -10,6 +10,10 @@ from storage import models as m
 from storage.records import ApiKey, AuditEntry
 
 
+# Audited actions that change stored profiles after the fact (see Keys.profile_changes).
+PROFILE_CHANGES = ("erase_speaker", "remove_utterance", "accept_utterance")
+
+
 class Keys:
     """API keys with their roles, and the audit entries written alongside them."""
 
@@ -55,7 +59,7 @@ class Keys:
         know when to drop what they hold."""
         with self._db.session("count profile changes") as s:
             return s.scalar(
-                select(func.count()).select_from(m.AuditEntry).where(m.AuditEntry.action.in_(m.PROFILE_CHANGES))
+                select(func.count()).select_from(m.AuditEntry).where(m.AuditEntry.action.in_(PROFILE_CHANGES))
             )
 
     def audit_log(self, limit: int = 100) -> list[AuditEntry]:

@@ -256,10 +256,6 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None]
 
 
-# Audited actions that change stored profiles after the fact (see Keys.profile_changes).
-PROFILE_CHANGES = ("erase_speaker", "remove_utterance", "accept_utterance")
-
-
 class AuditEntry(Base):
     """Append-only record of actions on personal data and keys.
 
