@@ -103,6 +103,8 @@ class RefreshConfig:
     steps: int = 100  # optimiser steps per refresh
     time_budget_s: float = 1800.0  # training stops early when this is spent
     lr: float = 1e-4  # Adam learning rate of the encoder
+    # Lower encoder layers kept as the parent's (GE2E: 3 LSTM layers, then the projection).
+    frozen_layers: int = 0
     loss_lr: float = 1e-2  # of the loss's own parameters (heads, GE2E scale and bias)
     speakers_per_batch: int = 16  # N (fewer when fewer speakers qualify)
     utterances_per_speaker: int = 4  # M: crops per speaker in a batch
@@ -125,6 +127,8 @@ class RefreshConfig:
     drift_delta: float = 0.002  # ADWIN confidence on genuine enrollment scores; 0 turns drift requests off
 
     def __post_init__(self) -> None:
+        if self.frozen_layers < 0:
+            raise ConfigError("[refresh] frozen_layers must be >= 0")
         if not 0.0 <= self.unseen_speaker_fraction < 1.0:
             raise ConfigError("[refresh] unseen_speaker_fraction must lie in [0, 1)")
 

@@ -139,6 +139,7 @@ def train(
     torch.manual_seed(cfg.seed)
     teacher = copy.deepcopy(parent).to(device).eval().requires_grad_(False)
     student = copy.deepcopy(parent).to(device).train()
+    trainable = _unfrozen_parameters(student, cfg.frozen_layers)
     names = sorted(set(speakers))
     labels = np.array([names.index(s) for s in speakers])
     n, m = _batch_shape(labels, cfg)
@@ -146,7 +147,7 @@ def train(
     loss_fn = loss_fn.to(device)
     distill = create_loss("distill", embedding_dim=student.embedding_dim).to(device)
     optimiser = torch.optim.Adam(
-        [{"params": student.parameters(), "lr": cfg.lr}, {"params": loss_fn.parameters(), "lr": cfg.loss_lr}]
+        [{"params": trainable, "lr": cfg.lr}, {"params": loss_fn.parameters(), "lr": cfg.loss_lr}]
     )
     crops = Crops(kept, student, device, cfg.seed, _noise_bank(cfg, kept))
     # Mixed precision only where it pays (CUDA); bfloat16 needs no loss scaling.
@@ -169,7 +170,7 @@ def train(
             loss_fn.step()
         optimiser.zero_grad()
         value.backward()
-        torch.nn.utils.clip_grad_norm_(list(student.parameters()) + list(loss_fn.parameters()), CLIP_NORM)
+        torch.nn.utils.clip_grad_norm_(trainable + list(loss_fn.parameters()), CLIP_NORM)
         optimiser.step()
         losses.append(float(value.detach()))
         report(on_progress, step, cfg.steps, "training")
@@ -181,6 +182,7 @@ def train(
         "loss": cfg.loss,
         "steps": step,
         "batch": [n, m],
+        "frozen_layers": cfg.frozen_layers,
         "seconds": round(seconds, 2),
         "seconds_per_step": round(seconds / max(step, 1), 3),
         "first_loss": round(losses[0], 4) if losses else None,
@@ -188,6 +190,19 @@ def train(
         "device": device.type,
     }
     return student.cpu().eval(), stats
+
+
+def _unfrozen_parameters(student: torch.nn.Module, frozen_layers: int) -> list[torch.nn.Parameter]:
+    """Freeze the lowest ``frozen_layers`` layers of ``student``; return the parameters left to train."""
+    groups = student.layer_groups()
+    if frozen_layers >= len(groups):
+        raise InvalidInput(
+            f"refresh.frozen_layers={frozen_layers} leaves nothing to train: the encoder has {len(groups)} layers"
+        )
+    for group in groups[:frozen_layers]:
+        for parameter in group:
+            parameter.requires_grad_(False)
+    return [p for group in groups[frozen_layers:] for p in group]
 
 
 def _loss_and_batches(cfg: RefreshConfig, dim: int, labels: np.ndarray, names: list[str], init_heads: dict, n: int, m: int):

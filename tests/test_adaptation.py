@@ -1,5 +1,5 @@
-"""Adaptation: the domain-centre back-end, the unseen-speaker gate and the default refresh
-recipe, on real speech (vctk-4, speechocean762-train)."""
+"""Adaptation: the domain-centre back-end, the unseen-speaker gate, frozen lower layers and
+the default refresh recipe, on real speech (vctk-4, speechocean762-train)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import torch
+
 from engine import Engine, audio, gate
 from engine.config import RefreshConfig
-from engine.errors import TooShort
+from engine.embedder import Embedder
+from engine.encoders import create_encoder
+from engine.errors import InvalidInput, TooShort
 from engine.metrics import eer
+from engine.training import train
 
 
 def write_refresh_config(home: Path, **refresh) -> None:
@@ -157,6 +162,33 @@ def test_the_gate_rejects_a_candidate_that_hurts_unseen_speakers():
     candidate = gate.gate_metrics(tighter, speakers, held, set(), unseen)
     reasons = gate.decide(parent, candidate, RefreshConfig())
     assert any("on unseen speakers (the 2 held out of training)" in r for r in reasons), reasons
+
+
+# -- frozen lower layers ------------------------------------------------------------------
+
+
+def test_frozen_layers_keep_the_parents_weights_and_the_rest_learns(by_speaker):
+    files = by_speaker("vctk-4")
+    pairs = [(s, p) for s in sorted(files) for p in files[s][:3]]
+    loaded = audio.load_many([p for _, p in pairs])
+    kept = [sp.samples for sp in loaded]
+    speakers = [s for s, _ in pairs]
+    parent = create_encoder("ge2e-lstm", pretrained=True)
+    vectors = Embedder(parent, device="cpu").embed(kept)
+    heads = {s: vectors[np.array(speakers) == s].mean(axis=0) for s in set(speakers)}
+    replayed = np.zeros(len(kept), dtype=bool)
+    cfg = RefreshConfig(frozen_layers=2, steps=3, speakers_per_batch=4, utterances_per_speaker=2)
+
+    candidate, stats = train(parent, kept, speakers, replayed, heads, cfg, "cpu")
+
+    assert stats["frozen_layers"] == 2 and stats["steps"] == 3
+    moved = [
+        any(not torch.equal(p, q) for p, q in zip(before, after))
+        for before, after in zip(parent.layer_groups(), candidate.layer_groups())
+    ]
+    assert moved == [False, False, True, True]
+    with pytest.raises(InvalidInput, match="leaves nothing to train"):
+        train(parent, kept, speakers, replayed, heads, RefreshConfig(frozen_layers=4, steps=1), "cpu")
 
 
 # -- the default recipe on real speech ----------------------------------------------------

@@ -28,6 +28,7 @@ def test_file_then_environment(tmp_path):
         ("[audoi]\n", "unknown section"),
         ("[audio]\nmin_speech_s = 'lots'\n", "not a valid float"),
         ("[audio\n", "not valid TOML"),
+        ("[refresh]\nfrozen_layers = -1\n", "frozen_layers must be >= 0"),
     ],
 )
 def test_mistakes_are_errors(tmp_path, text, message):

@@ -29,6 +29,11 @@ def test_encoder_contract(name):
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)
 
+    # layer_groups() is what [refresh] frozen_layers freezes: every parameter, once each.
+    grouped = [id(p) for group in encoder.layer_groups() for p in group]
+    assert sorted(grouped) == sorted(id(p) for p in encoder.parameters())
+    assert all(encoder.layer_groups())
+
     clone = create_encoder(name)
     clone.load_state_dict(encoder.state_dict())
     with torch.no_grad():

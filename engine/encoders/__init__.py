@@ -4,7 +4,8 @@ An encoder is an ``nn.Module`` that maps a batch of fixed-length feature windows
 ``[batch, frames, dims]`` to L2-normalised embeddings ``[batch, embedding_dim]``. Each
 class declares the front end it expects (``frontend``), its window length in frames
 (``window_frames``) and ``embedding_dim``; ``pretrained_state()`` returns the weights a
-fresh installation starts from.
+fresh installation starts from, and ``layer_groups()`` its parameters layer by layer,
+bottom to top, so that a refresh can keep the lower layers as they are.
 """
 
 from __future__ import annotations

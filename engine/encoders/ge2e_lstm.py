@@ -50,6 +50,11 @@ class GE2ELSTM(nn.Module):
         # Clamp the norm: an all-negative pre-activation gives a zero vector, not a NaN.
         return raw / raw.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
+    def layer_groups(self) -> list[list[nn.Parameter]]:
+        """The parameters layer by layer, bottom to top: the three LSTM layers, then the projection."""
+        lstm = [[p for name, p in self.lstm.named_parameters() if name.endswith(f"_l{k}")] for k in range(self.lstm.num_layers)]
+        return lstm + [list(self.linear.parameters())]
+
     @staticmethod
     def pretrained_state() -> dict[str, torch.Tensor]:
         path = resemblyzer_weights_path()
