@@ -189,7 +189,7 @@ def train(
         "last_loss": round(losses[-1], 4) if losses else None,
         "device": device.type,
     }
-    return student.cpu().eval(), stats
+    return student.cpu().eval().requires_grad_(True), stats
 
 
 def _unfrozen_parameters(student: torch.nn.Module, frozen_layers: int) -> list[torch.nn.Parameter]:
@@ -199,9 +199,9 @@ def _unfrozen_parameters(student: torch.nn.Module, frozen_layers: int) -> list[t
         raise InvalidInput(
             f"refresh.frozen_layers={frozen_layers} leaves nothing to train: the encoder has {len(groups)} layers"
         )
-    for group in groups[:frozen_layers]:
-        for parameter in group:
-            parameter.requires_grad_(False)
+    for k, group in enumerate(groups):
+        for parameter in group:  # set both ways: a parent kept in memory may carry older flags
+            parameter.requires_grad_(k >= frozen_layers)
     return [p for group in groups[frozen_layers:] for p in group]
 
 

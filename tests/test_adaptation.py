@@ -182,11 +182,13 @@ def test_frozen_layers_keep_the_parents_weights_and_the_rest_learns(by_speaker):
     candidate, stats = train(parent, kept, speakers, replayed, heads, cfg, "cpu")
 
     assert stats["frozen_layers"] == 2 and stats["steps"] == 3
-    moved = [
-        any(not torch.equal(p, q) for p, q in zip(before, after))
-        for before, after in zip(parent.layer_groups(), candidate.layer_groups())
-    ]
-    assert moved == [False, False, True, True]
+    def moved(before, after) -> list[bool]:
+        return [any(not torch.equal(p, q) for p, q in zip(b, a)) for b, a in zip(before.layer_groups(), after.layer_groups())]
+
+    assert moved(parent, candidate) == [False, False, True, True]
+    # The candidate is a plain module again: a later refresh of it with nothing frozen trains it all.
+    child, _ = train(candidate, kept, speakers, replayed, heads, RefreshConfig(steps=1, speakers_per_batch=4, utterances_per_speaker=2), "cpu")
+    assert moved(candidate, child) == [True, True, True, True]
     with pytest.raises(InvalidInput, match="leaves nothing to train"):
         train(parent, kept, speakers, replayed, heads, RefreshConfig(frozen_layers=4, steps=1), "cpu")
 
