@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import torch
 
 from engine import Engine, audio, gate
@@ -182,7 +181,8 @@ def test_frozen_layers_keep_the_parents_weights_and_the_rest_learns(by_speaker):
     candidate, stats = train(parent, kept, speakers, replayed, heads, cfg, "cpu")
 
     assert stats["frozen_layers"] == 2 and stats["steps"] == 3
-    def moved(before, after) -> list[bool]:
+
+    def moved(before, after) -> list[bool]:  # per layer: did any of its weights change?
         return [any(not torch.equal(p, q) for p, q in zip(b, a)) for b, a in zip(before.layer_groups(), after.layer_groups())]
 
     assert moved(parent, candidate) == [False, False, True, True]
