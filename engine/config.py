@@ -105,6 +105,12 @@ class RefreshConfig:
     lr: float = 1e-4  # Adam learning rate of the encoder
     # Lower encoder layers kept as the parent's (GE2E: 3 LSTM layers, then the projection).
     frozen_layers: int = 0
+    # L2-SP (Li et al., 2018): this weight times the squared distance of the trained
+    # weights from the parent's is added to the loss, so fine-tuning cannot wander far.
+    l2sp_weight: float = 0.0
+    # WiSE-FT (Wortsman et al., 2022): the candidate becomes (1 - a) * parent + a * tuned,
+    # a in 0.25 / 0.5 / 0.75 / 1 chosen by the gate's unseen speakers (README, "Refresh").
+    interpolate: bool = False
     loss_lr: float = 1e-2  # of the loss's own parameters (heads, GE2E scale and bias)
     speakers_per_batch: int = 16  # N (fewer when fewer speakers qualify)
     utterances_per_speaker: int = 4  # M: crops per speaker in a batch
@@ -129,6 +135,8 @@ class RefreshConfig:
     def __post_init__(self) -> None:
         if self.frozen_layers < 0:
             raise ConfigError("[refresh] frozen_layers must be >= 0")
+        if self.l2sp_weight < 0:
+            raise ConfigError("[refresh] l2sp_weight must be >= 0")
         if not 0.0 <= self.unseen_speaker_fraction < 1.0:
             raise ConfigError("[refresh] unseen_speaker_fraction must lie in [0, 1)")
 

@@ -116,6 +116,17 @@ def gate_metrics(
     return out
 
 
+def mixing_score(metrics: dict) -> float:
+    """How a WiSE-FT mix is chosen: d' of the unseen speakers (never trained on, so what
+    the mix promises, robustness for people the refresh has not seen, is measured
+    there), overall d' when there is no unseen slice. The gate then judges the chosen mix
+    on those same speakers, so its unseen guard is optimistic by the choice; the
+    continual benchmark's never-enrolled group is the independent check."""
+    unseen = metrics.get("unseen", {}).get("d_prime")
+    value = unseen if unseen is not None else metrics["overall"]["d_prime"]
+    return float("-inf") if value is None else float(value)
+
+
 def decide(parent: dict, candidate: dict, cfg: RefreshConfig) -> list[str]:
     """Reasons to reject the candidate; an empty list means promote.
 

@@ -7,7 +7,9 @@ A refresh, step by step (every step is undone by simply not reaching the last on
 2. Training data: the utterances new since the parent (active) version was trained, plus
    a speaker-balanced replay sample of older ones (:mod:`engine.replay`).
 3. Train a copy of the parent (:mod:`engine.training`).
-4. Embed every utterance of the snapshot under the candidate and run the gate.
+4. Embed every utterance of the snapshot under the candidate and run the gate. With
+   ``[refresh] interpolate``, mixes of parent and tuned weights are embedded too, and
+   the one the unseen speakers score best under becomes the candidate.
 5. Promotion: store the candidate's embeddings and centroids, calibrate it, embed
    whatever was enrolled meanwhile, and move the "active" alias in one transaction that
    first checks nothing is missing. Until that commit the parent stays active and untouched.
@@ -30,7 +32,7 @@ from engine.losses import LOSSES
 from engine.models import ACTIVE, ModelRegistry
 from engine.progress import Progress, report
 from engine.results import RefreshReport
-from engine.training import NothingToTrain, choose_training, train
+from engine.training import NothingToTrain, check_frozen_layers, choose_training, interpolate, train
 from storage import ModelVersion, Store
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 EMBED_CHUNK = 64  # utterances decoded and embedded together when re-embedding
 WRITE_CHUNK = 256  # embeddings per transaction when storing a version's embeddings
 PROMOTE_ATTEMPTS = 20  # catch-up rounds before giving up on a busy enrollment stream
+MIX_ALPHAS = (1.0, 0.75, 0.5, 0.25)  # WiSE-FT mixes tried ([refresh] interpolate); a tie keeps more learning
 
 
 class Refresher:
@@ -74,14 +77,13 @@ class Refresher:
 
     def _refresh(self, job, parent: ModelVersion, result: RefreshReport, *, dry_run: bool, on_progress) -> None:
         utterances = self.store.profiles.utterances()
-        candidate, held, unseen = self._train_candidate(parent, utterances, result, on_progress)
+        tuned, held, unseen = self._train_candidate(parent, utterances, result, on_progress)
         clock = time.perf_counter()
-        embedder = Embedder(candidate, device=self.config.encoder.device, batch_windows=self.config.encoder.batch_windows)
         snapshot = [u.id for u in utterances]
-        vectors = self.embed_utterances(embedder, snapshot, what="re-embedding", on_progress=on_progress)
+        candidate, vectors, embedded = self._embed_candidate(parent, tuned, snapshot, self._gate_view(parent, utterances, held, unseen), result, on_progress)
         result.timings["embed_s"] = round(time.perf_counter() - clock, 2)
-        result.timings["embed_utterances_per_s"] = round(len(vectors) / max(result.timings["embed_s"], 1e-9), 1)
-        self._judge(parent, utterances, held, unseen, vectors, result)
+        result.timings["embed_utterances_per_s"] = round(embedded / max(result.timings["embed_s"], 1e-9), 1)
+        self._judge(result)
         if dry_run:
             result.status = "dry-run"
             return
@@ -117,6 +119,7 @@ class Refresher:
                 f"(refresh.min_holdout); enroll more, or raise refresh.holdout_fraction"
             )
         parent_encoder = self.models.embedder(parent).encoder
+        check_frozen_layers(parent_encoder, cfg.frozen_layers)  # before minutes of loading
         chosen = new + replay
         kept_by_id = self.load_kept([u.id for u in chosen], parent_encoder.frontend)
         chosen = [u for u in chosen if u.id in kept_by_id]  # deleted meanwhile
@@ -144,20 +147,49 @@ class Refresher:
         result.timings["train_s"] = result.metrics["training"]["seconds"]
         return candidate, held, unseen
 
-    def _judge(self, parent: ModelVersion, utterances: list, held: list, unseen: set[str], vectors: dict, result: RefreshReport) -> None:
-        """Gate metrics of parent and candidate on the same held-out utterances, and the
-        reasons to reject (none: promote)."""
+    def _embed_candidate(self, parent: ModelVersion, tuned, snapshot: list[int], judge_on, result: RefreshReport, on_progress):
+        """Embed the snapshot under the tuned encoder (and, with ``[refresh] interpolate``,
+        under each WiSE-FT mix, keeping the best by :func:`gate.mixing_score`); fills the
+        gate metrics in ``result``. Returns the candidate, its embeddings, and how many
+        utterances were embedded in all."""
+        mixes = MIX_ALPHAS if self.config.refresh.interpolate else (1.0,)
+        best, tried = None, {}
+        for alpha in mixes:
+            encoder = tuned if alpha == 1.0 else interpolate(self.models.embedder(parent).encoder, tuned, alpha)
+            embedder = Embedder(encoder, device=self.config.encoder.device, batch_windows=self.config.encoder.batch_windows)
+            what = "re-embedding" if len(mixes) == 1 else f"re-embedding (mix {alpha:g})"
+            vectors = self.embed_utterances(embedder, snapshot, what=what, on_progress=on_progress)
+            parent_metrics, metrics = judge_on(vectors)
+            tried[f"{alpha:g}"] = gate.mixing_score(metrics)
+            if best is None or tried[f"{alpha:g}"] > best[0]:
+                best = (tried[f"{alpha:g}"], alpha, encoder, vectors, parent_metrics, metrics)
+        _, alpha, candidate, vectors, result.metrics["parent"], result.metrics["candidate"] = best
+        if len(mixes) > 1:
+            result.metrics["interpolation"] = {"alpha": alpha, "mixing_score_by_alpha": tried}
+        return candidate, vectors, len(mixes) * len(vectors)
+
+    def _gate_view(self, parent: ModelVersion, utterances: list, held: list, unseen: set[str]):
+        """The gate's judge for this snapshot: a function from candidate embeddings
+        ``{id: vector}`` to (parent metrics, candidate metrics), both on the held-out
+        utterances that parent and candidate embedded (one deleted meanwhile is left out)."""
         ids, _, parent_matrix = self.store.embeddings.version_embeddings(parent.number)
         row = {int(uid): i for i, uid in enumerate(ids)}
-        common = [u.id for u in utterances if u.id in row and u.id in vectors]
         speaker_of = {u.id: u.speaker for u in utterances}
         held_ids = {u.id for u in held}
         old_speakers = {u.speaker for u in utterances if u.id <= parent.trained_through}
-        held_mask = np.array([uid in held_ids for uid in common])
-        speakers = [speaker_of[uid] for uid in common]
         centre = self.config.scoring.centre  # judged on the scores the product will use
-        for name, matrix in (("parent", parent_matrix[[row[uid] for uid in common]]), ("candidate", np.stack([vectors[uid] for uid in common]))):
-            result.metrics[name] = gate.gate_metrics(matrix, speakers, held_mask, old_speakers, unseen, centre=centre)
+
+        def judge_on(vectors: dict) -> tuple[dict, dict]:
+            common = [u.id for u in utterances if u.id in row and u.id in vectors]
+            args = ([speaker_of[uid] for uid in common], np.array([uid in held_ids for uid in common]), old_speakers, unseen)
+            return (gate.gate_metrics(parent_matrix[[row[uid] for uid in common]], *args, centre=centre),
+                    gate.gate_metrics(np.stack([vectors[uid] for uid in common]), *args, centre=centre))
+
+        return judge_on
+
+    def _judge(self, result: RefreshReport) -> None:
+        """The reasons to reject the candidate (none: promote), from the gate metrics of
+        parent and candidate on the same held-out utterances."""
         result.reasons = gate.decide(result.metrics["parent"], result.metrics["candidate"], self.config.refresh)
         if not self.config.refresh.gate and result.reasons:
             result.metrics["gate_overridden"] = result.reasons

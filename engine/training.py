@@ -1,8 +1,10 @@
 """Fine-tuning an encoder: pure tensors-in, encoder-out, no storage.
 
 Speaker-balanced mini-batches of random 1.6 s crops of kept utterances (speech, or kept
-features), the configured loss from the registry, and distillation toward the frozen
-parent on replayed crops so that embeddings stay compatible with what it knew.
+features), the configured loss from the registry, and two pulls toward the frozen parent
+so that embeddings stay compatible with what it knew: distillation of its embeddings on
+replayed crops, and optionally L2-SP on its weights. :func:`interpolate` mixes parent and
+tuned weights afterwards (WiSE-FT).
 """
 
 from __future__ import annotations
@@ -140,6 +142,7 @@ def train(
     teacher = copy.deepcopy(parent).to(device).eval().requires_grad_(False)
     student = copy.deepcopy(parent).to(device).train()
     trainable = _unfrozen_parameters(student, cfg.frozen_layers)
+    anchors = [p.detach().clone() for p in trainable]  # the parent's weights, for L2-SP
     names = sorted(set(speakers))
     labels = np.array([names.index(s) for s in speakers])
     n, m = _batch_shape(labels, cfg)
@@ -166,6 +169,8 @@ def train(
             if cfg.distill_weight > 0 and bool(mask.any()):
                 target = teacher(frames[mask]).float()
                 value = value + cfg.distill_weight * distill(embeddings[mask], target)
+            if cfg.l2sp_weight > 0:
+                value = value + cfg.l2sp_weight * sum(((p - a) ** 2).sum() for p, a in zip(trainable, anchors))
         if hasattr(loss_fn, "step"):  # A-Softmax anneals once per optimiser step
             loss_fn.step()
         optimiser.zero_grad()
@@ -183,6 +188,8 @@ def train(
         "steps": step,
         "batch": [n, m],
         "frozen_layers": cfg.frozen_layers,
+        "l2sp_weight": cfg.l2sp_weight,
+        "distance_from_parent": round(float(torch.sqrt(sum(((p.detach() - a) ** 2).sum() for p, a in zip(trainable, anchors)))), 5),
         "seconds": round(seconds, 2),
         "seconds_per_step": round(seconds / max(step, 1), 3),
         "first_loss": round(losses[0], 4) if losses else None,
@@ -192,13 +199,31 @@ def train(
     return student.cpu().eval().requires_grad_(True), stats
 
 
+def interpolate(parent: torch.nn.Module, tuned: torch.nn.Module, alpha: float) -> torch.nn.Module:
+    """WiSE-FT: a copy of ``tuned`` whose every weight is ``(1 - alpha) * parent + alpha * tuned``.
+
+    Fine-tuning from a shared start keeps the two in one basin, where the straight line
+    between them stays good; the mix keeps part of the in-domain gain and part of the
+    parent's robustness (Wortsman et al., "Robust fine-tuning of zero-shot models", 2022).
+    """
+    mixed = copy.deepcopy(tuned)
+    start = parent.state_dict()
+    mixed.load_state_dict({k: torch.lerp(start[k].float(), v.float(), alpha).to(v.dtype) if v.is_floating_point() else v
+                           for k, v in tuned.state_dict().items()})
+    return mixed
+
+
+def check_frozen_layers(encoder: torch.nn.Module, frozen_layers: int) -> None:
+    """A frozen-layer count that leaves something to train, checked before any data is loaded."""
+    layers = len(encoder.layer_groups())
+    if frozen_layers >= layers:
+        raise InvalidInput(f"refresh.frozen_layers={frozen_layers} leaves nothing to train: the encoder has {layers} layers")
+
+
 def _unfrozen_parameters(student: torch.nn.Module, frozen_layers: int) -> list[torch.nn.Parameter]:
     """Freeze the lowest ``frozen_layers`` layers of ``student``; return the parameters left to train."""
+    check_frozen_layers(student, frozen_layers)
     groups = student.layer_groups()
-    if frozen_layers >= len(groups):
-        raise InvalidInput(
-            f"refresh.frozen_layers={frozen_layers} leaves nothing to train: the encoder has {len(groups)} layers"
-        )
     for k, group in enumerate(groups):
         for parameter in group:  # set both ways: a parent kept in memory may carry older flags
             parameter.requires_grad_(k >= frozen_layers)

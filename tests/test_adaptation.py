@@ -3,6 +3,7 @@ the default refresh recipe, on real speech (vctk-4, speechocean762-train)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,12 +17,12 @@ from engine.embedder import Embedder
 from engine.encoders import create_encoder
 from engine.errors import InvalidInput, TooShort
 from engine.metrics import eer
-from engine.training import train
+from engine.training import interpolate, train
 
 
 def write_refresh_config(home: Path, **refresh) -> None:
     home.mkdir(parents=True, exist_ok=True)
-    lines = ["[refresh]"] + [f"{key} = {value!r}".replace("'", '"') for key, value in refresh.items()]
+    lines = ["[refresh]"] + [f"{key} = {json.dumps(value)}" for key, value in refresh.items()]
     (home / "config.toml").write_text("\n".join(lines) + "\n")
 
 
@@ -166,16 +167,20 @@ def test_the_gate_rejects_a_candidate_that_hurts_unseen_speakers():
 # -- frozen lower layers ------------------------------------------------------------------
 
 
-def test_frozen_layers_keep_the_parents_weights_and_the_rest_learns(by_speaker):
+def _vctk_training_data(by_speaker) -> tuple:
+    """(parent, kept speech, speakers, replayed mask, heads): three vctk-4 files per speaker."""
     files = by_speaker("vctk-4")
     pairs = [(s, p) for s in sorted(files) for p in files[s][:3]]
-    loaded = audio.load_many([p for _, p in pairs])
-    kept = [sp.samples for sp in loaded]
+    kept = [sp.samples for sp in audio.load_many([p for _, p in pairs])]
     speakers = [s for s, _ in pairs]
     parent = create_encoder("ge2e-lstm", pretrained=True)
     vectors = Embedder(parent, device="cpu").embed(kept)
     heads = {s: vectors[np.array(speakers) == s].mean(axis=0) for s in set(speakers)}
-    replayed = np.zeros(len(kept), dtype=bool)
+    return parent, kept, speakers, np.zeros(len(kept), dtype=bool), heads
+
+
+def test_frozen_layers_keep_the_parents_weights_and_the_rest_learns(by_speaker):
+    parent, kept, speakers, replayed, heads = _vctk_training_data(by_speaker)
     cfg = RefreshConfig(frozen_layers=2, steps=3, speakers_per_batch=4, utterances_per_speaker=2)
 
     candidate, stats = train(parent, kept, speakers, replayed, heads, cfg, "cpu")
@@ -191,6 +196,72 @@ def test_frozen_layers_keep_the_parents_weights_and_the_rest_learns(by_speaker):
     assert moved(candidate, child) == [True, True, True, True]
     with pytest.raises(InvalidInput, match="leaves nothing to train"):
         train(parent, kept, speakers, replayed, heads, RefreshConfig(frozen_layers=4, steps=1), "cpu")
+
+
+def test_a_refresh_with_too_many_frozen_layers_fails_before_it_trains_and_changes_nothing(tmp_path, by_speaker):
+    write_refresh_config(tmp_path, frozen_layers=4, holdout_fraction=0.4)
+    with Engine.init(home=tmp_path) as eng:
+        enroll(eng, by_speaker("vctk-4"))
+        with pytest.raises(InvalidInput, match="frozen_layers=4 leaves nothing to train: the encoder has 4 layers"):
+            eng.refresh()
+        assert [v.number for v in eng.versions()] == [1] and eng.active_version().number == 1
+
+
+# -- weights kept near the parent: L2-SP and WiSE-FT --------------------------------------
+
+
+def test_l2sp_keeps_the_tuned_weights_nearer_the_parent(by_speaker):
+    parent, kept, speakers, replayed, heads = _vctk_training_data(by_speaker)
+    shape = dict(steps=6, speakers_per_batch=4, utterances_per_speaker=2)
+    free, free_stats = train(parent, kept, speakers, replayed, heads, RefreshConfig(**shape), "cpu")
+    held, held_stats = train(parent, kept, speakers, replayed, heads, RefreshConfig(l2sp_weight=100.0, **shape), "cpu")
+
+    def distance(model) -> float:
+        return float(torch.sqrt(sum(((p.detach() - q) ** 2).sum() for p, q in zip(model.parameters(), parent.parameters()))))
+
+    assert held_stats["l2sp_weight"] == 100.0
+    assert free_stats["distance_from_parent"] == pytest.approx(distance(free), rel=1e-4)
+    assert held_stats["distance_from_parent"] == pytest.approx(distance(held), rel=1e-4)
+    assert 0 < distance(held) < 0.5 * distance(free), (distance(held), distance(free))
+
+
+def test_interpolation_mixes_every_weight_on_the_line_from_parent_to_tuned():
+    parent = create_encoder("ge2e-lstm", pretrained=True)
+    tuned = create_encoder("ge2e-lstm", pretrained=True)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(torch.randn_like(p))
+    for alpha in (0.0, 0.25, 1.0):
+        mixed = interpolate(parent, tuned, alpha)
+        for a, b, m in zip(parent.parameters(), tuned.parameters(), mixed.parameters()):
+            torch.testing.assert_close(m, (1 - alpha) * a + alpha * b)
+    assert next(tuned.parameters()) is not next(interpolate(parent, tuned, 1.0).parameters())  # a copy
+
+
+def test_a_mix_is_chosen_by_the_unseen_speakers_when_there_are_some():
+    both = {"overall": {"d_prime": 5.0}, "unseen": {"d_prime": 2.0}}
+    assert gate.mixing_score(both) == 2.0
+    assert gate.mixing_score({"overall": {"d_prime": 5.0}}) == 5.0
+    assert gate.mixing_score({"overall": {"d_prime": None}}) == float("-inf")
+
+
+def test_an_interpolating_refresh_promotes_the_best_scoring_mix(tmp_path, by_speaker):
+    write_refresh_config(tmp_path, interpolate=True, steps=3, holdout_fraction=0.4, gate=False, speakers_per_batch=4, utterances_per_speaker=2)
+    with Engine.init(home=tmp_path) as eng:
+        enroll(eng, by_speaker("vctk-4"))
+        report = eng.refresh()
+        assert report.status == "promoted", report.reasons
+        mixing = report.metrics["interpolation"]
+        tried = mixing["mixing_score_by_alpha"]
+        assert set(tried) == {"1", "0.75", "0.5", "0.25"}
+        assert tried[f"{mixing['alpha']:g}"] == max(tried.values())
+        assert gate.mixing_score(report.metrics["candidate"]) == max(tried.values())
+        # The stored checkpoint is the chosen mix: it reproduces the embeddings stored with it.
+        active = eng.active_version()
+        ids, _, stored = eng.store.embeddings.version_embeddings(active.number)
+        again = eng.refresher.embed_utterances(eng.embedder(active), [int(ids[0]), int(ids[-1])], what="check")
+        np.testing.assert_allclose(np.stack(list(again.values())), stored[[0, -1]], atol=1e-5)
+        assert report.metrics["candidate"]["overall"]["probes"] == report.metrics["parent"]["overall"]["probes"]
 
 
 # -- the default recipe on real speech ----------------------------------------------------

@@ -29,6 +29,7 @@ def test_file_then_environment(tmp_path):
         ("[audio]\nmin_speech_s = 'lots'\n", "not a valid float"),
         ("[audio\n", "not valid TOML"),
         ("[refresh]\nfrozen_layers = -1\n", "frozen_layers must be >= 0"),
+        ("[refresh]\nl2sp_weight = -0.5\n", "l2sp_weight must be >= 0"),
     ],
 )
 def test_mistakes_are_errors(tmp_path, text, message):
