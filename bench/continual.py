@@ -55,14 +55,23 @@ SCALES = ("cosine", "centred")
 # Refresh settings per strategy (None: never refreshed), spelled out in full so that a
 # change of the configured default does not change what a stored row means. The rest is
 # the configured default: AAM-softmax, replay and distillation, 100 steps.
+FULL = {"lr": 1e-4, "frozen_layers": 0, "l2sp_weight": 0.0, "interpolate": False}  # the default recipe's knobs
 STRATEGIES = {
     "frozen": None,
-    "ge2e-v0.1": {"loss": "ge2e-softmax", "lr": 1e-5, "frozen_layers": 0},  # the default before this benchmark
-    "aam": {"lr": 1e-4, "frozen_layers": 0},  # every layer fine-tuned
-    "aam-naive": {"lr": 1e-4, "frozen_layers": 0, "replay_size": 0, "distill_weight": 0.0},
-    "aam-top": {"lr": 3e-4, "frozen_layers": 2},  # the two lower LSTM layers kept: the top layer and projection train
+    "ge2e-v0.1": {**FULL, "loss": "ge2e-softmax", "lr": 1e-5},  # the default before this benchmark
+    "aam": FULL,  # every layer fine-tuned
+    "aam-naive": {**FULL, "replay_size": 0, "distill_weight": 0.0},
+    "aam-top": {**FULL, "lr": 3e-4, "frozen_layers": 2},  # the two lower LSTM layers kept: the top layer and projection train
     # The same at aam's rate, with the steps that fit in aam's training time (steps take 0.4 s, not 1 s).
-    "aam-top-250": {"lr": 1e-4, "frozen_layers": 2, "steps": 250},
+    "aam-top-250": {**FULL, "frozen_layers": 2, "steps": 250},
+    # Only the 256 x 256 projection trains: a linear adapter on the LSTM's output (as
+    # expressive as a residual linear adapter started at the identity), at an adapter's rate.
+    "aam-linear": {**FULL, "lr": 1e-3, "frozen_layers": 3},
+    # L2-SP: a weight of 1 makes the pull 2e-3 per weight 1e-3 away from the parent, about a
+    # typical weight's share of a clipped gradient (norm 3 over 1.4 M weights: 2.5e-3).
+    "aam-l2sp": {**FULL, "l2sp_weight": 1.0},
+    "aam-wise": {**FULL, "interpolate": True},  # WiSE-FT, the mix chosen by the gate's unseen speakers
+    "subcenter-aam": {**FULL, "loss": "subcenter-aam"},  # 3 sub-centres per speaker
 }
 
 
@@ -169,7 +178,9 @@ def run_order(name: str, overrides: dict | None, tasks: list, never: tuple, step
                 training = report.metrics.get("training", {})
                 refreshes.append({"task": i, "status": report.status, "version": report.version,
                                   "steps": training.get("steps"), "train_s": report.timings.get("train_s"),
-                                  "seconds_per_step": training.get("seconds_per_step")})
+                                  "seconds_per_step": training.get("seconds_per_step"),
+                                  "distance_from_parent": training.get("distance_from_parent"),
+                                  "alpha": report.metrics.get("interpolation", {}).get("alpha")})
                 print(f"  {name}: task {i} refresh {report.status} in {report.timings.get('train_s')} s", file=sys.stderr)
             got = measure(eng, tasks, i + 1, never)
             for scale in SCALES:
@@ -219,7 +230,7 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
     for name, entry in results.items():
         curves = np.array([[np.nanmean(row) for row in run["centred"]["accuracy_matrix"]] for run in entry["orders"]])
         never = np.array([[p["eer"] for p in run["centred"]["never_enrolled"]] for run in entry["orders"]])
@@ -227,12 +238,21 @@ def plot(results: dict, path: Path) -> None:
         x = np.arange(1, curves.shape[1] + 1)
         for ax, values in zip(axes, (curves, first, never * 100)):
             ax.errorbar(x, values.mean(axis=0), yerr=values.std(axis=0), marker="o", capsize=3, label=name)
+        # The trade-off: what a recipe gives the enrolled (top-1) against what it costs strangers.
+        s = entry["summary"]["centred"]
+        axes[3].errorbar(100 * s["never_eer_final"]["mean"], 100 * s["average_top1"]["mean"],
+                         xerr=100 * s["never_eer_final"]["std"], yerr=100 * s["average_top1"]["std"], marker="o", capsize=3)
+        axes[3].annotate(name, (100 * s["never_eer_final"]["mean"], 100 * s["average_top1"]["mean"]),
+                         textcoords="offset points", xytext=(4, 4), fontsize=8)
     titles = ("mean top-1 over the tasks seen so far", "within-task top-1 of the first task", "never-enrolled EER (%)")
     for ax, title in zip(axes, titles):
         ax.set_title(title + " (centred)")
         ax.set_xlabel("after task")
         ax.grid(True, alpha=0.3)
         ax.legend()
+    axes[3].set_title("average top-1 (%) vs final never-enrolled EER (%), centred")
+    axes[3].set_xlabel("never-enrolled EER (%), lower is better")
+    axes[3].grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
