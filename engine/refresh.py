@@ -153,16 +153,17 @@ class Refresher:
         gate metrics in ``result``. Returns the candidate, its embeddings, and how many
         utterances were embedded in all."""
         mixes = MIX_ALPHAS if self.config.refresh.interpolate else (1.0,)
+        parent_encoder = self.models.embedder(parent).encoder
         best, tried = None, {}
         for alpha in mixes:
-            encoder = tuned if alpha == 1.0 else interpolate(self.models.embedder(parent).encoder, tuned, alpha)
+            encoder = tuned if alpha == 1.0 else interpolate(parent_encoder, tuned, alpha)
             embedder = Embedder(encoder, device=self.config.encoder.device, batch_windows=self.config.encoder.batch_windows)
             what = "re-embedding" if len(mixes) == 1 else f"re-embedding (mix {alpha:g})"
             vectors = self.embed_utterances(embedder, snapshot, what=what, on_progress=on_progress)
             parent_metrics, metrics = judge_on(vectors)
-            tried[f"{alpha:g}"] = gate.mixing_score(metrics)
-            if best is None or tried[f"{alpha:g}"] > best[0]:
-                best = (tried[f"{alpha:g}"], alpha, encoder, vectors, parent_metrics, metrics)
+            score = tried[f"{alpha:g}"] = gate.mixing_score(metrics)
+            if best is None or score > best[0]:
+                best = (score, alpha, encoder, vectors, parent_metrics, metrics)
         _, alpha, candidate, vectors, result.metrics["parent"], result.metrics["candidate"] = best
         if len(mixes) > 1:
             result.metrics["interpolation"] = {"alpha": alpha, "mixing_score_by_alpha": tried}

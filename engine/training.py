@@ -170,7 +170,7 @@ def train(
                 target = teacher(frames[mask]).float()
                 value = value + cfg.distill_weight * distill(embeddings[mask], target)
             if cfg.l2sp_weight > 0:
-                value = value + cfg.l2sp_weight * sum(((p - a) ** 2).sum() for p, a in zip(trainable, anchors))
+                value = value + cfg.l2sp_weight * _squared_distance(trainable, anchors)
         if hasattr(loss_fn, "step"):  # A-Softmax anneals once per optimiser step
             loss_fn.step()
         optimiser.zero_grad()
@@ -189,7 +189,7 @@ def train(
         "batch": [n, m],
         "frozen_layers": cfg.frozen_layers,
         "l2sp_weight": cfg.l2sp_weight,
-        "distance_from_parent": round(float(torch.sqrt(sum(((p.detach() - a) ** 2).sum() for p, a in zip(trainable, anchors)))), 5),
+        "distance_from_parent": round(float(torch.sqrt(_squared_distance(trainable, anchors).detach())), 5),
         "seconds": round(seconds, 2),
         "seconds_per_step": round(seconds / max(step, 1), 3),
         "first_loss": round(losses[0], 4) if losses else None,
@@ -211,6 +211,11 @@ def interpolate(parent: torch.nn.Module, tuned: torch.nn.Module, alpha: float) -
     mixed.load_state_dict({k: torch.lerp(start[k].float(), v.float(), alpha).to(v.dtype) if v.is_floating_point() else v
                            for k, v in tuned.state_dict().items()})
     return mixed
+
+
+def _squared_distance(weights: list[torch.Tensor], anchors: list[torch.Tensor]) -> torch.Tensor:
+    """The squared L2 distance between two lists of weights (L2-SP's penalty before its weight)."""
+    return sum(((w - a) ** 2).sum() for w, a in zip(weights, anchors))
 
 
 def check_frozen_layers(encoder: torch.nn.Module, frozen_layers: int) -> None:
