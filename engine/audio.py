@@ -19,6 +19,7 @@ import io
 import logging
 import math
 import os
+import stat
 import threading
 import warnings
 from dataclasses import dataclass
@@ -178,18 +179,25 @@ def load_many(
 
 def _decode(source: Source, name: str | None, config: AudioConfig) -> _Decoded:
     """Check, decode, downmix and resample one input; everything before the VAD."""
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        label = name if name is not None else "<bytes>"
-        data = _read_checked(io.BytesIO(source), label, config)
-    else:
-        label = name if name is not None else str(source)
-        source = check_root(source, config.roots)
-        try:
-            with open(source, "rb") as fh:
-                data = _read_checked(fh, label, config)
-        except OSError as exc:
-            raise MissingAudio(f"{label}: cannot be read ({exc.strerror or exc})") from None
+    is_bytes = isinstance(source, (bytes, bytearray, memoryview))
+    label = name if name is not None else "<bytes>" if is_bytes else str(source)
+    # The label is stored as text: a file name that is not UTF-8 (os.fsdecode's surrogates)
+    # gets "?" in their place rather than failing its commit, and with it the batch.
+    label = label.encode("utf-8", "replace").decode("utf-8")
+    try:
+        if is_bytes:
+            data = _read_checked(io.BytesIO(source), label, config)
+        else:
+            data = _read_file(check_root(source, config.roots), label, config)
+        return _decode_bytes(data, label, config)
+    except (OSError, ValueError, RuntimeError) as exc:
+        # No check foresaw it (a decoder's own complaint about one odd file): it is still
+        # this input's failure alone, so the batch around it goes on.
+        logger.warning("%s: unexpected error while decoding", label, exc_info=True)
+        raise UndecodableAudio(f"{label}: cannot be decoded ({exc})") from None
 
+
+def _decode_bytes(data: bytes, label: str, config: AudioConfig) -> _Decoded:
     try:
         frames, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except sf.SoundFileError as exc:
@@ -224,12 +232,50 @@ def check_root(path: str | os.PathLike, roots: str) -> Path:
     ------
     PathNotAllowed
         The resolved path is outside every root.
+    MissingAudio
+        The path cannot name a file (a NUL byte in it, a symlink loop).
     """
-    resolved = Path(path).expanduser().resolve()
+    try:
+        resolved = Path(path).expanduser().resolve()
+    except (OSError, ValueError, RuntimeError) as exc:
+        # A NUL byte, a symlink loop, the home of an unknown "~user": no file is named.
+        raise MissingAudio(f"{os.fspath(path)!r}: not a usable path ({exc})") from None
     allowed = [Path(r).expanduser().resolve() for r in roots.split(os.pathsep) if r.strip()]
     if allowed and not any(resolved.is_relative_to(root) for root in allowed):
         raise PathNotAllowed(f"{path}: outside the folders audio may be read from ([audio] roots)")
     return resolved
+
+
+def _read_file(path: Path, label: str, config: AudioConfig) -> bytes:
+    """The checked bytes of the regular file at ``path``.
+
+    Only regular files: opening a FIFO waits for a writer that may never come, a device
+    (/dev/zero) never ends, and opening some devices has effects of its own, so the path
+    is looked at before it is opened. It is opened without blocking and looked at again
+    through the open file, in case it was swapped in between.
+    """
+    try:
+        mode = os.stat(path).st_mode
+        if stat.S_ISREG(mode):
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+            with open(fd, "rb") as fh:
+                mode = os.fstat(fd).st_mode
+                if stat.S_ISREG(mode):
+                    return _read_checked(fh, label, config)
+    except OSError as exc:
+        raise MissingAudio(f"{label}: cannot be read ({exc.strerror or exc})") from None
+    raise MissingAudio(f"{label}: not a regular file ({_kind(mode)})")
+
+
+def _kind(mode: int) -> str:
+    kinds = (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a named pipe"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    )
+    return next((name for test, name in kinds if test(mode)), "not a file")
 
 
 def _read_checked(fh: BinaryIO, label: str, config: AudioConfig) -> bytes:

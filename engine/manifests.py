@@ -16,13 +16,19 @@ benchmarks and the tests all read the same files the same way.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
+import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
 from engine.errors import InvalidInput
+
+BOM = "\ufeff"
+REPLACED = "\ufffd"  # what a stream opened with errors="replace" reads for bytes that are not UTF-8
 
 
 @dataclass(frozen=True)
@@ -38,22 +44,39 @@ class Trial:
     target: bool
 
 
+def open_list(path: Path, what: str, **options) -> TextIO:
+    """Open a manifest, trial list or stream file as UTF-8 text, provided it is a regular
+    file: a named pipe would wait for a writer for ever, and a device (/dev/zero) is one
+    endless line. ``options`` go to :func:`open` (``errors``, ``newline``)."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise InvalidInput(f"{what} {path}: not a regular file")
+        return open(path, encoding=options.pop("encoding", "utf-8-sig"), **options)
+    except OSError as exc:
+        raise InvalidInput(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # a NUL byte in the path
+        raise InvalidInput(f"cannot read {what} {path!r}: {exc}") from None
+
+
 def read_manifest(path: Path) -> list[LabelledFile]:
     """CSV with a header holding at least ``path`` and ``speaker``; paths relative to the file."""
     path = Path(path)
     try:
-        with open(path, newline="") as fh:
+        # utf-8-sig: the byte-order mark a spreadsheet's export starts with is not a column name.
+        with open_list(path, "manifest", newline="") as fh:
             reader = csv.DictReader(fh)
             missing = {"path", "speaker"} - set(reader.fieldnames or [])
             if missing:
                 raise InvalidInput(f"{path}: the header needs columns path and speaker (missing {sorted(missing)})")
             rows = []
-            for line, row in enumerate(reader, start=2):
+            for row in reader:
                 if not (row.get("path") or "").strip() or not (row.get("speaker") or "").strip():
-                    raise InvalidInput(f"{path}:{line}: empty path or speaker")
+                    raise InvalidInput(f"{path}:{reader.line_num}: empty path or speaker")
                 rows.append(LabelledFile(path.parent / row["path"].strip(), row["speaker"].strip()))
     except OSError as exc:
         raise InvalidInput(f"cannot read manifest {path}: {exc.strerror}") from None
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise InvalidInput(f"{path}: not a UTF-8 CSV file ({exc})") from None
     if not rows:
         raise InvalidInput(f"{path}: no rows")
     return rows
@@ -64,9 +87,12 @@ def read_trials(path: Path) -> list[Trial]:
     path = Path(path)
     trials = []
     try:
-        lines = path.read_text().splitlines()
+        with open_list(path, "trials") as fh:
+            lines = fh.read().splitlines()
     except OSError as exc:
         raise InvalidInput(f"cannot read trials {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"{path}: not UTF-8 text ({exc})") from None
     for number, line in enumerate(lines, start=1):
         fields = line.split()
         if not fields or fields[0].startswith("#"):
@@ -103,12 +129,15 @@ def stream_rows(stream: TextIO, base: Path) -> Iterator[tuple[int, tuple[str, Pa
 
     The first non-empty line decides the format: ``{`` starts JSON lines with keys
     ``speaker`` and ``path``; anything else is a CSV header naming ``speaker`` and
-    ``path`` columns (others ignored, e.g. a dataset manifest). Relative paths are
-    resolved against the stream file's folder (the working folder for stdin).
+    ``path`` columns (others ignored, e.g. a dataset manifest), the rows parsed as CSV
+    (a quoted field may hold commas and newlines). A leading UTF-8 byte-order mark is
+    ignored. Relative paths are resolved against the stream file's folder (the working
+    folder for stdin).
 
     A malformed row is yielded as an :class:`~engine.errors.InvalidInput` in place of its
-    values, so the caller can report it and go on; a header without the two columns
-    raises.
+    values, so the caller can report it and go on (a row holding U+FFFD, which a stream
+    opened with ``errors="replace"`` reads for bytes that are not UTF-8, is one); a header
+    without the two columns raises.
 
     Examples
     --------
@@ -121,36 +150,77 @@ def stream_rows(stream: TextIO, base: Path) -> Iterator[tuple[int, tuple[str, Pa
     >>> number, error.code, source
     (2, 'invalid_input', 'bob')
     """
-    header: list[str] | None = None
-    json_lines = False
-    number = 0
     # readline() rather than iterating the file: iteration reads ahead in blocks and
     # would hold back rows that have already arrived on a pipe.
-    for line in iter(stream.readline, ""):
+    lines = iter(stream.readline, "")
+    # A spreadsheet's UTF-8 export starts with a byte-order mark; it is not part of the header.
+    lines = itertools.chain([next(lines, "").removeprefix(BOM)], lines)
+    first = next((line for line in lines if line.strip()), None)
+    if first is None:
+        return
+    lines = itertools.chain([first], lines)
+    rows = _json_rows(lines) if first.lstrip().startswith("{") else _csv_rows(lines)
+    for number, (fields, text) in enumerate(rows, start=1):
+        problem = fields if isinstance(fields, str) else _problem(fields)
+        if problem:
+            yield number, InvalidInput(f"malformed row: {problem}"), text.strip()[:80]
+            continue
+        path = Path(fields["path"])
+        yield number, (str(fields["speaker"]), path if path.is_absolute() else base / path, None), fields["path"]
+
+
+Row = tuple[dict | str, str]  # the row's fields (or why it has none), and its text
+
+
+def _problem(fields: dict) -> str | None:
+    """Why a row's fields name no speaker and path, or None."""
+    for key in ("speaker", "path"):
+        if key not in fields:
+            return f"no {key!r}"
+    speaker, path = fields["speaker"], fields["path"]
+    # A JSON null or list would become the speaker "None" or "[...]": not a name anyone meant.
+    if not isinstance(path, str) or isinstance(speaker, bool) or not isinstance(speaker, (str, int, float)):
+        return "speaker must be a string or a number, path a string"
+    if REPLACED in f"{speaker}{path}":
+        return "not valid UTF-8"  # the bytes are gone: neither the name nor the file is known
+    return None
+
+
+def _json_rows(lines: Iterator[str]) -> Iterator[Row]:
+    """One JSON object a line; blank lines are not rows."""
+    for line in lines:
         if not line.strip():
             continue
-        if header is None and not json_lines:
-            if line.lstrip().startswith("{"):
-                json_lines = True
-            else:
-                header = [h.strip().lower() for h in next(csv.reader([line]))]
-                if "speaker" not in header or "path" not in header:
-                    raise InvalidInput(f"stream header {header} must name 'speaker' and 'path' columns")
-                continue
-        number += 1
         try:
-            if json_lines:
-                record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise ValueError("not a JSON object")
-            else:
-                values = next(csv.reader([line]))
-                if len(values) != len(header):
-                    raise ValueError(f"{len(values)} fields, header has {len(header)}")
-                record = dict(zip(header, values))
-            speaker, raw_path = str(record["speaker"]), str(record["path"])
-        except (ValueError, KeyError) as exc:
-            yield number, InvalidInput(f"malformed row: {exc}"), line.strip()[:80]
+            fields = json.loads(line)
+        except ValueError as exc:
+            yield str(exc), line
             continue
-        path = Path(raw_path)
-        yield number, (speaker, path if path.is_absolute() else base / path, None), raw_path
+        yield (fields, line) if isinstance(fields, dict) else ("not a JSON object", line)
+
+
+def _csv_rows(lines: Iterator[str]) -> Iterator[Row]:
+    """A header, then rows parsed as CSV proper: a quoted field may hold commas and newlines
+    (the reader pulls the next line only when a row needs it). Blank rows are not rows."""
+    reader = csv.reader(lines)
+    try:
+        header = [h.strip().lower() for h in next(reader)]
+    except csv.Error as exc:
+        raise InvalidInput(f"stream header is not CSV: {exc}") from None
+    if "speaker" not in header or "path" not in header:
+        raise InvalidInput(f"stream header {header} must name 'speaker' and 'path' columns")
+    while True:
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:  # the reader starts afresh on the next line
+            yield str(exc), f"line {reader.line_num}"
+            continue
+        if not any(value.strip() for value in values):
+            continue
+        text = ",".join(values)
+        if len(values) != len(header):
+            yield f"{len(values)} fields, header has {len(header)}", text
+        else:
+            yield dict(zip(header, values)), text

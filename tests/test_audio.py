@@ -4,9 +4,11 @@ import csv
 import hashlib
 import io
 import json
+import os
 import struct
 import subprocess
 import sys
+import threading
 import time
 import tracemalloc
 from pathlib import Path
@@ -70,6 +72,93 @@ def test_missing_path_and_directory(tmp_path):
         audio.load(missing)
     with pytest.raises(MissingAudio, match=str(tmp_path)):
         audio.load(tmp_path)
+
+
+def load_within(source, seconds: float = 10):
+    """``audio.load(source)``'s error, failing (not hanging) if it does not answer in time."""
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            outcome.append(audio.load(source))
+        except Exception as exc:  # noqa: BLE001 - handed to the test's thread
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"loading {source} did not return within {seconds} s"
+    return outcome[0]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link to a fifo", "directory", "/dev/zero", "/dev/urandom"])
+def test_only_regular_files_are_opened(tmp_path, kind):
+    """A FIFO blocked open() until a writer came; a device would be read for ever."""
+    if kind in ("fifo", "link to a fifo"):
+        path = tmp_path / "pipe.wav"
+        os.mkfifo(path)
+        if kind == "link to a fifo":
+            (tmp_path / "link.wav").symlink_to(path)
+            path = tmp_path / "link.wav"
+    else:
+        path = tmp_path if kind == "directory" else Path(kind)
+    error = load_within(path)
+    assert isinstance(error, MissingAudio) and "not a regular file" in str(error), error
+    assert str(path) in str(error)
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["a\0b.wav", "/tmp/" + "x" * 5000 + ".wav", "~no-such-user-voiceprint/a.wav", "\ud800.wav"],
+    ids=["nul byte", "name too long", "unknown user", "lone surrogate"],
+)
+def test_a_path_that_names_no_file_is_missing_audio(path):
+    with pytest.raises(MissingAudio):
+        audio.load(path)
+
+
+def test_a_symlink_loop_is_missing_audio(tmp_path):
+    (tmp_path / "a.wav").symlink_to(tmp_path / "b.wav")
+    (tmp_path / "b.wav").symlink_to(tmp_path / "a.wav")
+    with pytest.raises(MissingAudio):
+        audio.load(tmp_path / "a.wav")
+
+
+@pytest.mark.data
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_an_unreadable_file_is_missing_audio(tmp_path, utterance):
+    path = tmp_path / "locked.flac"
+    path.write_bytes(utterance.read_bytes())
+    path.chmod(0)
+    with pytest.raises(MissingAudio, match="cannot be read"):
+        audio.load(path)
+
+
+@pytest.mark.data
+def test_a_file_name_that_is_not_utf8_still_loads_with_a_storable_source(tmp_path, utterance):
+    """os.fsdecode keeps such a name as surrogates, which no database accepts as text."""
+    path = tmp_path / os.fsdecode(b"j\xf6rg.flac")
+    path.write_bytes(utterance.read_bytes())
+    speech = audio.load(path)
+    assert speech.source.encode("utf-8") == str(tmp_path / "j?rg.flac").encode()
+
+
+@pytest.mark.data
+def test_one_bad_path_fails_alone_in_load_many(tmp_path, utterance):
+    os.mkfifo(tmp_path / "pipe.wav")
+    sources = [utterance, "a\0b.wav", tmp_path / "pipe.wav", tmp_path, tmp_path / "nope.wav", "x" * 5000, utterance]
+    results = load_many_within(sources)
+    assert isinstance(results[0], audio.Speech) and isinstance(results[-1], audio.Speech)
+    assert all(isinstance(r, MissingAudio) for r in results[1:-1]), results
+
+
+def load_many_within(sources, seconds: float = 60):
+    outcome: list = []
+    thread = threading.Thread(target=lambda: outcome.append(audio.load_many(sources, LOOSE)), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive() and outcome, "load_many hung or raised"
+    return outcome[0]
 
 
 def test_empty_file_bytes_and_zero_frames(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import io
 import os
@@ -116,6 +117,88 @@ def test_stream_rows_needs_only_readline():
     assert [row[1][0] for row in rows] == ["ann", "bob"]
 
 
+def test_a_quoted_newline_stays_inside_its_field():
+    """Split line by line, the second half of the field became a row of its own: a bogus speaker."""
+    rows = parse('speaker,path\nann,"odd\nname.flac"\n"bob\nsmith",2.flac\ncarl,3.flac\n')
+    assert [row[:2] for row in rows] == [
+        (1, ("ann", BASE / "odd\nname.flac", None)),
+        (2, ("bob\nsmith", BASE / "2.flac", None)),  # the name policy refuses it later, as its own row
+        (3, ("carl", BASE / "3.flac", None)),
+    ]
+
+
+def test_a_quoted_field_with_commas_and_quotes():
+    rows = parse('speaker,path\n"Smith, Ann","a, ""b"".flac"\n')
+    assert rows == [(1, ("Smith, Ann", BASE / 'a, "b".flac', None), 'a, "b".flac')]
+
+
+def test_a_byte_order_mark_before_the_header_is_ignored():
+    rows = parse("\ufeffspeaker,path\nann,1.flac\n")
+    assert rows == [(1, ("ann", BASE / "1.flac", None), "1.flac")]
+
+
+def test_a_byte_order_mark_before_json_lines_is_ignored():
+    rows = parse('\ufeff{"speaker": "ann", "path": "1.flac"}\n{"speaker": "bob", "path": "2.flac"}\n')
+    assert [row[1] for row in rows] == [("ann", BASE / "1.flac", None), ("bob", BASE / "2.flac", None)]
+
+
+def test_a_file_with_a_byte_order_mark_streams(tmp_path):
+    """What a spreadsheet's "CSV UTF-8" export writes, read the way `voiceprint stream` opens it."""
+    path = tmp_path / "rows.csv"
+    path.write_bytes("speaker,path\r\nann,1.flac\r\n".encode("utf-8-sig"))
+    with open(path, encoding="utf-8", newline="") as fh:
+        assert [row[1] for row in stream_rows(fh, tmp_path)] == [("ann", tmp_path / "1.flac", None)]
+
+
+def test_json_null_or_list_is_not_a_speaker():
+    rows = parse('{"speaker": null, "path": "1.flac"}\n{"speaker": ["a"], "path": "2.flac"}\n{"speaker": "c", "path": 3}\n')
+    assert all(isinstance(error, InvalidInput) for _, error, _ in rows)
+
+
+def test_undecodable_bytes_make_their_row_malformed_not_the_stream():
+    data = b"speaker,path\nj\xf6rg,1.flac\nann,2\xff.flac\nbob,3.flac\n"
+    rows = list(stream_rows(io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", errors="replace", newline=""), BASE))
+    assert [number for number, _, _ in rows] == [1, 2, 3]
+    assert all(isinstance(rows[i][1], InvalidInput) and "UTF-8" in str(rows[i][1]) for i in (0, 1))
+    assert rows[2][1] == ("bob", BASE / "3.flac", None)
+
+
+def test_a_csv_error_is_its_rows_alone():
+    limit = csv.field_size_limit(50)
+    try:
+        rows = parse("speaker,path\nann," + "x" * 60 + "\nbob,2.flac\n")
+    finally:
+        csv.field_size_limit(limit)
+    assert isinstance(rows[0][1], InvalidInput) and "field larger than field limit" in str(rows[0][1])
+    assert rows[1][:2] == (2, ("bob", BASE / "2.flac", None))
+
+
+def test_quoted_rows_arriving_slowly_on_a_pipe_come_before_eof():
+    """Parsed as CSV yet still row by row: each row is yielded once its last line arrived."""
+    read_fd, write_fd = os.pipe()
+    seen: list = []
+    arrived = [threading.Event() for _ in range(3)]
+    held_back: list[int] = []
+
+    def write_slowly() -> None:
+        with os.fdopen(write_fd, "w") as writer:
+            for i, chunk in enumerate(['speaker,path\nann,"a\n', 'b.flac"\n', 'bob,"2, x.flac"\n', "carl,3.flac\n"]):
+                writer.write(chunk)
+                writer.flush()
+                if i >= 1 and not arrived[i - 1].wait(timeout=10):  # the row is complete: it must come out
+                    held_back.append(i)
+
+    writer = threading.Thread(target=write_slowly, daemon=True)
+    writer.start()
+    with os.fdopen(read_fd, "r", newline="") as reader:
+        for number, item, _ in stream_rows(reader, BASE):
+            seen.append((number, item))
+            arrived[number - 1].set()
+    writer.join(timeout=10)
+    assert not held_back and not writer.is_alive(), f"rows {held_back} were held back until more input came"
+    assert seen == [(1, ("ann", BASE / "a\nb.flac", None)), (2, ("bob", BASE / "2, x.flac", None)), (3, ("carl", BASE / "3.flac", None))]
+
+
 # --- labelled manifests ------------------------------------------------------------------
 
 
@@ -146,6 +229,25 @@ def test_read_manifest_errors(tmp_path, text, message):
 def test_read_manifest_of_a_missing_file(tmp_path):
     with pytest.raises(InvalidInput, match=r"cannot read manifest .*nowhere.csv: No such file or directory"):
         read_manifest(tmp_path / "nowhere.csv")
+
+
+def test_read_manifest_with_a_byte_order_mark_and_a_quoted_newline(tmp_path):
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_bytes('path,speaker\r\n"odd\nname.flac",ann\r\n2.flac,bob\r\n'.encode("utf-8-sig"))
+    assert read_manifest(manifest) == [LabelledFile(tmp_path / "odd\nname.flac", "ann"), LabelledFile(tmp_path / "2.flac", "bob")]
+
+
+def test_read_manifest_names_the_line_of_an_empty_field_after_a_quoted_newline(tmp_path):
+    manifest = write(tmp_path / "manifest.csv", 'path,speaker\n"a\nb.flac",ann\nc.flac,\n')
+    with pytest.raises(InvalidInput, match=r"manifest.csv:4: empty path or speaker"):
+        read_manifest(manifest)
+
+
+def test_read_manifest_that_is_not_utf8(tmp_path):
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_bytes(b"path,speaker\n1.flac,j\xf6rg\n")
+    with pytest.raises(InvalidInput, match="not a UTF-8 CSV file"):
+        read_manifest(manifest)
 
 
 def test_by_speaker_keeps_manifest_order(tmp_path):
@@ -195,6 +297,12 @@ def test_read_trials_errors(tmp_path, text, message):
         read_trials(write(tmp_path / "trials.txt", text))
 
 
+def test_read_trials_with_a_byte_order_mark(tmp_path):
+    trials = tmp_path / "trials.txt"
+    trials.write_bytes("ann 1.flac target\n".encode("utf-8-sig"))
+    assert read_trials(trials) == [Trial("ann", tmp_path / "1.flac", True)]
+
+
 def test_read_trials_of_a_missing_file(tmp_path):
     with pytest.raises(InvalidInput, match="cannot read trials"):
         read_trials(tmp_path / "nowhere.txt")
@@ -206,3 +314,26 @@ def test_records_are_frozen():
         item.speaker = "bob"  # type: ignore[misc]
     with pytest.raises(dataclasses.FrozenInstanceError):
         Trial("ann", Path("a.flac"), True).target = False  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "/dev/zero"])
+@pytest.mark.parametrize("reader", [read_manifest, read_trials])
+def test_lists_are_read_only_from_regular_files(tmp_path, kind, reader):
+    """A named pipe would wait for a writer for ever and /dev/zero is one endless line
+    (it filled 24 GB of memory before this check): both are refused before reading."""
+    path = {"fifo": tmp_path / "fifo", "directory": tmp_path, "/dev/zero": Path("/dev/zero")}[kind]
+    if kind == "fifo":
+        os.mkfifo(path)
+    outcome: list = []
+
+    def read() -> None:
+        try:
+            reader(path)
+        except InvalidInput as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=read, daemon=True)
+    worker.start()
+    worker.join(timeout=10)
+    assert not worker.is_alive(), f"reading {kind} hangs"
+    assert len(outcome) == 1 and "not a regular file" in str(outcome[0])
