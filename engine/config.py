@@ -3,6 +3,8 @@
 Environment overrides are named ``VOICEPRINT_<SECTION>__<KEY>`` (double underscore),
 e.g. ``VOICEPRINT_AUDIO__MIN_SPEECH_S=2``. Unknown sections or keys are errors, in the
 file and in the environment alike, so a typo never silently falls back to a default.
+Every numeric key is declared with :func:`key` and the range its values must lie in, checked
+whenever a section is built, so ``batch_windows = 0`` fails at load time, naming the key.
 The resolved configuration is stored with every model version.
 """
 
@@ -13,33 +15,53 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
+from engine.bounds import Bounds, flag
 from engine.errors import ConfigError
 
 ENV_PREFIX = "VOICEPRINT_"
 
 
+def key(default: float, **bounds: float) -> Any:
+    """A numeric key, its default and its range (the keywords of :class:`engine.bounds.Bounds`)."""
+    return field(default=default, metadata={"bounds": Bounds(**bounds)})
+
+
+class Section:
+    """Checks each key declared with :func:`key` against its range whenever a section is
+    built: from the file, the environment, the defaults or ``dataclasses.replace``."""
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__.removesuffix("Config").lower()  # AudioConfig -> [audio]
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            bounds = f.metadata.get("bounds")
+            problem = bounds and bounds.problem(getattr(self, f.name))
+            if problem:
+                raise ConfigError(f"[{name}] {f.name} {problem}")
+
+
 @dataclass(frozen=True)
-class AudioConfig:
-    min_speech_s: float = 1.0  # less speech than this after VAD is rejected
-    max_duration_s: float = 600.0  # longer inputs are rejected before being decoded
-    vad_threshold: float = 0.5  # silero-vad speech probability
-    target_dbfs: float = -30.0  # quieter speech is raised to this RMS level (Resemblyzer's rule)
+class AudioConfig(Section):
+    min_speech_s: float = key(1.0, at_least=0, at_most=3600)  # less speech than this after VAD is rejected
+    max_duration_s: float = key(600.0, above=0, at_most=14400)  # longer inputs are rejected before being decoded
+    vad_threshold: float = key(0.5, above=0, below=1)  # silero-vad speech probability
+    # Quieter speech is raised to this RMS level (Resemblyzer's rule)
+    target_dbfs: float = key(-30.0, at_least=-80, at_most=0)
     # Folders that audio files and stream manifests may be read from, separated by ":"
     # (os.pathsep); empty: anywhere. Paths are resolved (symlinks and "..") before the check.
     roots: str = ""
 
 
 @dataclass(frozen=True)
-class EncoderConfig:
+class EncoderConfig(Section):
     name: str = "ge2e-lstm"
     device: str = "auto"  # "auto" picks CUDA when present
-    batch_windows: int = 256  # windows per encoder forward pass
+    batch_windows: int = key(256, at_least=1, at_most=65536)  # windows per encoder forward pass
 
 
 @dataclass(frozen=True)
-class ScoringConfig:
+class ScoringConfig(Section):
     """How scores are computed and turned into decisions (README, "Scores and decisions")."""
 
     backend: str = "asnorm+calibrated"  # "cosine", "asnorm" or "asnorm+calibrated" (engine/scoring.py)
@@ -47,26 +69,32 @@ class ScoringConfig:
     # leave-one-out trials ("far"), or, for asnorm+calibrated only, the Bayes threshold of
     # (p_target, c_miss, c_fa) on the LLR ("cost").
     decision: str = "far"
-    verify_far: float = 0.01  # 1:1, per trial
-    identify_far: float = 0.01  # 1:N, per probe of a speaker who is not enrolled
-    p_target: float = 0.01
-    c_miss: float = 1.0
-    c_fa: float = 1.0
-    identify_margin: float = 0.0  # "unknown" when best - second best is below this (back-end's scale)
+    verify_far: float = key(0.01, above=0, below=1)  # 1:1, per trial
+    identify_far: float = key(0.01, above=0, below=1)  # 1:N, per probe of a speaker who is not enrolled
+    p_target: float = key(0.01, above=0, below=1)
+    c_miss: float = key(1.0, above=0, at_most=1e6)
+    c_fa: float = key(1.0, above=0, at_most=1e6)
+    # "Unknown" when best - second best is below this (back-end's scale)
+    identify_margin: float = key(0.0, at_least=0, at_most=100)
     # Cosine thresholds, used only until the active version has a calibration.
-    identify_threshold: float = 0.75
-    verify_threshold: float = 0.80
+    identify_threshold: float = key(0.75, at_least=-1, at_most=1)
+    verify_threshold: float = key(0.80, at_least=-1, at_most=1)
     # Subtract the mean of the version's enrolled embeddings before cosine scoring
     # (fitted with each calibration; uncalibrated versions score plain cosines).
     centre: bool = True
-    cohort_per_speaker: int = 5  # stored utterances per speaker in the AS-norm cohort
-    cohort_size: int = 5000  # at most this many (speakers drawn at random beyond it)
-    cohort_top_k: int = 100  # best cohort scores each side's statistics use
-    min_cohort: int = 50  # smaller cohorts give no normalised scores (cosine decides)
-    calibration_probes_per_speaker: int = 10  # leave-one-out probes per speaker when fitting
-    prototypes: int = 0  # k-means prototypes per speaker scored besides the mean; 0: mean only
+    cohort_per_speaker: int = key(5, at_least=1, at_most=10_000)  # stored utterances per speaker in the AS-norm cohort
+    # At most this many (speakers drawn at random beyond it)
+    cohort_size: int = key(5000, at_least=1, at_most=1_000_000)
+    cohort_top_k: int = key(100, at_least=1, at_most=100_000)  # best cohort scores each side's statistics use
+    # Smaller cohorts give no normalised scores (cosine decides); 2 for a spread
+    min_cohort: int = key(50, at_least=2, at_most=1_000_000)
+    # Leave-one-out probes per speaker when fitting
+    calibration_probes_per_speaker: int = key(10, at_least=1, at_most=10_000)
+    # K-means prototypes per speaker scored besides the mean; 0: mean only
+    prototypes: int = key(0, at_least=0, at_most=64)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         from engine.scoring import BACKENDS
 
         if self.backend not in BACKENDS:
@@ -75,74 +103,68 @@ class ScoringConfig:
             raise ConfigError(f"[scoring] decision={self.decision!r}; valid: ['cost', 'far']")
         if self.decision == "cost" and self.backend != "asnorm+calibrated":
             raise ConfigError("[scoring] decision='cost' needs backend='asnorm+calibrated' (only LLRs have costs)")
-        for name in ("verify_far", "identify_far", "p_target"):
-            if not 0.0 < getattr(self, name) < 1.0:
-                raise ConfigError(f"[scoring] {name} must lie strictly between 0 and 1")
 
 
 @dataclass(frozen=True)
-class EnrollmentConfig:
+class EnrollmentConfig(Section):
     """What an enrollment must pass to join a profile (README, "Enrollment feedback")."""
 
-    required_speech_s: float = 30.0  # speech per speaker the progress figure counts toward
-    max_clipping_ratio: float = 0.01  # more clipped samples than this: CLIPPED
-    min_snr_db: float = 10.0  # a lower estimated SNR: TOO_NOISY
+    required_speech_s: float = key(30.0, above=0, at_most=86400)  # speech per speaker the progress figure counts toward
+    max_clipping_ratio: float = key(0.01, at_least=0, at_most=1)  # more clipped samples than this: CLIPPED
+    min_snr_db: float = key(10.0, at_least=-50, at_most=100)  # a lower estimated SNR: TOO_NOISY
     consistency_check: bool = True  # hold utterances that do not sound like the profile
-    consistency_min_count: int = 2  # profiles with fewer utterances are not checked
+    consistency_min_count: int = key(2, at_least=1, at_most=1_000_000)  # profiles with fewer utterances are not checked
     # Calibrated versions set the cosine cut where this fraction of genuine leave-one-out
     # trials would be held (so about 1 in 50 of a speaker's own utterances needs review).
-    consistency_hold_rate: float = 0.02
-    consistency_threshold: float = 0.7  # cosine cut until the version is calibrated (calibrated: about 0.73 on speechocean762)
+    consistency_hold_rate: float = key(0.02, at_least=0, below=1)
+    # Cosine cut until the version is calibrated (calibrated: about 0.73 on speechocean762)
+    consistency_threshold: float = key(0.7, at_least=-1, at_most=1)
 
 
 @dataclass(frozen=True)
-class RefreshConfig:
+class RefreshConfig(Section):
     """How a refresh trains, what it replays, and the gate a candidate must pass (README, "Refresh")."""
 
     loss: str = "aam-softmax"  # any name in the loss registry (classification losses get a head)
-    steps: int = 100  # optimiser steps per refresh
-    time_budget_s: float = 1800.0  # training stops early when this is spent
-    lr: float = 1e-4  # Adam learning rate of the encoder
+    steps: int = key(100, at_least=1, at_most=1_000_000)  # optimiser steps per refresh
+    time_budget_s: float = key(1800.0, above=0, at_most=7 * 86400)  # training stops early when this is spent
+    lr: float = key(1e-4, above=0, at_most=1)  # Adam learning rate of the encoder
     # Lower encoder layers kept as the parent's (GE2E: 3 LSTM layers, then the projection).
-    frozen_layers: int = 0
+    frozen_layers: int = key(0, at_least=0, at_most=64)  # the encoder refuses more than it has
     # L2-SP (Li et al., 2018): this weight times the squared distance of the trained
     # weights from the parent's is added to the loss, so fine-tuning cannot wander far.
-    l2sp_weight: float = 0.0
+    l2sp_weight: float = key(0.0, at_least=0, at_most=1e6)  # 0: off
     # WiSE-FT (Wortsman et al., 2022): the candidate becomes (1 - a) * parent + a * tuned,
     # a in 0.25 / 0.5 / 0.75 / 1 chosen by the gate's unseen speakers (README, "Refresh").
     interpolate: bool = False
-    loss_lr: float = 1e-2  # of the loss's own parameters (heads, GE2E scale and bias)
-    speakers_per_batch: int = 16  # N (fewer when fewer speakers qualify)
-    utterances_per_speaker: int = 4  # M: crops per speaker in a batch
-    distill_weight: float = 1.0  # pull toward the parent's embeddings on replayed crops
-    replay_size: int = 1000  # utterances kept in the replay reservoir; 0: no replay (new data only)
-    max_new: int = 2000  # cap on new utterances loaded for training (the newest are kept)
-    holdout_fraction: float = 0.2  # of each speaker's utterances, never trained on, for the gate
+    loss_lr: float = key(1e-2, above=0, at_most=10)  # of the loss's own parameters (heads, GE2E scale and bias)
+    speakers_per_batch: int = key(16, at_least=2, at_most=4096)  # N (fewer when fewer speakers qualify)
+    utterances_per_speaker: int = key(4, at_least=2, at_most=1024)  # M: crops per speaker in a batch
+    distill_weight: float = key(1.0, at_least=0, at_most=1e6)  # pull toward the parent's embeddings on replayed crops
+    # Utterances kept in the replay reservoir; 0: no replay (new data only)
+    replay_size: int = key(1000, at_least=0, at_most=10_000_000)
+    # Cap on new utterances loaded for training (the newest are kept)
+    max_new: int = key(2000, at_least=1, at_most=10_000_000)
+    holdout_fraction: float = key(0.2, above=0, below=1)  # of each speaker's utterances, never trained on, for the gate
     # Whole speakers, chosen by a hash of the name, never trained on: the gate judges on
     # them what a refresh does to people it has not seen (at least 2 must fall in the slice).
-    unseen_speaker_fraction: float = 0.1
-    min_holdout: int = 5  # fewer held-out utterances than this: the gate cannot judge, reject
+    unseen_speaker_fraction: float = key(0.1, at_least=0, below=1)
+    # Fewer held-out utterances than this: the gate cannot judge, reject
+    min_holdout: int = key(5, at_least=1, at_most=1_000_000)
     # The gate: a candidate must separate held-out trials better (d'), and may lose at
     # most this much top-1 accuracy and EER, overall and on old speakers.
-    accuracy_tolerance: float = 0.03
-    eer_tolerance: float = 0.01
+    accuracy_tolerance: float = key(0.03, at_least=0, at_most=1)
+    eer_tolerance: float = key(0.01, at_least=0, at_most=1)
     noise_dir: str = ""  # folder of noise recordings to mix in (augmentation); empty: off
-    noise_snr_db: float = 10.0  # mean SNR of the mixed noise (uniform +/- 5 dB)
-    seed: int = 0
+    noise_snr_db: float = key(10.0, at_least=-20, at_most=80)  # mean SNR of the mixed noise (uniform +/- 5 dB)
+    seed: int = key(0, at_least=0, at_most=2**32 - 1)  # numpy's seeds are 32-bit
     gate: bool = True  # false promotes every candidate whatever its metrics (for experiments only)
-    drift_delta: float = 0.002  # ADWIN confidence on genuine enrollment scores; 0 turns drift requests off
-
-    def __post_init__(self) -> None:
-        if self.frozen_layers < 0:
-            raise ConfigError("[refresh] frozen_layers must be >= 0")
-        if self.l2sp_weight < 0:
-            raise ConfigError("[refresh] l2sp_weight must be >= 0")
-        if not 0.0 <= self.unseen_speaker_fraction < 1.0:
-            raise ConfigError("[refresh] unseen_speaker_fraction must lie in [0, 1)")
+    # ADWIN confidence on genuine enrollment scores; 0 turns drift requests off
+    drift_delta: float = key(0.002, at_least=0, below=1)
 
 
 @dataclass(frozen=True)
-class PrivacyConfig:
+class PrivacyConfig(Section):
     """What is kept of an enrolled utterance besides its embeddings (README, "Privacy")."""
 
     # "audio": the 16 kHz speech (FLAC); "features": only the encoder's input features,
@@ -150,23 +172,29 @@ class PrivacyConfig:
     keep: str = "audio"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.keep not in ("audio", "features"):
             raise ConfigError(f"[privacy] keep={self.keep!r}; valid: ['audio', 'features']")
 
 
 @dataclass(frozen=True)
-class ServiceConfig:
+class ServiceConfig(Section):
     """``voiceprint serve``: the HTTP API (README, "The HTTP service")."""
 
     host: str = "127.0.0.1"
-    port: int = 8080
-    max_request_bytes: int = 16 * 1024 * 1024  # larger bodies get 413 before being read
-    max_audio_s: float = 300.0  # longer uploads get 413 (the smaller of this and [audio] max_duration_s)
-    refresh_check_s: float = 5.0  # how often the service looks for queued refresh requests
+    port: int = key(8080, at_least=0, at_most=65535)  # 0: a free one (serve prints it)
+    max_request_bytes: int = key(16 * 1024 * 1024, at_least=1, at_most=2**31)  # larger bodies get 413 before being read
+    # Longer uploads get 413 (the smaller of this and [audio] max_duration_s)
+    max_audio_s: float = key(300.0, above=0, at_most=14400)
+    # How often the service looks for queued refresh requests
+    refresh_check_s: float = key(5.0, at_least=0.1, at_most=86400)
+    # The most candidates POST /v1/identify returns: a larger ``top`` would let a query key
+    # list the enrolled names (README, "Keys and roles").
+    max_top: int = key(5, at_least=1, at_most=1000)
     # PyTorch threads per request. Requests run side by side in a thread pool; one thread
     # each keeps their OpenMP teams from spinning against each other on the same cores
     # (2 cores, 8 clients: 40 identify/s with 1, 34 with 2; one client: the same).
-    torch_threads: int = 1
+    torch_threads: int = key(1, at_least=1, at_most=1024)
 
 
 @dataclass(frozen=True)
@@ -209,11 +237,20 @@ def _build_section(section_cls: type, values: Mapping[str, Any], origin: str) ->
         try:
             if expected is bool and isinstance(value, str):
                 kwargs[key] = value.strip().lower() in {"1", "true", "yes", "on"}
+            elif expected is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)  # int() would quietly drop the fraction of 2.5
             else:
                 kwargs[key] = expected(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
             raise ConfigError(f"{origin}: {key}={value!r} is not a valid {expected.__name__}") from None
     return section_cls(**kwargs)
+
+
+def flag_for(section: str, name: str) -> Callable[[str], Any]:
+    """An argparse ``type=`` refusing what ``[section] name`` refuses (``serve --port``)."""
+    section_cls = {f.name: f.default_factory for f in dataclasses.fields(Config)}[section]  # type: ignore[misc]
+    declared = {f.name: f for f in dataclasses.fields(section_cls)}[name]
+    return flag(declared.metadata["bounds"], type(declared.default))
 
 
 def load_config(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Config:

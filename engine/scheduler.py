@@ -22,7 +22,6 @@ and the loser logs that it was busy.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
+from engine.bounds import interval_problem
 from engine.errors import InvalidInput, RefreshBusy, VoiceprintError
 from storage import Store
 
@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 
 TIMED_JOB = "voiceprint-refresh-timed"
 POLL_JOB = "voiceprint-refresh-poll"
-UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 MISFIRE_GRACE_S = 3600  # a run missed while no server was up still happens within the hour
 
 
@@ -51,10 +50,10 @@ def parse_every(text: str) -> timedelta:
     >>> parse_every("6h")
     datetime.timedelta(seconds=21600)
     """
-    match = re.fullmatch(r"\s*(\d+)\s*([smhd])\s*", text or "")
-    if not match or int(match.group(1)) == 0:
-        raise InvalidInput(f"interval {text!r}: write a positive number and a unit s, m, h or d (e.g. 6h)")
-    return timedelta(**{UNITS[match.group(2)]: int(match.group(1))})
+    seconds, problem = interval_problem(text)
+    if problem is not None:
+        raise InvalidInput(f"interval {problem}")
+    return timedelta(seconds=seconds)
 
 
 def parse_cron(text: str) -> CronTrigger:
@@ -246,5 +245,6 @@ class StoredSchedule:
     def stop(self) -> None:
         # Don't wait for a refresh in progress: its job row stays "running" and the
         # next refresh marks it failed, exactly as after a crash.
-        self.scheduler.shutdown(wait=False)
+        if self.scheduler.running:  # not when start() failed (a full disk)
+            self.scheduler.shutdown(wait=False)
         self.store.close()

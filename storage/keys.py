@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import func, select
 
 from engine.errors import InvalidInput
-from storage import db
+from storage import db, ids
 from storage import models as m
 from storage.records import ApiKey, AuditEntry
 
@@ -43,7 +43,7 @@ class Keys:
 
     def revoke_key(self, key_id: int, *, actor: str) -> ApiKey:
         with self._db.session(f"revoke API key {key_id}", write=True) as s:
-            row = s.get(m.ApiKey, key_id)
+            row = s.get(m.ApiKey, key_id) if ids.fits(m.ApiKey.id, key_id) else None
             if row is None:
                 raise InvalidInput(f"no API key {key_id}")
             if row.revoked_at is None:
