@@ -9,6 +9,7 @@ execute code.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -16,25 +17,40 @@ from pathlib import Path
 
 import torch
 
-from engine.errors import CheckpointError
+from engine.errors import CheckpointError, StorageError
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # no space left, or the user's quota is spent
 
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def save_checkpoint(state_dict: dict[str, torch.Tensor], path: Path) -> str:
-    """Write ``state_dict`` atomically to ``path`` and return its sha256."""
+def save_checkpoint(state_dict: dict[str, torch.Tensor], path: Path, *, label: str | None = None) -> str:
+    """Write ``state_dict`` atomically to ``path`` and return its sha256.
+
+    A failed write leaves no file behind. A full disk raises :class:`StorageError` (the
+    service answers 503: free space and try again), any other error
+    :class:`CheckpointError`; both name the file by ``label`` (default: its name), so
+    that a message sent to a client shows no path of the server.
+    """
     buffer = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, buffer)
     data = buffer.getvalue()
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        what = f"cannot write checkpoint {label or path.name} ({len(data) / 2**20:.1f} MiB)"
+        if exc.errno in DISK_FULL:
+            raise StorageError(f"disk full: {what}: free space on the disk that holds the home, then try again") from None
+        raise CheckpointError(f"{what}: {exc.strerror or exc}") from None
     return sha256_bytes(data)
 
 

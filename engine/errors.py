@@ -117,7 +117,8 @@ class PathNotAllowed(AudioError):
 
 
 class MissingAudio(AudioError):
-    """The audio file named does not exist or cannot be read."""
+    """The audio file named does not exist, cannot be read, or is not a regular file
+    (a directory, a named pipe, a device), or the path names no file at all (a NUL byte)."""
 
     code = "missing_audio"
 
@@ -147,6 +148,20 @@ class IncompleteVersion(StorageError):
     """A version cannot become active: some utterances have no embedding under it yet."""
 
     code = "incomplete_version"
+
+
+class TrainingDataErased(StorageError):
+    """A candidate cannot become active: audio it was trained on was erased (or removed)
+    while the refresh ran, so its weights hold what must be gone."""
+
+    code = "training_data_erased"
+
+
+class UnfinishedVersion(VoiceprintError):
+    """A rollback named a candidate whose refresh stopped before promoting it: it never
+    became active, so only an explicit override (``--force``) activates it."""
+
+    code = "unfinished_version"
 
 
 class IncompatibleFeatures(VoiceprintError):

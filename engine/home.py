@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import getpass
 import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +56,32 @@ def ensure_sqlite_folder(url: str) -> None:
     path = sqlite_file(url)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
+
+
+@contextmanager
+def undone_on_failure(home: Home) -> Iterator[None]:
+    """Remove what an init creates (database file, checkpoints folder, home folder) if it
+    fails, so that a failed init (a full disk) leaves no half-made home behind.
+
+    Only what did not exist before is removed; the caller closes its store first. A
+    database that did exist is left as it is: init completes it when run again.
+    """
+    database = sqlite_file(home.url)
+    created = [p for p in (home.path, home.path / CHECKPOINTS) if not p.exists()]
+    new_database = database is not None and not database.exists()
+    try:
+        yield
+    except BaseException:
+        if new_database:
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                database.with_name(database.name + suffix).unlink(missing_ok=True)
+        for folder in reversed(created):  # inner first: each must be empty to go
+            if folder == home.path / CHECKPOINTS:
+                shutil.rmtree(folder, ignore_errors=True)  # only this init's files are in it
+            else:
+                with suppress(OSError):
+                    folder.rmdir()  # not if something else is in it now
+        raise
 
 
 def actor() -> str:

@@ -13,8 +13,9 @@ import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from engine.errors import RefreshBusy
-from storage import Job, Store
+from engine.errors import RefreshBusy, StorageError
+from storage import Job, ModelVersion, Store
+from storage.jobs import UNFINISHED
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,9 @@ def running_job(store: Store, kind: str, reason: str) -> Iterator[RunningJob]:
     """Run a ``kind`` job under the lock; :class:`~engine.errors.RefreshBusy` if it is taken.
 
     Any exception from the body (KeyboardInterrupt too: a job must not stay "running"
-    after a clean stop) marks the job failed with the error and is re-raised.
+    after a clean stop) marks the job failed with the error and is re-raised. When even
+    that cannot be recorded (a full disk), the body's error is still the one raised: the
+    job reads "running" with the lock free, and :func:`recover_interrupted` fails it.
     """
     with store.exclusive(LOCK):
         job, interrupted = store.jobs.start_job(kind, reason, owner=job_owner())
@@ -60,15 +63,36 @@ def running_job(store: Store, kind: str, reason: str) -> Iterator[RunningJob]:
         try:
             yield run
         except BaseException as exc:
-            store.jobs.update_job(job.id, status="failed", result={**run.snapshot(), "error": str(exc) or type(exc).__name__})
+            try:
+                store.jobs.fail_job(job.id, result={**run.snapshot(), "error": str(exc) or type(exc).__name__})
+            except StorageError as unrecorded:
+                log.warning("job %d failed (%s), and the failure could not be recorded: %s", job.id, exc, unrecorded)
             raise
 
 
+def unfinished(version: ModelVersion) -> bool:
+    """A candidate no refresh finished promoting: still "candidate" (its refresh runs, or
+    stopped and was not cleaned up yet), or rejected as unfinished once it was."""
+    return version.status == "candidate" or (version.status == "rejected" and version.note == UNFINISHED)
+
+
 def recover_interrupted(store: Store) -> list[Job]:
-    """Fail the jobs that dead processes left running, unless a live process holds the
-    lock (then its running job is real and nothing is changed)."""
+    """Fail the jobs that stopped processes left running; returns them.
+
+    A job is only running while its process holds the lock, so a running job with the
+    lock free is a dead one: a killed process, or one whose last update failed. The lock
+    is taken only when a job reads running (a look costs one read, and a refresh starting
+    meanwhile is not told "busy" for nothing), and held for the one write. Nothing changes
+    while a live process holds it, nor when the write fails (a full disk): then the job
+    is left for the next look, and a warning says why.
+    """
+    if not store.jobs.list_jobs(limit=1, status="running"):
+        return []
     try:
         with store.exclusive(LOCK):
             return store.jobs.recover_interrupted_jobs()
     except RefreshBusy:
+        return []
+    except StorageError as exc:
+        log.warning("a stopped job still reads running: %s", exc)
         return []

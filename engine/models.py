@@ -16,6 +16,7 @@ import torch
 from engine.checkpoints import load_checkpoint, save_checkpoint
 from engine.embedder import Embedder
 from engine.encoders import create_encoder
+from engine.errors import NotInitialised
 from engine.home import CHECKPOINTS, Home, actor
 from storage import ModelVersion, Store
 
@@ -60,7 +61,7 @@ class ModelRegistry:
         """
         incoming = self.home.path / CHECKPOINTS / f".incoming-{uuid.uuid4().hex}.pt"
         try:
-            sha = save_checkpoint(encoder.state_dict(), incoming)
+            sha = save_checkpoint(encoder.state_dict(), incoming, label=f"for a new version in {CHECKPOINTS}/")
             version = self.store.registry.create_version(
                 encoder=name, config=self.home.config.to_dict(), checkpoint=CHECKPOINT_NAME, checkpoint_sha256=sha, **fields
             )
@@ -69,11 +70,32 @@ class ModelRegistry:
             incoming.unlink(missing_ok=True)
         return version
 
-    def create_first(self) -> ModelVersion:
-        """Version 1: the pretrained encoder, made active."""
-        name = self.home.config.encoder.name
-        version = self.create(
-            create_encoder(name, pretrained=True), name=name, note="pretrained weights shipped with resemblyzer"
-        )
+    def delete_weights(self, version: ModelVersion) -> None:
+        """Delete a version's checkpoint and forget its cached embedder: weights that must
+        not survive (a candidate trained on audio erased since). Its row stays, as the record."""
+        with self._lock:
+            self._embedders.pop(version.number, None)
+        self.home.checkpoint_path(version.checkpoint).unlink(missing_ok=True)
+
+    def ensure_first(self) -> ModelVersion:
+        """The active version; on a home with none, version 1 made active.
+
+        Version 1 is the pretrained encoder. An init that stopped between recording it
+        and making it active (a full disk, a kill) left it behind: a second init verifies
+        its checkpoint and finishes the job instead of starting over.
+        """
+        try:
+            return self.active()
+        except NotInitialised:
+            pass
+        left = self.all()
+        if left:
+            version = left[0]
+            self.embedder(version)  # its checkpoint must verify before it becomes active
+        else:
+            name = self.home.config.encoder.name
+            version = self.create(
+                create_encoder(name, pretrained=True), name=name, note="pretrained weights shipped with resemblyzer"
+            )
         self.store.registry.set_alias(ACTIVE, version.number, actor=actor(), reason="init")
-        return version
+        return self.active()

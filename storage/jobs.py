@@ -10,11 +10,13 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from engine.errors import InvalidInput
-from storage import db
+from storage import db, ids
 from storage import models as m
 from storage.records import Job
 
 FINISHED_JOB = ("succeeded", "rejected", "failed", "skipped")
+INTERRUPTED = "interrupted: the process running it stopped"  # the error of a job found running, lock free
+UNFINISHED = "interrupted before promotion"  # the note of a candidate its refresh never finished
 
 
 class Jobs:
@@ -70,6 +72,15 @@ class Jobs:
         with self._db.session("recover interrupted jobs", write=True) as s:
             return [_job_record(j) for j in _fail_interrupted(s, db.now())]
 
+    def fail_job(self, job_id: int, *, result: dict) -> Job:
+        """Record that a job failed; a candidate it was promoting is rejected as unfinished
+        (as after a crash: see :meth:`start_job`)."""
+        with self._db.session(f"record the failure of job {job_id}", write=True) as s:
+            row = _job_row(s, job_id)
+            _fail(s, row, db.now(), result)
+            s.flush()
+            return _job_record(row)
+
     def update_job(
         self, job_id: int, *, status: str | None = None, version: int | None = None, result: dict | None = None
     ) -> Job:
@@ -118,20 +129,25 @@ def _fail_interrupted(s: Session, now: datetime) -> list[m.Job]:
     (every kind: refreshes and rollbacks share one lock)."""
     interrupted = list(s.scalars(select(m.Job).where(m.Job.status == "running")))
     for job in interrupted:
-        job.status, job.finished_at = "failed", now
-        job.result = {**job.result, "error": "interrupted: the process running it stopped"}
-        if job.version is not None:
-            version = s.get(m.ModelVersion, job.version)
-            if version is not None and version.status == "candidate":
-                version.status, version.note = "rejected", "interrupted before promotion"
-                s.execute(delete(m.Centroid).where(m.Centroid.version == job.version))
-                s.execute(delete(m.Embedding).where(m.Embedding.version == job.version))
+        _fail(s, job, now, {**job.result, "error": INTERRUPTED})
     s.flush()
     return interrupted
 
 
+def _fail(s: Session, job: m.Job, now: datetime, result: dict) -> None:
+    """Mark ``job`` failed; the candidate it was promoting, never finished, is rejected
+    (:data:`UNFINISHED`) and its embeddings and centroids removed."""
+    job.status, job.finished_at, job.result = "failed", now, result
+    if job.version is not None:
+        version = s.get(m.ModelVersion, job.version)
+        if version is not None and version.status == "candidate":
+            version.status, version.note = "rejected", UNFINISHED
+            s.execute(delete(m.Centroid).where(m.Centroid.version == job.version))
+            s.execute(delete(m.Embedding).where(m.Embedding.version == job.version))
+
+
 def _job_row(s: Session, job_id: int) -> m.Job:
-    row = s.get(m.Job, job_id)
+    row = s.get(m.Job, job_id) if ids.fits(m.Job.id, job_id) else None
     if row is None:
         raise InvalidInput(f"no job {job_id}")
     return row
