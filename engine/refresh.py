@@ -13,21 +13,25 @@ A refresh, step by step (every step is undone by simply not reaching the last on
 5. Promotion: store the candidate's embeddings and centroids, calibrate it, embed
    whatever was enrolled meanwhile, and move the "active" alias in one transaction that
    first checks nothing is missing. Until that commit the parent stays active and untouched.
+   The same transaction checks that every utterance trained on is still stored: a
+   candidate that learned from audio erased during the refresh is rejected instead, and
+   its weights deleted (an erasure names the refreshes running while it happened).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 
 import numpy as np
 
 from engine import gate, kept
 from engine.config import Config
 from engine.embedder import Embedder
-from engine.errors import IncompleteVersion, NotEnoughData, VoiceprintError
+from engine.errors import IncompleteVersion, NotEnoughData, TrainingDataErased, UnfinishedVersion, VoiceprintError
 from engine.home import actor
-from engine.jobs import running_job
+from engine.jobs import running_job, unfinished
 from engine.losses import LOSSES
 from engine.models import ACTIVE, ModelRegistry
 from engine.progress import Progress, report
@@ -41,6 +45,7 @@ EMBED_CHUNK = 64  # utterances decoded and embedded together when re-embedding
 WRITE_CHUNK = 256  # embeddings per transaction when storing a version's embeddings
 PROMOTE_ATTEMPTS = 20  # catch-up rounds before giving up on a busy enrollment stream
 MIX_ALPHAS = (1.0, 0.75, 0.5, 0.25)  # WiSE-FT mixes tried ([refresh] interpolate); a tie keeps more learning
+ERASED_MEANWHILE = "a speaker it trained on was erased during the refresh (or an utterance removed): its weights were deleted"
 
 
 class Refresher:
@@ -77,7 +82,7 @@ class Refresher:
 
     def _refresh(self, job, parent: ModelVersion, result: RefreshReport, *, dry_run: bool, on_progress) -> None:
         utterances = self.store.profiles.utterances()
-        tuned, held, unseen = self._train_candidate(parent, utterances, result, on_progress)
+        tuned, held, unseen, trained = self._train_candidate(parent, utterances, result, on_progress)
         clock = time.perf_counter()
         snapshot = [u.id for u in utterances]
         candidate, vectors, embedded = self._embed_candidate(parent, tuned, snapshot, self._gate_view(parent, utterances, held, unseen), result, on_progress)
@@ -99,13 +104,17 @@ class Refresher:
         result.version = version.number
         if result.reasons:
             result.status = "rejected"
+            # Checked after the version exists: an erasure from here on lists it in trained_into.
+            if self.store.registry.deleted_training_data(trained):
+                self._discard_erased(version, result)
             return
         job.attach(version.number)
-        self._promote(version, vectors, result, job.id, on_progress)
+        self._promote(version, vectors, result, job.id, trained, on_progress)
 
     def _train_candidate(self, parent: ModelVersion, utterances: list, result: RefreshReport, on_progress):
         """Choose the training data, load what was kept of it, and train; returns the
-        candidate encoder, the gate's held-out utterances and the unseen speakers."""
+        candidate encoder, the gate's held-out utterances, the unseen speakers, and what
+        it trained on (``{utterance id: content sha256}``, checked again at promotion)."""
         cfg, clock = self.config.refresh, time.perf_counter()
         unseen = gate.unseen_speakers({u.speaker for u in utterances}, cfg.unseen_speaker_fraction)
         trainable, held = gate.split(utterances, cfg.holdout_fraction, unseen)
@@ -145,7 +154,7 @@ class Refresher:
             on_progress,
         )
         result.timings["train_s"] = result.metrics["training"]["seconds"]
-        return candidate, held, unseen
+        return candidate, held, unseen, {u.id: u.content_sha256 for u in chosen}
 
     def _embed_candidate(self, parent: ModelVersion, tuned, snapshot: list[int], judge_on, result: RefreshReport, on_progress):
         """Embed the snapshot under the tuned encoder (and, with ``[refresh] interpolate``,
@@ -196,7 +205,10 @@ class Refresher:
             result.metrics["gate_overridden"] = result.reasons
             result.reasons = []
 
-    def _promote(self, version: ModelVersion, vectors: dict, result: RefreshReport, job_id: int, on_progress) -> None:
+    def _promote(self, version: ModelVersion, vectors: dict, result: RefreshReport, job_id: int, trained, on_progress) -> None:
+        if self.store.registry.deleted_training_data(trained):  # known already: spare the work below
+            self._discard_erased(version, result)
+            return
         clock = time.perf_counter()
         self.store_embeddings(version.number, vectors)
         result.timings["store_s"] = round(time.perf_counter() - clock, 2)
@@ -204,22 +216,49 @@ class Refresher:
         # thresholds (a new encoder moves every score).
         result.metrics["calibration"] = self.calibrate_quietly(version.number)
         clock = time.perf_counter()
-        caught_up = self.activate_complete(version, reason=f"refresh job {job_id}: gate passed", on_progress=on_progress)
+        reason = f"refresh job {job_id}: gate passed"
+        try:
+            caught_up = self.activate_complete(version, reason=reason, on_progress=on_progress, trained=trained)
+        except TrainingDataErased:
+            self._discard_erased(version, result)
+            return
         result.timings["promote_s"] = round(time.perf_counter() - clock, 2)
         result.metrics["enrolled_during_refresh"] = caught_up
         result.status = "promoted"
 
+    def _discard_erased(self, version: ModelVersion, result: RefreshReport) -> None:
+        """Reject a candidate that trained on audio erased during the refresh: its weights
+        hold what the erasure removed, so they are deleted (first: a crash right after
+        leaves no copy), then its row records why and its embeddings go."""
+        self.models.delete_weights(version)
+        result.status = "rejected"
+        result.reasons.append(ERASED_MEANWHILE)
+        self.store.registry.update_version(version.number, status="rejected", note="; ".join(result.reasons))
+        self.store.registry.discard_version_data(version.number)
+        log.warning("version %d rejected: %s", version.number, ERASED_MEANWHILE)
+
     # -- rollback ----------------------------------------------------------------------
 
-    def rollback(self, number: int, *, reason: str = "rollback", on_progress: Progress | None = None) -> dict:
+    def rollback(
+        self, number: int, *, reason: str = "rollback", force: bool = False, on_progress: Progress | None = None
+    ) -> dict:
         """Make version ``number`` active again.
 
         Its checkpoint is verified first; utterances enrolled since it was active are
         embedded under it, so its centroids cover every speaker; then the alias moves (and
         the move is appended to the alias history). Nothing changes on any error.
+
+        A candidate whose refresh stopped before promoting it (killed, or failed) passed
+        the gate but was never activated nor calibrated: :class:`UnfinishedVersion` unless
+        ``force``. A rejected version (the gate said no) is a choice a person may make.
         """
         started = time.perf_counter()
         target = self.models.get(number)
+        if unfinished(target) and not force:
+            raise UnfinishedVersion(
+                f"version {number} is a candidate its refresh never finished ({target.status}); "
+                "it was never active: pass force to activate it anyway"
+            )
         self.models.embedder(target)  # verifies the checkpoint before anything is written
         with running_job(self.store, "rollback", reason) as job:
             previous = self.models.active().number
@@ -265,12 +304,16 @@ class Refresher:
         for start in range(0, len(items), WRITE_CHUNK):
             self.store.embeddings.add_embeddings(version, items[start : start + WRITE_CHUNK])
 
-    def activate_complete(self, version: ModelVersion, *, reason: str, on_progress=None) -> int:
+    def activate_complete(
+        self, version: ModelVersion, *, reason: str, on_progress=None, trained: Mapping[int, str] | None = None
+    ) -> int:
         """Embed every utterance ``version`` lacks, then move "active" to it atomically.
 
         Enrollments may keep arriving under the old version while this runs; each round
         embeds what is missing and tries the move, which only succeeds when nothing is
         missing at the moment of the move. Returns how many utterances were embedded here.
+        With ``trained`` (what a candidate trained on), the move also requires all of it
+        still stored, else :class:`TrainingDataErased`.
         """
         embedder = self.models.embedder(version)
         added = 0
@@ -282,7 +325,9 @@ class Refresher:
                 self.store_embeddings(version.number, vectors)
                 added += len(vectors)
             try:
-                self.store.registry.set_alias(ACTIVE, version.number, actor=actor(), reason=reason, require_complete=True)
+                self.store.registry.set_alias(
+                    ACTIVE, version.number, actor=actor(), reason=reason, require_complete=True, require_trained=trained
+                )
                 return added
             except IncompleteVersion:
                 continue  # enrollments arrived in between: embed those too

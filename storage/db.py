@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -67,6 +67,8 @@ class Database:
                 pass
         self._read_sessions = sessionmaker(self._read, expire_on_commit=False)
         self._write_sessions = sessionmaker(self._write, expire_on_commit=False)
+        # Run after each committed write transaction (storage.scrub retries a pending scrub there).
+        self.after_write: Callable[[], None] | None = None
 
     @property
     def url(self) -> str:
@@ -97,7 +99,8 @@ class Database:
     def session(self, doing: str, *, write: bool = False) -> Iterator[Session]:
         """One transaction: commit on success, roll back on any error, always close.
 
-        ``doing`` completes "cannot ..." in error messages.
+        ``doing`` completes "cannot ..." in error messages. After a write commits,
+        :attr:`after_write` runs (not after a failure: the exception leaves first).
         """
         session = (self._write_sessions if write else self._read_sessions)()
         try:
@@ -105,6 +108,8 @@ class Database:
                 yield session
         finally:
             session.close()
+        if write and self.after_write is not None:
+            self.after_write()
 
     @contextmanager
     def version_checked(self, version: int) -> Iterator[None]:
@@ -161,20 +166,31 @@ class Database:
             finally:
                 os.close(fd)  # closing releases the flock
 
-    def truncate_wal(self) -> bool:
+    def truncate_wal(self, *, wait_ms: int = 0) -> bool:
         """Copy the write-ahead log into the database and empty it, so that page images
-        from before a delete do not linger in it; False when readers kept it from
-        finishing (the log is then emptied at a later checkpoint)."""
+        from before a delete do not linger in it (see :mod:`storage.scrub`).
+
+        The checkpoint cannot pass a reader that still holds an older snapshot (nor a
+        writer); it waits at most ``wait_ms`` for them, then returns False, the log left
+        as it was. True at once for in-memory SQLite (no files); False on PostgreSQL.
+        """
         if self._backend != "sqlite" or _in_memory(self._url):
             return self._backend == "sqlite"
         # On the raw connection: a checkpoint cannot run inside the transaction that
         # SQLAlchemy would begin.
         connection = self._write.raw_connection()
         try:
-            busy, _, _ = connection.cursor().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            cursor = connection.cursor()
+            # TRUNCATE waits through the busy handler: the full write timeout would stall
+            # the caller for 30 s behind one slow reader.
+            cursor.execute(f"PRAGMA busy_timeout = {int(wait_ms)}")
+            try:
+                busy, _, _ = cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            finally:
+                cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
             return busy == 0
-        except Exception as exc:  # the erasure itself is committed; report, don't undo
-            log.warning("erasure committed, but the write-ahead log was not truncated: %s", exc)
+        except Exception as exc:  # what asked for it (an erasure) is committed: report, don't undo
+            log.warning("the write-ahead log was not truncated: %s", exc)
             return False
         finally:
             connection.close()
@@ -192,6 +208,8 @@ class Database:
                 raise DuplicateUtterance(
                     f"cannot {doing}: this audio content is already enrolled for the speaker"
                 ) from exc
+            if _is_disk_full(exc):
+                raise StorageError(f"disk full: cannot {doing}: free space on the disk that holds the database") from exc
             reason = _first_line(getattr(exc, "orig", None) or exc)
             raise StorageError(f"cannot {doing} ({self.url}): {reason}") from exc
         except CommandError as exc:
@@ -260,6 +278,13 @@ def _is_duplicate_utterance(exc: IntegrityError) -> bool:
         m.UTTERANCE_CONTENT_UNIQUE in message
         or "utterances.speaker_id, utterances.content_sha256" in message
     )
+
+
+def _is_disk_full(exc: SQLAlchemyError) -> bool:
+    # SQLite: SQLITE_FULL (a write), SQLITE_IOERR_SHMSIZE (no room for the 32 KiB index a
+    # WAL database needs even to be read); PostgreSQL: SQLSTATE 53100 disk_full.
+    orig = getattr(exc, "orig", None)
+    return getattr(orig, "sqlite_errorcode", None) in (13, 4874) or getattr(orig, "sqlstate", None) == "53100"
 
 
 def _first_line(error: object) -> str:

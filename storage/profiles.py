@@ -11,18 +11,19 @@ from sqlalchemy.orm import Session
 
 from engine.centroids import RunningCentroid
 from engine.errors import InvalidInput, StorageError, UnknownSpeaker, VersionChanged
-from storage import db
+from storage import db, ids
 from storage import models as m
 from storage.records import Centroid, Enrollment, SpeakerSummary, UtteranceRecord
 from storage.registry import ACTIVE
+from storage.scrub import ERASURE, Scrub
 from storage.vectors import f32, fold, from_f32, running_centroid, save_centroid
 
 
 class Profiles:
     """Each speaker's utterances (with their kept audio and embeddings) and centroids."""
 
-    def __init__(self, database: db.Database):
-        self._db = database
+    def __init__(self, database: db.Database, scrub: Scrub):
+        self._db, self._scrub = database, scrub
 
     # Over 60 lines only through its fourteen keywords and their docstring (the body is ~40):
     # one call writes one utterance, so its fields stay plain keywords.
@@ -43,6 +44,7 @@ class Profiles:
         expect_active: bool = False,
         consistency_cut: float | None = None,
         consistency_min_count: int = 1,
+        forced_by: str | None = None,
     ) -> Enrollment:
         """Store one utterance of ``speaker`` and fold its embedding into the centroid.
 
@@ -51,6 +53,9 @@ class Profiles:
         with its embedding, but outside the centroid until :meth:`accept_utterance`. The
         check reads the centroid inside the transaction, with the speaker's row locked, so
         a concurrent enrollment cannot change the profile it is judged against.
+
+        ``forced_by`` names who skipped the checks (a forced enrollment): the audit log
+        records it in the same transaction, with the utterance id but not the name.
 
         With ``expect_active``, ``version`` must still be the active version when the
         transaction runs, else :class:`VersionChanged` is raised and nothing is stored:
@@ -100,6 +105,8 @@ class Profiles:
             )
             if admitted:
                 save_centroid(s, speaker_id, version, running.learn_one(vector), now, exists=exists)
+            if forced_by is not None:
+                s.add(m.AuditEntry(action="forced_enrollment", actor=forced_by, detail={"utterance": utterance_id}, at=now))
             record = UtteranceRecord(
                 id=utterance_id, speaker=speaker, **(fields | {"quality": dict(quality)}), created_at=now, status=status
             )
@@ -161,7 +168,7 @@ class Profiles:
     def embedded_versions(self, utterance_id: int) -> list[int]:
         """The versions an utterance has an embedding under; InvalidInput if there is no such utterance."""
         with self._db.session(f"read the versions of utterance {utterance_id}") as s:
-            if s.get(m.Utterance, utterance_id) is None:
+            if not ids.fits(m.Utterance.id, utterance_id) or s.get(m.Utterance, utterance_id) is None:
                 raise InvalidInput(f"no utterance {utterance_id}")
             return sorted(s.scalars(select(m.Embedding.version).where(m.Embedding.utterance_id == utterance_id)))
 
@@ -252,7 +259,7 @@ class Profiles:
     def utterance_audio(self, utterance_id: int) -> tuple[bytes, str, int]:
         """The kept speech audio of an utterance: ``(data, codec, sample_rate)``."""
         with self._db.session(f"read the audio of utterance {utterance_id}") as s:
-            row = s.get(m.UtteranceAudio, utterance_id)
+            row = s.get(m.UtteranceAudio, utterance_id) if ids.fits(m.UtteranceAudio.utterance_id, utterance_id) else None
             if row is None:
                 raise StorageError(f"no audio stored for utterance {utterance_id}")
             return row.data, row.codec, row.sample_rate
@@ -274,10 +281,15 @@ class Profiles:
 
         The audit log records that an erasure happened, with counts, but not the name.
         On SQLite the freed pages are zeroed (``secure_delete``) and the write-ahead log is
-        truncated, so the bytes leave the database files too.
+        truncated, so the bytes leave the database files too; a reader holding an older
+        snapshot delays that (``files_scrubbed`` False, ``scrub`` "pending", retried: see
+        :mod:`storage.scrub`).
 
-        Returns the counts and ``trained_into``: versions whose training may have seen
-        the speaker's utterances (their weights are not changed by an erasure).
+        Returns the counts; ``trained_into``, versions whose training may have seen the
+        speaker's utterances (their weights are not changed by an erasure); and
+        ``running_refresh``, the refresh jobs running meanwhile, which may have loaded
+        them: such a refresh does not promote a candidate trained on them, it deletes its
+        weights (see :meth:`storage.registry.Registry.set_alias`, ``require_trained``).
 
         Raises
         ------
@@ -285,6 +297,10 @@ class Profiles:
             No such speaker (nothing is written, not even to the audit log).
         """
         with self._db.session("erase a speaker", write=True) as s:
+            # The share lock a promotion's alias move waits for (PostgreSQL; SQLite writers
+            # queue anyway): a candidate is promoted before this erasure, and then listed
+            # in trained_into, or checks its training data after it.
+            s.execute(select(m.Alias.version).where(m.Alias.name == ACTIVE).with_for_update(read=True))
             speaker_id = s.scalar(select(m.Speaker.id).where(m.Speaker.name == name).with_for_update())
             if speaker_id is None:
                 raise UnknownSpeaker(f"speaker {name!r} is not enrolled")
@@ -297,10 +313,12 @@ class Profiles:
                 "utterances": s.execute(delete(m.Utterance).where(m.Utterance.speaker_id == speaker_id)).rowcount,
             }
             s.execute(delete(m.Speaker).where(m.Speaker.id == speaker_id))
+            # Read last: a refresh started up to now may have loaded the audio.
+            running = sorted(s.scalars(select(m.Job.id).where(m.Job.kind == "refresh", m.Job.status == "running")))
             # The audit entry is written here, not through storage.keys: it must commit
             # or roll back with the erasure it records.
-            s.add(m.AuditEntry(action="erase_speaker", actor=actor, detail=counts, at=db.now()))
-        return {**counts, "trained_into": trained_into, "files_scrubbed": self._db.truncate_wal()}
+            s.add(m.AuditEntry(action=ERASURE, actor=actor, detail=counts, at=db.now()))
+        return {**counts, "trained_into": trained_into, "running_refresh": running, **self._scrub.after_erasure()}
 
 
 def _require_active(s: Session, version: int) -> None:
@@ -374,7 +392,8 @@ def _insert_utterance(
 
 def _utterance_locked(s: Session, utterance_id: int) -> m.Utterance:
     """The utterance row, its speaker's row locked (centroid read-modify-write follows)."""
-    speaker_id = s.scalar(select(m.Utterance.speaker_id).where(m.Utterance.id == utterance_id))
+    query = select(m.Utterance.speaker_id).where(m.Utterance.id == utterance_id)
+    speaker_id = s.scalar(query) if ids.fits(m.Utterance.id, utterance_id) else None
     if speaker_id is None:
         raise InvalidInput(f"no utterance {utterance_id}")
     s.execute(select(m.Speaker.id).where(m.Speaker.id == speaker_id).with_for_update())

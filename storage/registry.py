@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 
 from sqlalchemy import delete, func, insert, select, text
 from sqlalchemy.orm import Session
 
-from engine.errors import IncompleteVersion, NotInitialised, UnknownVersion
-from storage import db
+from engine.errors import IncompleteVersion, NotInitialised, TrainingDataErased, UnknownVersion
+from storage import db, ids
 from storage import models as m
 from storage.embeddings import missing_embeddings_query
 from storage.records import AliasMove, ModelVersion
@@ -90,7 +91,14 @@ class Registry:
             return _version_record(_version_row(s, active), active)
 
     def set_alias(
-        self, alias: str, version: int, *, actor: str, reason: str, require_complete: bool = False
+        self,
+        alias: str,
+        version: int,
+        *,
+        actor: str,
+        reason: str,
+        require_complete: bool = False,
+        require_trained: Mapping[int, str] | None = None,
     ) -> None:
         """Point ``alias`` at ``version`` and append the move to the alias history.
 
@@ -102,6 +110,11 @@ class Registry:
         nothing changes. The check runs after the alias row is locked, and enrollments
         hold a share lock on that row (see :meth:`storage.profiles.Profiles.enroll`), so
         no enrollment can slip in between the check and the move.
+
+        ``require_trained`` (``{utterance id: content sha256}``, what ``version`` was
+        trained on) moves it only if all of those utterances are still stored, else
+        :class:`TrainingDataErased`; erasures hold the same share lock, so none commits
+        between the check and the move unseen.
         """
         with self._db.session(f"move alias {alias!r} to version {version}", write=True) as s:
             target = _version_row(s, version)
@@ -120,6 +133,11 @@ class Registry:
                     raise IncompleteVersion(
                         f"version {version} has no embedding for {missing} utterance(s) yet"
                     )
+            gone = deleted_utterances(s, require_trained or {})
+            if gone:
+                raise TrainingDataErased(
+                    f"{gone} utterance(s) version {version} was trained on were erased or removed meanwhile"
+                )
             row.version, row.updated_at = version, now
             if alias == ACTIVE:
                 if previous is not None and previous != version:
@@ -188,6 +206,11 @@ class Registry:
             ).first()
             return None if row is None else (row.id, row.created_at, dict(row.params))
 
+    def deleted_training_data(self, trained: Mapping[int, str]) -> int:
+        """How many of ``trained`` (``{utterance id: content sha256}``) are no longer stored."""
+        with self._db.session("check the training data of a candidate") as s:
+            return deleted_utterances(s, trained)
+
     def discard_version_data(self, version: int) -> None:
         """Delete every embedding and centroid stored under ``version`` (an abandoned candidate)."""
         with self._db.session(f"discard the embeddings of version {version}", write=True) as s:
@@ -196,8 +219,21 @@ class Registry:
             s.execute(delete(m.Calibration).where(m.Calibration.version == version))
 
 
+def deleted_utterances(session: Session, wanted: Mapping[int, str], chunk: int = 500) -> int:
+    """How many of ``wanted`` (``{id: content sha256}``) are gone. The hash is compared as
+    well as the id: SQLite hands a deleted highest id to the next utterance."""
+    numbers = sorted(wanted)
+    present = 0
+    for start in range(0, len(numbers), chunk):  # bounded IN lists (SQLite limits parameters)
+        rows = session.execute(
+            select(m.Utterance.id, m.Utterance.content_sha256).where(m.Utterance.id.in_(numbers[start : start + chunk]))
+        )
+        present += sum(wanted[uid] == sha for uid, sha in rows)
+    return len(wanted) - present
+
+
 def _version_row(session: Session, number: int) -> m.ModelVersion:
-    row = session.get(m.ModelVersion, number)
+    row = session.get(m.ModelVersion, number) if ids.fits(m.ModelVersion.number, number) else None
     if row is None:
         raise UnknownVersion(f"model version {number} does not exist")
     return row

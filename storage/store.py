@@ -20,6 +20,7 @@ from storage.keys import Keys
 from storage.profiles import Profiles
 from storage.registry import Registry
 from storage.schema import Schema
+from storage.scrub import Scrub
 
 
 class Store:
@@ -48,6 +49,8 @@ class Store:
         Refresh and rollback jobs, and the scheduler's job store.
     keys : Keys
         API keys and the audit log.
+    scrub : Scrub
+        Whether erased data is also gone from the SQLite files, and the retried checkpoint.
 
     Raises
     ------
@@ -59,7 +62,8 @@ class Store:
         self._db = Database(url, echo=echo)
         self.schema = Schema(self._db)
         self.registry = Registry(self._db)
-        self.profiles = Profiles(self._db)
+        self.scrub = Scrub(self._db)
+        self.profiles = Profiles(self._db, self.scrub)
         self.embeddings = Embeddings(self._db)
         self.jobs = Jobs(self._db)
         self.keys = Keys(self._db)
@@ -79,7 +83,8 @@ class Store:
         self.close()
 
     def close(self) -> None:
-        """Close every pooled connection."""
+        """Close every pooled connection (a pending scrub is tried once more first)."""
+        self.scrub.close()
         self._db.close()
 
     def exclusive(self, name: str) -> AbstractContextManager[None]:

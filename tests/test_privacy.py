@@ -86,9 +86,11 @@ def test_erasing_a_speaker_leaves_nothing_in_the_database_or_the_home_folder(bac
         keeper = eng.store.profiles.centroid("keeper", 1)
         np.testing.assert_allclose(keeper.mean, eng.store.profiles.embeddings("keeper", 1).mean(axis=0), atol=1e-6)
         assert keeper.count == len(kept)
-        audit = eng.store.keys.audit_log()
-        assert [e.action for e in audit] == ["erase_speaker"]  # the failed second erasure left no entry
-        assert audit[0].detail == {k: result[k] for k in ("utterances", "embeddings", "centroids")}
+        audit = [e for e in eng.store.keys.audit_log() if e.action in ("erase_speaker", "scrub_files")]
+        # One erasure (the failed second one left no entry); on SQLite, the scrub of the files after it.
+        assert [e.action for e in audit] == ["scrub_files"] * (backend == "sqlite") + ["erase_speaker"]
+        assert audit[-1].detail == {k: result[k] for k in ("utterances", "embeddings", "centroids")}
+        assert result["files_scrubbed"] is (backend == "sqlite")
 
     assert traces(every_value(db), needles) == []
     # Nor in the files: the database file and its write-ahead log (SQLite), checkpoints, anything.
