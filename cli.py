@@ -21,6 +21,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from engine.bounds import COUNT, OneLineParser, flag, identifier, interval
+from engine.config import flag_for
 from engine.errors import InvalidInput, VoiceprintError
 
 EXIT_OK, EXIT_NEGATIVE, EXIT_ERROR = 0, 1, 2
@@ -61,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable JSON on stdout")
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log progress to stderr")
 
-    parser = argparse.ArgumentParser(prog="voiceprint", description="Incremental speaker recognition.", parents=[common])
+    parser = OneLineParser(prog="voiceprint", description="Incremental speaker recognition.", parents=[common])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, run, help: str) -> argparse.ArgumentParser:
@@ -85,15 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("pending", cmd_pending, "list utterances held for review (they did not sound like their speaker)")
     p.add_argument("--speaker", help="only this speaker's")
     p = command("accept", cmd_utterance, "move a held utterance into its speaker's profile")
-    p.add_argument("utterance", type=int, help="utterance id (see `voiceprint pending`)")
+    p.add_argument("utterance", type=identifier, help="utterance id (see `voiceprint pending`)")
     p.set_defaults(method="accept_utterance", done="utterance {utterance} joined {speaker}'s profile")
     p = command("remove-utterance", cmd_utterance, "delete an utterance and take it out of its speaker's profile exactly")
-    p.add_argument("utterance", type=int, help="utterance id")
+    p.add_argument("utterance", type=identifier, help="utterance id")
     p.set_defaults(method="remove_utterance", done="utterance {utterance} of {speaker} removed (it was {was})")
 
     p = command("identify", cmd_identify, "rank enrolled speakers for one utterance (1:N)")
     p.add_argument("file", type=Path)
-    p.add_argument("--top", type=int, default=5, help="how many candidates to show (default 5)")
+    p.add_argument("--top", type=flag(COUNT), default=5, help="how many candidates to show (default 5)")
 
     p = command("verify", cmd_verify, "accept or reject a claimed identity (1:1)")
     p.add_argument("speaker")
@@ -107,35 +109,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", default="manual", help="recorded with the job (default: manual)")
 
     p = command("rollback", cmd_rollback, "make an earlier (or any kept) version active again")
-    p.add_argument("version", type=int)
+    p.add_argument("version", type=identifier)
     p.add_argument("--reason", default="rollback", help="recorded in the alias history (default: rollback)")
+    p.add_argument("--force", action="store_true", help="also a candidate whose refresh stopped before promoting it")
 
     p = command("eval", cmd_eval, "measure EER, minDCF, top-1/top-5 and open-set errors on a labelled set (stores nothing)")
     p.add_argument("manifest", type=Path, help="CSV with columns path,speaker (paths relative to the manifest)")
-    p.add_argument("--enroll", type=int, default=3, help="files per speaker enrolled (first in manifest order); the rest are probes (default 3)")
+    p.add_argument("--enroll", type=flag(COUNT), default=3, help="files per speaker enrolled (first in manifest order); the rest are probes (default 3)")
     p.add_argument("--trials", type=Path, help="trial list: 'enroll-speaker probe-path target|nontarget' per line")
-    p.add_argument("--version", type=int, help="evaluate this kept version instead of the active one")
-    p.add_argument("--min-speech", type=float, help="seconds of speech a file needs, for this evaluation only")
+    p.add_argument("--version", type=identifier, help="evaluate this kept version instead of the active one")
+    p.add_argument("--min-speech", type=flag_for("audio", "min_speech_s"), help="seconds of speech a file needs, for this evaluation only")
     p.add_argument("--plot", type=Path, help="write a DET curve and score histograms to this PNG")
 
     p = command("schedule", cmd_schedule, "set, list or clear when refreshes run (executed by `voiceprint serve`)")
     when = p.add_mutually_exclusive_group()
-    when.add_argument("--every", help="refresh at this interval: 90s, 15m, 6h, 2d")
+    when.add_argument("--every", type=interval, help="refresh at this interval: 90s, 15m, 6h, 2d")
     when.add_argument("--cron", help='refresh at these times, crontab syntax in UTC, e.g. "0 3 * * *"')
-    p.add_argument("--min-new", type=int, help="refresh only once this many utterances arrived since the active version")
-    p.add_argument("--check-every", default="1m", help="how often --min-new is checked (default 1m)")
+    p.add_argument("--min-new", type=flag(COUNT), help="refresh only once this many utterances arrived since the active version")
+    p.add_argument("--check-every", type=interval, default="1m", help="how often --min-new is checked (default 1m)")
     p.add_argument("--list", action="store_true", help="show the schedule")
     p.add_argument("--clear", action="store_true", help="remove the schedule")
 
     p = command("serve", cmd_serve, "run the HTTP API and the refresh schedule until stopped (SIGINT/SIGTERM)")
     p.add_argument("--host", help="address to listen on (default [service] host, 127.0.0.1)")
-    p.add_argument("--port", type=int, help="port (default [service] port, 8080; 0 picks a free one and prints it)")
+    p.add_argument("--port", type=flag_for("service", "port"), help="port (default [service] port, 8080; 0 picks a free one and prints it)")
 
     p = command("keys", cmd_keys, "create, list or revoke the service's API keys")
     p.add_argument("action", choices=["create", "list", "revoke"])
     p.add_argument("--role", choices=["admin", "enroll", "query"], help="create: what the key may do")
     p.add_argument("--note", default="", help="create: what the key is for")
-    p.add_argument("--id", type=int, help="revoke: the key's id (see `keys list`)")
+    p.add_argument("--id", type=identifier, help="revoke: the key's id (see `keys list`)")
 
     p = command("delete-speaker", cmd_delete_speaker, "erase everything stored about a speaker (audio, embeddings, profiles, held items)")
     p.add_argument("speaker")
@@ -278,17 +281,16 @@ def enrollment_line(result) -> str:
 def cmd_stream(args: argparse.Namespace) -> int:
     from engine.audio import check_root
     from engine.home import load_home_config
-    from engine.manifests import stream_rows
+    from engine.manifests import open_list, stream_rows
 
+    # errors="replace": an undecodable row is refused on its own (stream_rows), not the stream.
     if args.source == "-":
+        sys.stdin.reconfigure(errors="replace")
         stream, base = sys.stdin, Path.cwd()
     else:
         # A manifest is read only from where audio may be read ([audio] roots).
         path = check_root(args.source, load_home_config(args.home).audio.roots)
-        try:
-            stream = open(path, encoding="utf-8", newline="")
-        except OSError as exc:
-            raise InvalidInput(f"cannot open stream {path}: {exc.strerror}") from None
+        stream = open_list(path, "stream", encoding="utf-8", errors="replace", newline="")
         base = path.parent
     # Rows and results come in the same order; the row number and the path as written
     # travel beside the engine's items, appended before each item is handed over.
@@ -356,6 +358,10 @@ def cmd_delete_speaker(args: argparse.Namespace) -> int:
         f"versions {result['trained_into']} were fine-tuned on some of this speaker's audio; their weights "
         "are unchanged (roll back past them and refresh again to remove that too)"
     ]
+    trained += [f"refresh job(s) {result['running_refresh']} running: none promotes weights trained on this audio"] * bool(
+        result["running_refresh"])
+    trained += ["a reader holds erased bytes in the database files: scrubbed once it ends (voiceprint status)"] * (
+        result["scrub"] == "pending")
     answer(args, {"ok": True, **result}, [line], trained)
     return EXIT_OK
 
@@ -415,15 +421,17 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from engine.audio import check_root
     from engine.evaluation import plot
     from engine.home import load_home_config
     from engine.manifests import read_manifest, read_trials
 
-    files = read_manifest(args.manifest)
-    trials = read_trials(args.trials) if args.trials else None
+    home_config = load_home_config(args.home)
+    # Lists of audio are read only from where audio may be read ([audio] roots), like the audio.
+    files = read_manifest(check_root(args.manifest, home_config.audio.roots))
+    trials = read_trials(check_root(args.trials, home_config.audio.roots)) if args.trials else None
     config = None
     if args.min_speech is not None:
-        home_config = load_home_config(args.home)
         config = replace(home_config, audio=replace(home_config.audio, min_speech_s=args.min_speech))
     with open_engine(args, config) as eng, closing(ProgressBars(args)) as bars:
         report = eng.evaluate(files, enroll=args.enroll, trials=trials, version=args.version, on_progress=bars)
@@ -502,7 +510,7 @@ def cmd_refresh(args: argparse.Namespace) -> int:
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     with open_engine(args) as eng, closing(ProgressBars(args)) as bars:
-        result = eng.rollback(args.version, reason=args.reason, on_progress=bars)
+        result = eng.rollback(args.version, reason=args.reason, force=args.force, on_progress=bars)
     if result["changed"]:
         line = (
             f"version {result['version']} is active again (was {result['previous']}); "
@@ -557,6 +565,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"({cal['speakers_now']} enrolled now; calibrate again when that grows a lot)"
         f"{', scores centred' if cal.get('centred') else ''}",
         f"queued requests     {status['queued']}",
+        f"erasure scrub       {status['scrub']['scrub']} {(status['scrub']['pending_since'] or '')[:19]}".rstrip(),
         f"running job         {'-' if not running else _job_line(running)}",
         f"last job            {'-' if not last else _job_line(last)}",
     ]

@@ -12,15 +12,15 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from engine import access, evaluation, jobs
+from engine import access, evaluation, health, jobs
 from engine.audio import Source
 from engine.config import Config
 from engine.enrollment import Enroller, Item
 from engine.errors import NotInitialised, UnknownSpeaker, VoiceprintError
-from engine.home import Home, actor, ensure_sqlite_folder, sqlite_file
+from engine.home import Home, actor, ensure_sqlite_folder, sqlite_file, undone_on_failure
 from engine.manifests import LabelledFile, Trial
 from engine.models import ModelRegistry
-from engine.names import check_speaker_name
+from engine.names import normalise_speaker_name
 from engine.progress import Progress
 from engine.recognition import Recognizer
 from engine.refresh import Refresher
@@ -51,19 +51,20 @@ class Engine:
     @classmethod
     def init(cls, home: str | os.PathLike | None = None, db: str | None = None, *, config: Config | None = None) -> Engine:
         """Create the home folder, bring the database to the newest schema, and make the
-        pretrained encoder version 1 (active) unless a version already exists.
+        pretrained encoder version 1 (active) unless a version is active already. A failed
+        init removes what it created; run again, it completes one that stopped midway.
         ``config`` replaces the home's ``config.toml``."""
         resolved = Home.resolve(home, db, config)
-        resolved.path.mkdir(parents=True, exist_ok=True)
-        ensure_sqlite_folder(resolved.url)
-        store = Store(resolved.url)
-        try:
-            store.schema.upgrade()
-            if not store.registry.list_versions():
-                ModelRegistry(resolved, store).create_first()
-        except BaseException:
-            store.close()
-            raise
+        with undone_on_failure(resolved):  # a failed first init leaves no half-made home
+            resolved.path.mkdir(parents=True, exist_ok=True)
+            ensure_sqlite_folder(resolved.url)
+            store = Store(resolved.url)
+            try:
+                store.schema.upgrade()
+                ModelRegistry(resolved, store).ensure_first()  # also finishes an init that stopped midway
+            except BaseException:
+                store.close()
+                raise
         return cls(resolved, store)
 
     @classmethod
@@ -122,19 +123,24 @@ class Engine:
 
     # -- enrollment --------------------------------------------------------------------
 
-    def enroll(self, speaker: str, source: Source, *, name: str | None = None, force: bool = False) -> EnrollmentResult:
+    def enroll(
+        self, speaker: str, source: Source, *, name: str | None = None, force: bool = False, by: str | None = None
+    ) -> EnrollmentResult:
         """Enroll one utterance; raises a :class:`VoiceprintError` and stores nothing on bad input.
 
-        ``force`` skips the clipping, noise and consistency checks (a person vouches for it).
+        ``force`` skips the clipping, noise and consistency checks (a person vouches for
+        it); the audit log records it under ``by`` (default: the login name).
         """
-        result = self.enroller.enroll_many([(speaker, source, name)], force=force)[0]
+        result = self.enroller.enroll_many([(speaker, source, name)], force=force, by=by)[0]
         if isinstance(result, VoiceprintError):
             raise result
         return result
 
-    def enroll_many(self, items: Sequence[Item | VoiceprintError], *, force: bool = False) -> list[Outcome]:
+    def enroll_many(
+        self, items: Sequence[Item | VoiceprintError], *, force: bool = False, by: str | None = None
+    ) -> list[Outcome]:
         """Enroll ``(speaker, source, name)`` items; results (or each item's error) in order."""
-        return self.enroller.enroll_many(items, force=force)
+        return self.enroller.enroll_many(items, force=force, by=by)
 
     def enroll_stream(self, items: Iterable[Item | VoiceprintError], *, force: bool = False, **options) -> Iterator[Outcome]:
         """Enroll items as they arrive; each result is yielded once its transaction commits."""
@@ -151,25 +157,27 @@ class Engine:
 
     def erase_speaker(self, speaker: str, *, by: str | None = None) -> dict:
         """Delete everything stored about ``speaker``; the audit log keeps only that it
-        happened. Returns the counts removed and ``trained_into``, the versions whose
-        training may have seen the speaker. Cached cohorts and centres are keyed by the
-        count of profile changes, so every process rebuilds its own without the speaker's
-        embeddings."""
-        speaker = check_speaker_name(speaker)
+        happened. Returns the counts removed, ``trained_into`` (the versions whose training
+        may have seen the speaker), ``running_refresh`` (refresh jobs running meanwhile:
+        none promotes a candidate trained on the speaker), and ``files_scrubbed`` /
+        ``scrub`` ("done", "pending" behind a reader, retried later; "server" on
+        PostgreSQL). Cached cohorts and centres are keyed by the count of profile changes,
+        so every process rebuilds its own without the speaker's embeddings."""
+        speaker = normalise_speaker_name(speaker)
         return {"speaker": speaker, "erased": True, **self.store.profiles.erase_speaker(speaker, actor=by or actor())}
 
     def speakers(self) -> list[SpeakerSummary]:
         return self.store.profiles.speakers()
 
     def speaker(self, name: str) -> SpeakerSummary:
-        found = self.store.profiles.speakers(name=check_speaker_name(name))
+        found = self.store.profiles.speakers(name=normalise_speaker_name(name))
         if not found:
             raise UnknownSpeaker(f"speaker {name!r} is not enrolled")
         return found[0]
 
     def utterances(self, speaker: str | None = None, *, status: str | None = "enrolled") -> list[UtteranceRecord]:
         """Utterances (of one speaker) with ``status`` "enrolled", "pending" or None for both."""
-        return self.store.profiles.utterances(speaker, status=status)
+        return self.store.profiles.utterances(None if speaker is None else normalise_speaker_name(speaker), status=status)
 
     # -- recognition -------------------------------------------------------------------
 
@@ -177,9 +185,10 @@ class Engine:
         """Rank every enrolled speaker against one utterance (1:N, open set)."""
         return self.recognizer.identify(source, top=top, name=name)
 
-    def verify(self, speaker: str, source: Source, *, name: str | None = None) -> Verification:
-        """Score one utterance against a claimed speaker (1:1)."""
-        return self.recognizer.verify(speaker, source, name=name)
+    def verify(self, speaker: str, source: Source, *, name: str | None = None, disclose: bool = True) -> Verification:
+        """Score one utterance against a claimed speaker (1:1); ``disclose=False``: the
+        decision alone, an unknown name rejected like any other (see :class:`Recognizer`)."""
+        return self.recognizer.verify(speaker, source, name=name, disclose=disclose)
 
     def calibrate(self, version: int | None = None):
         """Fit a version's (default: the active one's) calibration; see :class:`Recognizer`."""
@@ -206,9 +215,12 @@ class Engine:
         Raises :class:`~engine.errors.RefreshBusy` when another process holds the lock."""
         return self.refresher.refresh(dry_run=dry_run, reason=reason, on_progress=on_progress)
 
-    def rollback(self, number: int, *, reason: str = "rollback", on_progress: Progress | None = None) -> dict:
-        """Make version ``number`` active again (embedding what it lacks first)."""
-        return self.refresher.rollback(number, reason=reason, on_progress=on_progress)
+    def rollback(
+        self, number: int, *, reason: str = "rollback", force: bool = False, on_progress: Progress | None = None
+    ) -> dict:
+        """Make version ``number`` active again (embedding what it lacks first); a
+        candidate its refresh never finished only with ``force``."""
+        return self.refresher.rollback(number, reason=reason, force=force, on_progress=on_progress)
 
     def pending_utterances(self) -> int:
         """Utterances enrolled after the active version's training data was taken."""
@@ -231,7 +243,14 @@ class Engine:
         """Fail jobs a killed process left running (nothing while a live one holds the lock)."""
         return jobs.recover_interrupted(self.store)
 
+    def readiness(self) -> dict:
+        """Whether enrollment and identification can work now: database, active checkpoint,
+        disk space, each reported on its own (:mod:`engine.health`)."""
+        return health.readiness(self.models)
+
     def status(self) -> dict:
+        """The state of the home; a job whose process stopped reads failed, not running."""
+        jobs.recover_interrupted(self.store)
         active = self.active_version()
         running = self.jobs(limit=1, status="running")
         finished = [j for j in self.jobs(limit=20) if j.finished_at is not None]
@@ -243,7 +262,14 @@ class Engine:
             "last_job": job_dict(finished[0]) if finished else None,
             "held_for_review": len(self.utterances(status="pending")),
             "calibration": self.recognizer.calibration_status(active.number),
+            "scrub": self.scrub_files(),
         }
+
+    def scrub_files(self) -> dict:
+        """Retry a pending scrub of erased data from the SQLite files (no wait); its state:
+        ``scrub`` "done", "pending" or "server", ``pending_since``. The service's job
+        worker calls it at every tick."""
+        return self.store.scrub.retry()
 
     # -- API keys ----------------------------------------------------------------------
 

@@ -50,20 +50,24 @@ class Enroller:
         self._drift = GenuineScoreDrift(delta=delta) if delta > 0 else None
         self._drift_lock = threading.Lock()
 
-    def enroll_many(self, items: Sequence[Item | VoiceprintError], *, force: bool = False) -> list[Outcome]:
+    def enroll_many(
+        self, items: Sequence[Item | VoiceprintError], *, force: bool = False, by: str | None = None
+    ) -> list[Outcome]:
         """Enroll ``(speaker, source, name)`` items, one transaction per utterance; an
-        item that is already an error (e.g. a malformed stream row) comes back as it is."""
-        return self.embed_and_commit(self.prepare(items, force=force), force=force)
+        item that is already an error (e.g. a malformed stream row) comes back as it is.
+        A forced utterance is audited under ``by`` (default: the login name)."""
+        return self.embed_and_commit(self.prepare(items, force=force), force=force, by=by)
 
     def enroll_stream(
-        self, items: Iterable[Item | VoiceprintError], *, batch_size: int = STREAM_BATCH, force: bool = False
+        self, items: Iterable[Item | VoiceprintError], *, batch_size: int = STREAM_BATCH, force: bool = False,
+        by: str | None = None,
     ) -> Iterator[Outcome]:
         """Enroll items as they arrive; the audio of the next batch is prepared while the
         current one is embedded and committed."""
         return pipelined(
             items,
             lambda batch: self.prepare(batch, force=force),
-            lambda batch: self.embed_and_commit(batch, force=force),
+            lambda batch: self.embed_and_commit(batch, force=force, by=by),
             batch_size=batch_size,
         )
 
@@ -101,16 +105,18 @@ class Enroller:
             )
         return None
 
-    def embed_and_commit(self, prepared: Sequence[Prepared], *, force: bool = False) -> list[Outcome]:
+    def embed_and_commit(self, prepared: Sequence[Prepared], *, force: bool = False, by: str | None = None) -> list[Outcome]:
         results: list = list(prepared)
         ready = [(i, p) for i, p in enumerate(prepared) if not isinstance(p, VoiceprintError)]
         if ready:
             version = self.models.active()
             embeddings = self.models.embedder(version).embed([speech.samples for _, (_, speech) in ready])
             cut = self._cut(version.number, force)  # once per batch: it reads the calibration
+            # Forcing skips the only guard against a poisoned profile, so it is audited.
+            forced_by = (by or actor()) if force else None
             for (i, (speaker, speech)), embedding in zip(ready, embeddings):
                 try:
-                    results[i] = self._commit(speaker, speech, embedding, version, cut=cut, force=force)
+                    results[i] = self._commit(speaker, speech, embedding, version, cut=cut, forced_by=forced_by)
                 except VoiceprintError as exc:
                     results[i] = exc
         return results
@@ -122,21 +128,23 @@ class Enroller:
         return self._consistency_cut(version)
 
     def _commit(
-        self, speaker: str, utt: audio.Speech, embedding: np.ndarray, version: ModelVersion, *, cut: float | None, force: bool
+        self, speaker: str, utt: audio.Speech, embedding: np.ndarray, version: ModelVersion, *,
+        cut: float | None, forced_by: str | None,
     ) -> EnrollmentResult:
         for _ in range(COMMIT_ATTEMPTS):
             try:
-                return self._commit_under(speaker, utt, embedding, version, cut=cut)
+                return self._commit_under(speaker, utt, embedding, version, cut=cut, forced_by=forced_by)
             except VersionChanged:
                 # A refresh or rollback moved "active" after this utterance was embedded:
                 # embed it again under the new version so that version holds it too.
                 version = self.models.active()
                 embedding = self.models.embedder(version).embed([utt.samples])[0]
-                cut = self._cut(version.number, force)
-        return self._commit_under(speaker, utt, embedding, version, cut=cut)
+                cut = self._cut(version.number, forced_by is not None)
+        return self._commit_under(speaker, utt, embedding, version, cut=cut, forced_by=forced_by)
 
     def _commit_under(
-        self, speaker: str, utt: audio.Speech, embedding: np.ndarray, version: ModelVersion, *, cut: float | None
+        self, speaker: str, utt: audio.Speech, embedding: np.ndarray, version: ModelVersion, *,
+        cut: float | None, forced_by: str | None,
     ) -> EnrollmentResult:
         cfg = self.config.enrollment
         data, codec, rate = kept.encode(utt.samples, self.models.embedder(version), self.config.privacy.keep)
@@ -155,6 +163,7 @@ class Enroller:
             expect_active=True,
             consistency_cut=cut,
             consistency_min_count=cfg.consistency_min_count,
+            forced_by=forced_by,
         )
         if stored.similarity_before is not None:
             # Held utterances count too: many of them at once (a new microphone, a broken

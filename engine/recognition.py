@@ -18,7 +18,7 @@ from engine import audio
 from engine.audio import Source
 from engine.centroids import prototypes
 from engine.config import Config
-from engine.names import check_speaker_name
+from engine.names import normalise_speaker_name
 from engine.errors import InvalidInput, NotEnoughData, UnknownSpeaker
 from engine.index import CentroidIndex
 from engine.models import ModelRegistry
@@ -266,16 +266,25 @@ class Recognizer:
             utt.source, version.number, utt.quality.speech_s, hits[:top], decision, threshold, backend, reason
         )
 
-    def verify(self, speaker: str, source: Source, *, name: str | None = None) -> Verification:
-        """Score one utterance against a claimed speaker (1:1)."""
-        speaker = check_speaker_name(speaker)
+    def verify(self, speaker: str, source: Source, *, name: str | None = None, disclose: bool = True) -> Verification:
+        """Score one utterance against a claimed speaker (1:1).
+
+        ``disclose=False`` (the service's query keys) answers with the decision alone: no
+        scores (they would let a client climb toward acceptance), and a name that is not
+        enrolled is rejected like any other, so the answer does not tell whether it is.
+        The probe is embedded first either way, so the time taken does not tell either.
+        """
+        speaker = normalise_speaker_name(speaker)
         version = self.models.active()
-        if not self.store.profiles.has_speaker(speaker):
-            raise UnknownSpeaker(f"speaker {speaker!r} is not enrolled")
-        centroid = self.store.profiles.centroid(speaker, version.number)
         utt, embedding = self._embed_probe(source, name, version)
         scoring = self.scoring(version.number)
         backend = scoring.backend(self.config.scoring.backend)
+        if not self.store.profiles.has_speaker(speaker):
+            if disclose:
+                raise UnknownSpeaker(f"speaker {speaker!r} is not enrolled")
+            threshold = self._threshold(scoring, backend, "verify")
+            return Verification(speaker, utt.source, version.number, utt.quality.speech_s, None, threshold, False, backend=backend)
+        centroid = self.store.profiles.centroid(speaker, version.number)
         index = CentroidIndex(
             [speaker],
             scoring.centred(centroid.mean[None, :]),
@@ -285,9 +294,12 @@ class Recognizer:
         )
         hit = index.search(scoring.centred(embedding), 1)[0]
         threshold = self._threshold(scoring, backend, "verify")
+        accepted = hit.on(backend) >= threshold
+        if not disclose:
+            return Verification(speaker, utt.source, version.number, utt.quality.speech_s, None, threshold, accepted, backend=backend)
         return Verification(
             speaker, utt.source, version.number, utt.quality.speech_s, hit.score, threshold,
-            hit.on(backend) >= threshold, hit.normalised, hit.llr, backend,
+            accepted, hit.normalised, hit.llr, backend,
         )
 
     def _threshold(self, scoring: VersionScoring, backend: str, task: str) -> float:

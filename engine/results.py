@@ -43,7 +43,7 @@ class Verification:
     source: str
     version: int
     speech_s: float
-    score: float  # cosine with the profile (centred when the calibration centres)
+    score: float | None  # cosine with the profile (centred when the calibration centres); None: not disclosed
     threshold: float  # on the deciding back-end's scale
     accepted: bool
     normalised: float | None = None

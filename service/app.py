@@ -45,12 +45,19 @@ STATUS_OF: tuple[tuple[type[errors.VoiceprintError], int], ...] = (
     (errors.UnknownVersion, 404),
     (errors.DuplicateUtterance, 409),
     (errors.RefreshBusy, 409),
+    (errors.UnfinishedVersion, 409),
     (errors.NotEnoughData, 409),
     (errors.InvalidInput, 400),
     (errors.CheckpointError, 500),
     (errors.StorageError, 503),
     (errors.VoiceprintError, 400),
 )
+
+# What a client is told of a failure on the server's side; the log has the details.
+SAFE_MESSAGES = {
+    500: "the server could not complete the request; its log has the details",
+    503: "storage is unavailable (database unreachable or the disk full); try again later",
+}
 
 
 class SizeLimits:
@@ -148,7 +155,14 @@ def create_app(home: str | None = None, db: str | None = None, *, background: bo
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(errors.VoiceprintError)
     async def engine_error(request: Request, exc: errors.VoiceprintError) -> JSONResponse:
-        return _error(status_of(exc), exc.code, str(exc))
+        status = status_of(exc)
+        if status >= 500:
+            # A server-side failure's text names database URLs and file paths: it goes to
+            # the log, and the client gets the code and a message that names nothing.
+            route = getattr(request.scope.get("route"), "path", "unmatched")  # a template: no names
+            log.error("%s on %s %s: %s", exc.code, request.method, route, exc)
+            return _error(status, exc.code, SAFE_MESSAGES.get(status, SAFE_MESSAGES[500]))
+        return _error(status, exc.code, str(exc))
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:

@@ -8,15 +8,18 @@ reads) run there anyway.
 from __future__ import annotations
 
 from dataclasses import asdict
+from typing import Annotated
 
 import torch
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Path, Request, Response
+from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from engine import errors
+from engine.bounds import MAX_ID
 from engine.results import EnrollmentResult, Identification, Verification, job_dict
 from service.keys import allows
 
@@ -39,6 +42,9 @@ class ErrorBody(BaseModel):
 
 
 ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 403, 404, 409, 413, 415, 422)}
+
+# An id in a path: no stored id lies outside 1..MAX_ID, so any other number gets 422 here.
+Id = Annotated[int, Path(ge=1, le=MAX_ID)]
 
 
 # -- authentication --------------------------------------------------------------------
@@ -117,9 +123,17 @@ async def infer(request: Request, fn, *args, **kwargs):
 
 
 @router.get("/healthz", tags=["service"])
-def healthz(request: Request) -> dict:
-    """Liveness and readiness: the database answers and a version is active."""
-    return {"status": "ok", "active_version": _engine(request).active_version().number}
+def healthz() -> dict:
+    """Liveness: the process answers HTTP. It checks nothing else; see ``/readyz``."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", tags=["service"], responses={503: {"description": "not ready: see `checks`"}})
+def readyz(request: Request) -> JSONResponse:
+    """Readiness: the database answers, the active checkpoint loads and verifies, and the
+    disk takes a write; 503 when any fails, each check reported on its own."""
+    report = _engine(request).readiness()
+    return JSONResponse(report, status_code=200 if report["ready"] else 503)
 
 
 @router.get("/metrics", tags=["service"], response_class=Response)
@@ -137,12 +151,17 @@ async def enroll(request: Request, speaker: str, force: bool = False) -> Enrollm
 
     ``feedback`` is ``OK``, or ``INCONSISTENT_SPEAKER`` when the utterance was held for
     review. Audio that is too short, silent, clipped or noisy gets a 422 and nothing
-    is stored. ``force`` skips the clipping, noise and consistency checks.
+    is stored. ``force`` skips the clipping, noise and consistency checks; the
+    consistency check is the only guard against a poisoned profile, so forcing needs an
+    admin key and is written to the audit log.
     """
+    key = request.state.key
+    if force and not allows(key, "admin"):
+        raise ApiError(403, "forbidden", f"force=true needs an admin key; this key has the {key.role} role")
     data, name = await audio_body(request)
     outcomes = request.app.state.metrics.enrollments
     try:
-        result = await infer(request, _engine(request).enroll, speaker, data, name=name, force=force)
+        result = await infer(request, _engine(request).enroll, speaker, data, name=name, force=force, by=f"key:{key.id}")
     except errors.VoiceprintError as exc:
         outcomes.labels(exc.code).inc()
         raise
@@ -156,7 +175,9 @@ def speakers(request: Request) -> list[dict]:
     return [asdict(s) for s in _engine(request).speakers()]
 
 
-@router.get("/v1/speakers/{speaker}", tags=["enrollment"], responses=ERRORS, dependencies=[require("enroll")])
+# ``{speaker:path}``: a name stored before the name policy refused '/' stays reachable
+# (and erasable). Routes under /v1/speakers/{speaker}/... must be declared above these.
+@router.get("/v1/speakers/{speaker:path}", tags=["enrollment"], responses=ERRORS, dependencies=[require("enroll")])
 def speaker(request: Request, speaker: str) -> dict:
     """One speaker's profile summary and the ids of utterances held for review."""
     engine = _engine(request)
@@ -165,7 +186,7 @@ def speaker(request: Request, speaker: str) -> dict:
     return {**asdict(summary), "held_for_review": held}
 
 
-@router.delete("/v1/speakers/{speaker}", tags=["enrollment"], responses=ERRORS, dependencies=[require("admin")])
+@router.delete("/v1/speakers/{speaker:path}", tags=["enrollment"], responses=ERRORS, dependencies=[require("admin")])
 def erase(request: Request, speaker: str) -> dict:
     """Erase everything stored about a speaker: audio or features, embeddings under every
     version, centroids, held utterances. The audit log keeps only that an erasure happened."""
@@ -176,8 +197,16 @@ def erase(request: Request, speaker: str) -> dict:
     "/v1/identify", tags=["recognition"], response_model=Identification,
     openapi_extra=AUDIO_BODY, responses=ERRORS, dependencies=[require("query")],
 )
-async def identify(request: Request, top: int = 5) -> Identification:
-    """Who is speaking (1:N, open set): candidates best first; ``decision`` is null for unknown."""
+async def identify(request: Request, top: int | None = None) -> Identification:
+    """Who is speaking (1:N, open set): candidates best first; ``decision`` is null for unknown.
+
+    ``top`` (default 5) is at most ``[service] max_top`` (5 by default), so no key can
+    list the enrolled names through this route.
+    """
+    most = _engine(request).config.service.max_top
+    top = min(5, most) if top is None else top
+    if not 1 <= top <= most:
+        raise ApiError(422, "invalid_request", f"top must be between 1 and {most} ([service] max_top), got {top}")
     data, name = await audio_body(request)
     result = await infer(request, _engine(request).identify, data, top=top, name=name)
     request.app.state.metrics.decisions.labels("identify", "known" if result.decision else "unknown").inc()
@@ -189,9 +218,15 @@ async def identify(request: Request, top: int = 5) -> Identification:
     openapi_extra=AUDIO_BODY, responses=ERRORS, dependencies=[require("query")],
 )
 async def verify(request: Request, speaker: str) -> Verification:
-    """Is this ``speaker`` (1:1)? ``accepted`` with the scores behind it."""
+    """Is this ``speaker`` (1:1)? ``accepted`` with the scores behind it.
+
+    A query key gets the decision alone (scores null), and a name that is not enrolled
+    is rejected like any other: a query key cannot test which names are enrolled. An
+    admin key gets the scores, and 404 for a name that is not enrolled.
+    """
+    disclose = allows(request.state.key, "admin")
     data, name = await audio_body(request)
-    result = await infer(request, _engine(request).verify, speaker, data, name=name)
+    result = await infer(request, _engine(request).verify, speaker, data, name=name, disclose=disclose)
     request.app.state.metrics.decisions.labels("verify", "accepted" if result.accepted else "rejected").inc()
     return result
 
@@ -208,7 +243,7 @@ def refresh(request: Request, reason: str = "requested over HTTP") -> dict:
 
 
 @router.get("/v1/jobs/{job_id}", tags=["models"], responses=ERRORS, dependencies=[require("admin")])
-def job(request: Request, job_id: int) -> dict:
+def job(request: Request, job_id: Id) -> dict:
     """A refresh or rollback job: queued, running, succeeded, rejected, failed or skipped."""
     try:
         return job_dict(_engine(request).job(job_id))
@@ -223,9 +258,10 @@ def versions(request: Request) -> list[dict]:
 
 
 @router.post("/v1/versions/{number}/activate", tags=["models"], responses=ERRORS, dependencies=[require("admin")])
-def activate(request: Request, number: int, reason: str = "rollback over HTTP") -> dict:
-    """Make a kept version active again (rollback); utterances it lacks are embedded first."""
-    return _engine(request).rollback(number, reason=reason[:200])
+def activate(request: Request, number: Id, reason: str = "rollback over HTTP", force: bool = False) -> dict:
+    """Make a kept version active again (rollback); utterances it lacks are embedded first.
+    A candidate whose refresh stopped before promoting it gets a 409 unless ``force``."""
+    return _engine(request).rollback(number, reason=reason[:200], force=force)
 
 
 def _version(version) -> dict:

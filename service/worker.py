@@ -1,4 +1,5 @@
-"""The service's one job worker: queued refresh requests and the stored schedule.
+"""The service's one job worker: queued refresh requests and the stored schedule (and,
+at each tick, the retry of an erasure's file scrub that a reader held back).
 
 A refresh request (``POST /v1/refresh``, or a drift signal from an enrollment) is a
 ``queued`` job; the stored schedule (``voiceprint schedule``) has a timed job, which
@@ -31,14 +32,14 @@ class JobWorker:
 
     def __init__(self, engine, home: str, db: str, check_s: float, metrics: Metrics) -> None:
         self.engine, self.home, self.db, self.check_s, self.metrics = engine, home, db, check_s, metrics
-        self.schedule = scheduler.StoredSchedule(db)
+        self.schedule: scheduler.StoredSchedule | None = None  # running once it could start
         self.wake = threading.Event()
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="voiceprint-jobs", daemon=True)
         self._counted_at = float("-inf")
 
     def start(self) -> None:
-        self.schedule.start()
+        self._start_schedule()
         self.thread.start()
 
     def stop(self) -> None:
@@ -46,14 +47,29 @@ class JobWorker:
         # process to start marks it failed, exactly as after a crash.
         self.stopping.set()
         self.wake.set()
-        self.schedule.stop()
+        if self.schedule is not None:
+            self.schedule.stop()
+
+    def _start_schedule(self) -> None:
+        """Start the stored schedule; when it cannot start (starting writes to the
+        database, and the disk may be full) the service still serves, and each round
+        tries again."""
+        schedule = None
+        try:
+            schedule = scheduler.StoredSchedule(self.db)
+            schedule.start()
+            self.schedule = schedule
+        except Exception as exc:  # APScheduler raises SQLAlchemy's own errors, untranslated
+            log.warning("job worker: the refresh schedule cannot start yet (tried again every round): %s", exc)
+            if schedule is not None:
+                schedule.stop()
 
     def due(self) -> tuple[int | None, str] | None:
         """``(min_new, why)`` for :func:`~engine.scheduler.run_scheduled_refresh` when a
         refresh is due now: a request is queued, or the stored ``--min-new`` is reached."""
         if self.engine.queued_refresh():
             return None, "requested over HTTP"
-        condition = self.schedule.min_new()
+        condition = self.schedule.min_new() if self.schedule is not None else None
         now = time.monotonic()
         if condition is None or now - self._counted_at < condition.every_s:
             return None
@@ -68,8 +84,13 @@ class JobWorker:
             self.wake.clear()
             if self.stopping.is_set():
                 break
+            if self.schedule is None:
+                self._start_schedule()
+            recover_jobs(self.engine)  # a refresh whose last update failed (a full disk) reads running
             try:
-                self.schedule.look()
+                self.engine.scrub_files()  # an erasure's scrub left pending behind a reader (storage.scrub)
+                if self.schedule is not None:
+                    self.schedule.look()
                 due = self.due()
             except errors.StorageError as exc:  # the database is away: look again next time
                 log.warning("job worker: cannot read queued jobs or the schedule: %s", exc)
@@ -83,7 +104,13 @@ class JobWorker:
 
 
 def recover_jobs(engine) -> None:
-    """Mark jobs a killed process left running as failed (the engine leaves them alone
-    while a live process holds the refresh lock: then its running job is real)."""
-    for job in engine.recover_interrupted_jobs():
+    """Mark jobs a stopped process left running as failed (the engine leaves them alone
+    while a live process holds the refresh lock: then its running job is real). Never
+    fatal: a service that cannot write (a full disk) still identifies."""
+    try:
+        recovered = engine.recover_interrupted_jobs()
+    except errors.StorageError as exc:
+        log.warning("job worker: cannot look for interrupted jobs: %s", exc)
+        return
+    for job in recovered:
         log.warning("job %d (%s) was interrupted by a stopped process: marked failed", job.id, job.kind)

@@ -52,6 +52,7 @@ ORCHESTRATION = frozenset(
         "engine.evaluation",
         "engine.scheduler",
         "engine.access",
+        "engine.health",
     }
 )
 STORAGE_MAY_IMPORT = frozenset({"engine.errors", "engine.centroids"})

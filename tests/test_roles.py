@@ -1,0 +1,198 @@
+"""What each key may do and learn, names every route can address, and what the service
+says when it fails: tested in-process (the app with its lifespan) on real speech and a
+real database."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, text
+
+from engine import Engine
+from engine.errors import InvalidInput
+from service import create_app
+from storage import Store
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.data
+
+
+def _home(tmp_path: Path, db: str | None, by_speaker, config: str = "") -> tuple[Path, str, dict[str, str]]:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "config.toml").write_text(config)
+    db = db or f"sqlite:///{home / 'voiceprint.db'}"
+    with Engine.init(home=home, db=db) as eng:
+        keys = {role: eng.create_key(role, by="test")[1] for role in ("admin", "enroll", "query")}
+        for speaker, paths in by_speaker("vctk-4").items():
+            for path in paths[:3]:
+                eng.enroll(speaker, path)
+    return home, db, keys
+
+
+def _post(client: TestClient, route: str, path: Path, key: str, **params):
+    return client.post(route, content=path.read_bytes(), params=params,
+                       headers={"X-API-Key": key, "Content-Type": "audio/flac"})
+
+
+@pytest.fixture
+def vctk_home(tmp_path, by_speaker):
+    return _home(tmp_path, None, by_speaker, "[service]\nmax_top = 2\n")
+
+
+def _probe(by_speaker, speaker: str) -> Path:
+    return by_speaker("vctk-4")[speaker][-1]  # not among the three enrolled
+
+
+def test_identify_top_is_bounded_for_every_key(vctk_home, by_speaker):
+    home, db, keys = vctk_home
+    speaker = sorted(by_speaker("vctk-4"))[0]
+    with TestClient(create_app(str(home), db, background=False)) as client:
+        for role in ("query", "admin"):
+            for top in (3, 100000, 2**70, 0, -1):
+                r = _post(client, "/v1/identify", _probe(by_speaker, speaker), keys[role], top=top)
+                assert r.status_code == 422, (role, top, r.text)
+                assert "max_top" in r.json()["message"] or top > 2**63, r.text
+        r = _post(client, "/v1/identify", _probe(by_speaker, speaker), keys["query"], top=2)
+        assert r.status_code == 200 and len(r.json()["candidates"]) == 2
+
+
+def test_a_query_key_cannot_tell_which_names_are_enrolled(vctk_home, by_speaker):
+    home, db, keys = vctk_home
+    a, b = sorted(by_speaker("vctk-4"))[:2]
+    with TestClient(create_app(str(home), db, background=False)) as client:
+        probe = _probe(by_speaker, a)
+        unknown = _post(client, "/v1/verify/nobody-here", probe, keys["query"])
+        impostor = _post(client, f"/v1/verify/{b}", probe, keys["query"])
+        genuine = _post(client, f"/v1/verify/{a}", probe, keys["query"])
+        assert unknown.status_code == impostor.status_code == genuine.status_code == 200
+        shape = lambda r: {k: r.json()[k] for k in ("accepted", "score", "normalised", "llr")}  # noqa: E731
+        assert shape(unknown) == shape(impostor) == {"accepted": False, "score": None, "normalised": None, "llr": None}
+        assert shape(genuine)["accepted"] is True and shape(genuine)["score"] is None
+        # An admin key (it may list the speakers anyway) gets the scores and the 404.
+        assert _post(client, "/v1/verify/nobody-here", probe, keys["admin"]).status_code == 404
+        assert isinstance(_post(client, f"/v1/verify/{b}", probe, keys["admin"]).json()["score"], float)
+
+
+def test_forcing_an_enrollment_needs_an_admin_key_and_is_audited(vctk_home, by_speaker):
+    home, db, keys = vctk_home
+    a, b = sorted(by_speaker("vctk-4"))[:2]
+    with Store(db) as store:
+        before = len(store.profiles.utterances(status=None))
+    with TestClient(create_app(str(home), db, background=False)) as client:
+        someone_else = by_speaker("vctk-4")[b][-1]
+        refused = _post(client, f"/v1/speakers/{a}/utterances", someone_else, keys["enroll"], force="true")
+        assert refused.status_code == 403 and "admin" in refused.json()["message"]
+        with Store(db) as store:
+            assert len(store.profiles.utterances(status=None)) == before
+        forced = _post(client, f"/v1/speakers/{a}/utterances", someone_else, keys["admin"], force="true")
+        assert forced.status_code == 201, forced.text
+        admin_id = next(k.id for k in Engine.open(home, db).list_keys() if k.role == "admin")
+    with Store(db) as store:
+        entries = [e for e in store.keys.audit_log() if e.action == "forced_enrollment"]
+    assert [(e.actor, e.detail) for e in entries] == [(f"key:{admin_id}", {"utterance": forced.json()["utterance_id"]})]
+
+
+def test_the_command_line_force_is_audited_under_the_login_name(vctk_home, by_speaker):
+    home, db, _ = vctk_home
+    a, b = sorted(by_speaker("vctk-4"))[:2]
+    with Engine.open(home, db) as eng:
+        result = eng.enroll(a, by_speaker("vctk-4")[b][-2], force=True)
+        entries = [e for e in eng.store.keys.audit_log() if e.action == "forced_enrollment"]
+    assert [e.detail for e in entries] == [{"utterance": result.utterance_id}] and entries[0].actor != ""
+
+
+@pytest.mark.parametrize("name", ["a/b", "/", ".", "..", "x/../y", " ", "\u200b", "bo\nb", "a" * 201])
+def test_names_a_url_path_cannot_carry_are_refused_everywhere(vctk_home, by_speaker, name):
+    home, db, keys = vctk_home
+    clip = by_speaker("vctk-4")[sorted(by_speaker("vctk-4"))[0]][-1]
+    with Engine.open(home, db) as eng, pytest.raises(InvalidInput):
+        eng.enroll(name, clip)
+    out = subprocess.run([sys.executable, "-m", "cli", "--home", str(home), "--db", db, "enroll", name, str(clip)],
+                         cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+
+
+def test_one_name_policy_for_lookups_enrollment_and_erasure(vctk_home, by_speaker):
+    home, db, keys = vctk_home
+    clips = by_speaker("vctk-4")[sorted(by_speaker("vctk-4"))[0]]
+    with Engine.open(home, db) as eng:
+        eng.enroll("Zoe\u0308", clips[0])  # decomposed: e + combining diaeresis
+        eng.enroll("Zo\u00eb ", clips[1])  # composed, a trailing space: the same speaker
+        eng.enroll("legacy", clips[2])
+    with Store(db) as store:
+        assert store.profiles.speakers(name="Zo\u00eb")[0].utterances == 2
+    # A name an older version let in: it must stay reachable and erasable over HTTP.
+    with create_engine(db).begin() as connection:
+        connection.execute(text("UPDATE speakers SET name = 'old/name' WHERE name = 'legacy'"))
+    admin = {"X-API-Key": keys["admin"]}
+    with TestClient(create_app(str(home), db, background=False)) as client:
+        assert client.get("/v1/speakers/Zo%C3%AB%20", headers=admin).json()["utterances"] == 2
+        assert client.get("/v1/speakers/Zoe%CC%88", headers=admin).status_code == 200
+        assert client.get("/v1/speakers/old/name", headers=admin).json()["name"] == "old/name"
+        erased = client.delete("/v1/speakers/old%2Fname", headers=admin)
+        assert erased.status_code == 200 and erased.json()["speaker"] == "old/name"
+        assert client.get("/v1/speakers/old/name", headers=admin).status_code == 404
+
+
+def test_failures_on_the_server_side_name_no_urls_or_paths(tmp_path, fresh_pg_url, by_speaker):
+    home, db, keys = _home(tmp_path, fresh_pg_url, by_speaker)
+    clip = by_speaker("vctk-4")[sorted(by_speaker("vctk-4"))[0]][-1]
+    database = db.rsplit("/", 1)[1]
+    with TestClient(create_app(str(home), db, background=False)) as client:
+        assert client.get("/readyz").json()["ready"] is True
+        # The database goes away under the running service (as when it is dropped or its host is lost).
+        with create_engine(db.rsplit("/", 1)[0] + "/postgres", isolation_level="AUTOCOMMIT").connect() as c:
+            c.execute(text(f'DROP DATABASE "{database}" WITH (FORCE)'))
+        answers = [
+            _post(client, "/v1/speakers/someone/utterances", clip, keys["admin"]),
+            client.get("/readyz"),
+            client.get("/v1/speakers", headers={"X-API-Key": keys["admin"]}),
+        ]
+        assert client.get("/healthz").status_code == 200  # alive, not ready
+    assert [r.status_code for r in answers] in ([503, 503, 503], [401, 503, 401]), [r.text for r in answers]
+    for r in answers:
+        body = r.text
+        assert database not in body and "127.0.0.1" not in body and "postgres" not in body.lower(), body
+    assert answers[1].json()["checks"]["database"] == {"ok": False, "error": "storage_error"}
+
+
+def test_a_corrupted_active_checkpoint_is_not_ready_and_says_no_path(vctk_home, by_speaker):
+    home, db, keys = vctk_home
+    with Store(db) as store:
+        checkpoint = home / store.registry.active_version().checkpoint
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
+    clip = by_speaker("vctk-4")[sorted(by_speaker("vctk-4"))[0]][-1]
+    with TestClient(create_app(str(home), db, background=False)) as client:
+        ready = client.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["checks"]["checkpoint"] == {"ok": False, "error": "checkpoint_error"}
+        assert ready.json()["checks"]["database"]["ok"] and ready.json()["checks"]["disk"]["ok"]
+        failed = _post(client, "/v1/identify", clip, keys["query"])
+        assert failed.status_code == 500 and failed.json()["error"] == "checkpoint_error"
+        assert str(home) not in failed.text and ".pt" not in failed.text, failed.text
+
+
+def test_eval_reads_its_lists_only_inside_the_audio_roots(tmp_path, dev_data):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "config.toml").write_text(f"[audio]\nroots = {json.dumps(str(dev_data))}\n")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    manifest = outside / "manifest.csv"
+    manifest.write_text("path,speaker\n" + "".join(
+        f"{p},{p.parent.name}\n" for p in sorted((dev_data / "vctk-4").rglob("*.flac"))[:6]))
+    trials = outside / "trials.txt"
+    trials.write_text(f"x {sorted((dev_data / 'vctk-4').rglob('*.flac'))[0]} target\n")
+    inside_manifest = dev_data / "vctk-4" / "manifest.csv"
+    base = [sys.executable, "-m", "cli", "--home", str(home), "--db", f"sqlite:///{home / 'v.db'}"]
+    assert subprocess.run(base + ["init"], cwd=REPO, capture_output=True).returncode == 0
+    for extra in ([str(manifest)], [str(inside_manifest), "--trials", str(trials)]):
+        out = subprocess.run(base + ["eval", *extra], cwd=REPO, capture_output=True, text=True)
+        assert out.returncode == 2 and "roots" in out.stderr and "Traceback" not in out.stderr, out.stderr
