@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from contextlib import contextmanager
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -46,9 +47,9 @@ def pg_url() -> str:
     return url
 
 
-@pytest.fixture
-def fresh_pg_url(pg_url: str) -> Iterator[str]:
-    """URL of a new, empty PostgreSQL database, dropped after the test."""
+@contextmanager
+def new_pg_database(pg_url: str) -> Iterator[str]:
+    """URL of a new, empty PostgreSQL database, dropped on exit."""
     name = f"vp_test_{uuid.uuid4().hex[:12]}"
     admin = create_engine(pg_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
@@ -59,6 +60,20 @@ def fresh_pg_url(pg_url: str) -> Iterator[str]:
         with admin.connect() as connection:
             connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.dispose()
+
+
+@pytest.fixture
+def fresh_pg_url(pg_url: str) -> Iterator[str]:
+    """URL of a new, empty PostgreSQL database, dropped after the test."""
+    with new_pg_database(pg_url) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def module_pg_url(pg_url: str) -> Iterator[str]:
+    """A new, empty PostgreSQL database shared by one test module's tests."""
+    with new_pg_database(pg_url) as url:
+        yield url
 
 
 @pytest.fixture(

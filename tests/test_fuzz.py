@@ -75,14 +75,15 @@ def fingerprint(engine) -> str:
     return digest.hexdigest()
 
 
-@pytest.fixture(scope="module")
-def fuzz_home(tmp_path_factory, by_speaker):
-    """A home with three vctk-4 speakers, keys of each role and one revoked key."""
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def fuzz_home(request, tmp_path_factory, by_speaker):
+    """A home with three vctk-4 speakers, keys of each role and one revoked key, on each
+    backend (PostgreSQL's 32-bit integers and its errors differ from SQLite's)."""
     root = tmp_path_factory.mktemp("fuzz")
     home = root / "home"
     home.mkdir()
     (home / "config.toml").write_text("")
-    db = f"sqlite:///{home / 'voiceprint.db'}"
+    db = f"sqlite:///{home / 'voiceprint.db'}" if request.param == "sqlite" else request.getfixturevalue("module_pg_url")
     speakers = by_speaker("vctk-4")
     with Engine.init(home=home, db=db) as eng:
         keys = {role: eng.create_key(role, by="test")[1] for role in ("admin", "enroll", "query")}
