@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from engine.errors import CheckpointError, StorageError
+from engine.errors import CheckpointError, DiskFull
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # no space left, or the user's quota is spent
 
@@ -29,7 +29,7 @@ def sha256_bytes(data: bytes) -> str:
 def save_checkpoint(state_dict: dict[str, torch.Tensor], path: Path, *, label: str | None = None) -> str:
     """Write ``state_dict`` atomically to ``path`` and return its sha256.
 
-    A failed write leaves no file behind. A full disk raises :class:`StorageError` (the
+    A failed write leaves no file behind. A full disk raises :class:`DiskFull` (the
     service answers 503: free space and try again), any other error
     :class:`CheckpointError`; both name the file by ``label`` (default: its name), so
     that a message sent to a client shows no path of the server.
@@ -49,7 +49,7 @@ def save_checkpoint(state_dict: dict[str, torch.Tensor], path: Path, *, label: s
         tmp.unlink(missing_ok=True)
         what = f"cannot write checkpoint {label or path.name} ({len(data) / 2**20:.1f} MiB)"
         if exc.errno in DISK_FULL:
-            raise StorageError(f"disk full: {what}: free space on the disk that holds the home, then try again") from None
+            raise DiskFull(f"disk full: {what}: free space on the disk that holds the home, then try again") from None
         raise CheckpointError(f"{what}: {exc.strerror or exc}") from None
     return sha256_bytes(data)
 

@@ -8,6 +8,7 @@ do the work: the model registry (:mod:`engine.models`), the enroller
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -16,8 +17,10 @@ from engine import access, evaluation, health, jobs
 from engine.audio import Source
 from engine.config import Config
 from engine.enrollment import Enroller, Item
-from engine.errors import NotInitialised, UnknownSpeaker, VoiceprintError
-from engine.home import Home, actor, ensure_sqlite_folder, sqlite_file, undone_on_failure
+from engine.errors import DiskFull, NotInitialised, UnknownSpeaker, VoiceprintError
+from engine.home import (
+    RESERVE_BYTES, Home, actor, ensure_sqlite_folder, keep_reserve, release_reserve, sqlite_file, undone_on_failure,
+)
 from engine.manifests import LabelledFile, Trial
 from engine.models import ModelRegistry
 from engine.names import normalise_speaker_name
@@ -26,6 +29,20 @@ from engine.recognition import Recognizer
 from engine.refresh import Refresher
 from engine.results import EnrollmentResult, Identification, Outcome, RefreshReport, Verification, job_dict
 from storage import ApiKey, Job, ModelVersion, SpeakerSummary, Store, UtteranceRecord
+
+log = logging.getLogger(__name__)
+
+
+def _open_store(url: str) -> Store:
+    """A store whose schema is current and which has an active version, or the error."""
+    store = Store(url)
+    try:
+        store.schema.check_schema()
+        store.registry.active_version()
+    except BaseException:
+        store.close()
+        raise
+    return store
 
 
 class Engine:
@@ -65,6 +82,7 @@ class Engine:
             except BaseException:
                 store.close()
                 raise
+        keep_reserve(resolved.path)
         return cls(resolved, store)
 
     @classmethod
@@ -75,13 +93,15 @@ class Engine:
         if path is not None and not path.exists():
             # Opening would create an empty database file as a side effect.
             raise NotInitialised(f"no database at {path}: run `voiceprint init` (or pass --home/--db)")
-        store = Store(resolved.url)
         try:
-            store.schema.check_schema()
-            store.registry.active_version()
-        except BaseException:
-            store.close()
-            raise
+            store = _open_store(resolved.url)
+        except DiskFull:
+            if not release_reserve(resolved.path):
+                raise
+            log.warning("disk full: released the home's %d MiB reserve so the database can open; free space",
+                        RESERVE_BYTES >> 20)
+            store = _open_store(resolved.url)
+        keep_reserve(resolved.path)  # again, once there is room
         return cls(resolved, store)
 
     def close(self) -> None:

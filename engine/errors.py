@@ -92,6 +92,12 @@ class StorageError(VoiceprintError):
     code = "storage_error"
 
 
+class DiskFull(StorageError):
+    """No space left where the database or the checkpoints are written."""
+
+    code = "disk_full"
+
+
 class NotInitialised(StorageError):
     """The database has no active model version yet (run ``voiceprint init``)."""
 

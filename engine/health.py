@@ -7,7 +7,8 @@ ready only when all pass. The checks are what enrollment and identification need
 - ``checkpoint``: the active version's checkpoint loads and matches its sha256 (loaded
   once per version and cached, as recognition does);
 - ``disk``: a small file can be written and synced where the SQLite database and the
-  checkpoints live, so a full disk shows here before enrollments fail on it.
+  checkpoints live, so a full disk shows here before enrollments fail on it (and, once
+  it passes, the home's disk reserve is made again if a full disk used it up).
 
 Messages name no paths or URLs: readiness is served without a key; the log has the
 details.
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from engine.errors import VoiceprintError
-from engine.home import CHECKPOINTS, sqlite_file
+from engine.home import CHECKPOINTS, keep_reserve, sqlite_file
 from engine.models import ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,8 @@ def readiness(models: ModelRegistry) -> dict:
         checks["checkpoint"] = {"ok": False, "error": "database_unavailable"}
     else:
         _check(checks, "checkpoint", lambda: models.embedder(active))
-    _check(checks, "disk", lambda: [_probe_write(folder) for folder in _writable_folders(models)])
+    if _check(checks, "disk", lambda: [_probe_write(folder) for folder in _writable_folders(models)]) is not None:
+        keep_reserve(models.home.path)  # given up when the disk filled: taken back now there is room
     return {
         "ready": all(c["ok"] for c in checks.values()),
         "active_version": None if active is None else active.number,

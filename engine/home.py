@@ -84,6 +84,38 @@ def undone_on_failure(home: Home) -> Iterator[None]:
         raise
 
 
+# A few megabytes held in the home and given up when the disk fills, so that the database
+# can still be opened (SQLite must create its 32 KiB shared-memory index even to read)
+# and identification keeps working while someone frees space. Made again once there is room.
+RESERVE = ".disk-reserve"
+RESERVE_BYTES = 8 * 1024 * 1024
+
+
+def keep_reserve(home: Path) -> bool:
+    """Make sure the reserve file exists; False (and no partial file) when there is no room."""
+    reserve = home / RESERVE
+    if reserve.exists():
+        return True
+    try:
+        with open(reserve, "wb") as fh:
+            fh.write(b"\0" * RESERVE_BYTES)  # written, not sparse: it must really hold the space
+            fh.flush()
+            os.fsync(fh.fileno())
+        return True
+    except OSError:
+        reserve.unlink(missing_ok=True)
+        return False
+
+
+def release_reserve(home: Path) -> bool:
+    """Give the reserve's space back to the disk; False when there was none to give."""
+    try:
+        (home / RESERVE).unlink()
+        return True
+    except FileNotFoundError:
+        return False
+
+
 def actor() -> str:
     """Who is acting, for audit logs and alias history: the login name."""
     try:

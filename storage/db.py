@@ -27,7 +27,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
-from engine.errors import DuplicateUtterance, RefreshBusy, StorageError, UnknownVersion, VersionChanged
+from engine.errors import DiskFull, DuplicateUtterance, RefreshBusy, StorageError, UnknownVersion, VersionChanged
 from storage import models as m
 
 log = logging.getLogger(__name__)
@@ -209,7 +209,7 @@ class Database:
                     f"cannot {doing}: this audio content is already enrolled for the speaker"
                 ) from exc
             if _is_disk_full(exc):
-                raise StorageError(f"disk full: cannot {doing}: free space on the disk that holds the database") from exc
+                raise DiskFull(f"disk full: cannot {doing}: free space on the disk that holds the database") from exc
             reason = _first_line(getattr(exc, "orig", None) or exc)
             raise StorageError(f"cannot {doing} ({self.url}): {reason}") from exc
         except CommandError as exc:

@@ -18,10 +18,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from engine import Engine, manifests
-from engine.errors import NotInitialised, StorageError, TooShort
-from engine.home import CHECKPOINTS
+from engine.errors import DiskFull, NotInitialised, StorageError, TooShort
+from engine.home import CHECKPOINTS, RESERVE, RESERVE_BYTES, Home
 from engine.models import ModelRegistry
-from engine.home import Home
 from service import create_app
 from storage import Store
 
@@ -233,10 +232,22 @@ def test_the_service_starts_on_a_full_disk_and_identifies(disk, template, by_spe
             assert stored.status_code == 201, stored.text
 
 
-def test_opening_a_database_on_a_disk_too_full_to_read_it_says_so(disk, template):
-    home = home_on(disk, template)  # closed: no shared-memory index yet
+def test_a_database_on_a_full_disk_opens_on_the_homes_reserve(disk, template, by_speaker, caplog):
+    home = home_on(disk, template)  # closed: SQLite must create its shared-memory index to read
+    assert (home / RESERVE).stat().st_size == RESERVE_BYTES  # made by init
     disk.fill(0)
-    with pytest.raises(StorageError) as failed:
+    with Engine.open(home=home) as eng:
+        assert eng.identify(by_speaker("vctk-4")["p225"][0]).decision == "p225"
+        assert not (home / RESERVE).exists() and "released the home's" in caplog.text
+        disk.free()
+        assert eng.readiness()["ready"] and (home / RESERVE).stat().st_size == RESERVE_BYTES
+
+
+def test_opening_a_database_on_a_disk_too_full_to_read_it_says_so(disk, template):
+    home = home_on(disk, template)
+    (home / RESERVE).unlink()  # no reserve left to give up
+    disk.fill(0)
+    with pytest.raises(DiskFull) as failed:
         Engine.open(home=home)
     assert_disk_full_error(failed.value, disk)
 
