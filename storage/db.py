@@ -112,6 +112,34 @@ class Database:
             self.after_write()
 
     @contextmanager
+    def migration_session(self, doing: str) -> Iterator[Session]:
+        """A write transaction for a schema change.
+
+        On SQLite, foreign keys are switched off around it: a migration that copies a
+        table (Alembic's batch mode, which SQLite needs to alter most things) drops the
+        old one, and with foreign keys on that drop first deletes its rows, cascading to
+        every table that references it (kept audio, embeddings). The keys are checked
+        before the commit instead, and switched on again before the connection goes back
+        to the pool. The pragma only takes effect outside a transaction, hence the raw
+        driver connection before SQLAlchemy begins one.
+        """
+        if self._backend != "sqlite":
+            with self.session(doing, write=True) as s:
+                yield s
+            return
+        with self._translating(doing), self._write.connect() as connection:
+            raw = connection.connection.dbapi_connection
+            raw.execute("PRAGMA foreign_keys = OFF")
+            try:
+                with Session(bind=connection, expire_on_commit=False) as session, session.begin():
+                    yield session
+                    broken = session.connection().exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                    if broken:
+                        raise StorageError(f"cannot {doing}: it would break {len(broken)} foreign key(s), e.g. {broken[0]}")
+            finally:
+                raw.execute("PRAGMA foreign_keys = ON")
+
+    @contextmanager
     def version_checked(self, version: int) -> Iterator[None]:
         """Report a refused write as UnknownVersion when the version it names does not exist.
 

@@ -23,12 +23,12 @@ class Schema:
 
     def upgrade(self, revision: str = "head") -> None:
         """Migrate the schema up to ``revision`` (Alembic)."""
-        with self._db.session(f"upgrade the schema to {revision}", write=True) as s:
+        with self._db.migration_session(f"upgrade the schema to {revision}") as s:
             command.upgrade(self._alembic_config(s), revision)
 
     def downgrade(self, revision: str = "base") -> None:
         """Migrate the schema down to ``revision`` (Alembic); ``base`` drops every table."""
-        with self._db.session(f"downgrade the schema to {revision}", write=True) as s:
+        with self._db.migration_session(f"downgrade the schema to {revision}") as s:
             command.downgrade(self._alembic_config(s), revision)
 
     def current_revision(self) -> str | None:

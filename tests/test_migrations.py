@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import create_engine, inspect
+from sqlalchemy import create_engine, inspect, text
 
 from engine.errors import SchemaOutdated
 from storage import Store
@@ -92,3 +92,30 @@ def test_check_schema(db_url: str) -> None:
         store.schema.downgrade()
         with pytest.raises(SchemaOutdated, match=f"code expects {store.schema.head_revision()}"):
             store.schema.check_schema()
+
+
+def test_upgrading_keeps_the_rows_of_tables_that_reference_a_copied_table(db_url: str) -> None:
+    """0003 alters `utterances`, which SQLite does by copying the table and dropping the
+    old one; with foreign keys on, that drop cascaded to the kept audio (every
+    utterance_audio row of a 0002 database was lost on upgrade)."""
+    with Store(db_url) as store:
+        store.schema.upgrade("0002")
+    engine = create_engine(db_url)
+    with engine.begin() as connection:
+        connection.execute(text("INSERT INTO speakers (id, name, created_at) VALUES (1, 'ann', '2026-01-01')"))
+        connection.execute(text(
+            "INSERT INTO utterances (id, speaker_id, source, content_sha256, duration_s, speech_s, quality, created_at) "
+            "VALUES (1, 1, 'a.flac', 'x', 1.0, 1.0, '{}', '2026-01-01')"
+        ))
+        connection.execute(
+            text("INSERT INTO utterance_audio (utterance_id, codec, sample_rate, data) VALUES (1, 'flac', 16000, :d)"),
+            {"d": b"\x00\x01"},
+        )
+    engine.dispose()
+    with Store(db_url) as store:
+        store.schema.upgrade()
+        assert [(u.id, u.status) for u in store.profiles.utterances()] == [(1, "enrolled")]
+        assert store.profiles.utterance_audio(1)[0] == b"\x00\x01"
+        if store._db.backend == "sqlite":  # the connection the migration used has its foreign keys back on
+            with store._db.write_engine.connect() as connection:
+                assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
