@@ -101,6 +101,9 @@ class Utterance(Base):
         CheckConstraint(
             "status IN (" + ", ".join(f"'{s}'" for s in UTTERANCE_STATUSES) + ")", name="status"
         ),
+        # Ids are never reused (SQLite would hand a deleted highest id to the next insert),
+        # so "id > trained_through" always means new to a version (migration 0005).
+        {"sqlite_autoincrement": True},
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)

@@ -119,3 +119,43 @@ def test_upgrading_keeps_the_rows_of_tables_that_reference_a_copied_table(db_url
         if store._db.backend == "sqlite":  # the connection the migration used has its foreign keys back on
             with store._db.write_engine.connect() as connection:
                 assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+
+
+def _insert_utterance(connection) -> int:
+    connection.execute(text(
+        "INSERT INTO utterances (speaker_id, source, content_sha256, duration_s, speech_s, quality, created_at) "
+        "VALUES (1, 'a.flac', :sha, 1.0, 1.0, '{}', '2026-01-01')"
+    ), {"sha": str(connection.execute(text("SELECT count(*) FROM utterances")).scalar()) + "-x"})
+    return connection.execute(text("SELECT max(id) FROM utterances")).scalar()
+
+
+def test_a_deleted_newest_utterance_id_is_never_issued_again(db_url: str) -> None:
+    """A version's trained_through is an utterance id: a reused id would read as trained on."""
+    with Store(db_url) as store:
+        store.schema.upgrade()
+    engine = create_engine(db_url)
+    with engine.begin() as connection:
+        connection.execute(text("INSERT INTO speakers (id, name, created_at) VALUES (1, 'ann', '2026-01-01')"))
+        _insert_utterance(connection)
+        newest = _insert_utterance(connection)
+        connection.execute(text("DELETE FROM utterances WHERE id = :i"), {"i": newest})
+        assert _insert_utterance(connection) > newest
+    engine.dispose()
+
+
+def test_the_upgrade_to_0005_issues_ids_above_every_version_s_trained_through(tmp_path) -> None:
+    url = f"sqlite:///{tmp_path / 'v.db'}"
+    with Store(url) as store:
+        store.schema.upgrade("0004")
+    engine = create_engine(url)
+    with engine.begin() as connection:  # utterances 1..9 were trained on by version 1, then erased
+        connection.execute(text(
+            "INSERT INTO model_versions (number, encoder, status, config, checkpoint, checkpoint_sha256, metrics, "
+            "created_at, trained_through) VALUES (1, 'ge2e', 'active', '{}', 'c', 's', '{}', '2026-01-01', 9)"
+        ))
+        connection.execute(text("INSERT INTO speakers (id, name, created_at) VALUES (1, 'ann', '2026-01-01')"))
+    with Store(url) as store:
+        store.schema.upgrade()
+    with engine.begin() as connection:
+        assert _insert_utterance(connection) == 10
+    engine.dispose()
