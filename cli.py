@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import closing
 from dataclasses import asdict, replace
 from datetime import datetime
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log progress to stderr")
 
     parser = OneLineParser(prog="voiceprint", description="Incremental speaker recognition.", parents=[common])
+    parser.add_argument("--version", action="version", version=f"voiceprint {package_version('voiceprint-engine')}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, run, help: str) -> argparse.ArgumentParser:
@@ -244,9 +246,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         for done, (path, result) in enumerate(zip(args.files, results), 1):
             failed += report_row(args, result, source=str(path))
             bars(done, len(args.files), "enrolling")
-    if failed and len(args.files) == 1:
-        return EXIT_ERROR  # a single bad file is an error, not a partial outcome
-    return EXIT_NEGATIVE if failed else EXIT_OK
+    return outcome(failed, len(args.files))
 
 
 def report_row(args: argparse.Namespace, result, *, source: str, row: int | None = None) -> int:
@@ -256,7 +256,8 @@ def report_row(args: argparse.Namespace, result, *, source: str, row: int | None
         if args.json:
             emit({"row": row, "ok": False, "source": source, "error": result.code, "feedback": result.code.upper(), "message": str(result)})
         else:
-            error(f"{where}{source}: {result} ({result.code})")
+            text = str(result) if source in str(result) else f"{source}: {result}"  # audio errors name it already
+            error(f"{where}{text} ({result.code})")
         return 1
     if args.json:
         emit({"row": row, "ok": True, **asdict(result)})
@@ -313,7 +314,12 @@ def cmd_stream(args: argparse.Namespace) -> int:
             stream.close()
     if not args.json:
         print(f"{total - failed} of {total} rows enrolled", file=sys.stderr)
-    return EXIT_NEGATIVE if failed else EXIT_OK
+    return outcome(failed, total)
+
+
+def outcome(failed: int, total: int) -> int:
+    """0 all stored, 1 some stored and some not, 2 none stored (an error, not a partial outcome)."""
+    return EXIT_OK if not failed else EXIT_ERROR if failed == total else EXIT_NEGATIVE
 
 
 def cmd_pending(args: argparse.Namespace) -> int:
