@@ -147,7 +147,7 @@ def _fail(s: Session, job: m.Job, now: datetime, result: dict) -> None:
 
 
 def _job_row(s: Session, job_id: int) -> m.Job:
-    row = s.get(m.Job, job_id) if ids.fits(m.Job.id, job_id) else None
+    row = ids.get(s, m.Job, job_id)
     if row is None:
         raise InvalidInput(f"no job {job_id}")
     return row

@@ -43,7 +43,7 @@ class Keys:
 
     def revoke_key(self, key_id: int, *, actor: str) -> ApiKey:
         with self._db.session(f"revoke API key {key_id}", write=True) as s:
-            row = s.get(m.ApiKey, key_id) if ids.fits(m.ApiKey.id, key_id) else None
+            row = ids.get(s, m.ApiKey, key_id)
             if row is None:
                 raise InvalidInput(f"no API key {key_id}")
             if row.revoked_at is None:

@@ -168,7 +168,7 @@ class Profiles:
     def embedded_versions(self, utterance_id: int) -> list[int]:
         """The versions an utterance has an embedding under; InvalidInput if there is no such utterance."""
         with self._db.session(f"read the versions of utterance {utterance_id}") as s:
-            if not ids.fits(m.Utterance.id, utterance_id) or s.get(m.Utterance, utterance_id) is None:
+            if ids.get(s, m.Utterance, utterance_id) is None:
                 raise InvalidInput(f"no utterance {utterance_id}")
             return sorted(s.scalars(select(m.Embedding.version).where(m.Embedding.utterance_id == utterance_id)))
 
@@ -259,7 +259,7 @@ class Profiles:
     def utterance_audio(self, utterance_id: int) -> tuple[bytes, str, int]:
         """The kept speech audio of an utterance: ``(data, codec, sample_rate)``."""
         with self._db.session(f"read the audio of utterance {utterance_id}") as s:
-            row = s.get(m.UtteranceAudio, utterance_id) if ids.fits(m.UtteranceAudio.utterance_id, utterance_id) else None
+            row = ids.get(s, m.UtteranceAudio, utterance_id)
             if row is None:
                 raise StorageError(f"no audio stored for utterance {utterance_id}")
             return row.data, row.codec, row.sample_rate

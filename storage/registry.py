@@ -221,7 +221,8 @@ class Registry:
 
 def deleted_utterances(session: Session, wanted: Mapping[int, str], chunk: int = 500) -> int:
     """How many of ``wanted`` (``{id: content sha256}``) are gone. The hash is compared as
-    well as the id: SQLite hands a deleted highest id to the next utterance."""
+    well as the id: before migration 0005, SQLite handed a deleted highest id to the next
+    utterance."""
     numbers = sorted(wanted)
     present = 0
     for start in range(0, len(numbers), chunk):  # bounded IN lists (SQLite limits parameters)
@@ -233,7 +234,7 @@ def deleted_utterances(session: Session, wanted: Mapping[int, str], chunk: int =
 
 
 def _version_row(session: Session, number: int) -> m.ModelVersion:
-    row = session.get(m.ModelVersion, number) if ids.fits(m.ModelVersion.number, number) else None
+    row = ids.get(session, m.ModelVersion, number)
     if row is None:
         raise UnknownVersion(f"model version {number} does not exist")
     return row

@@ -56,12 +56,8 @@ class Scrub:
         """Try a pending scrub (of any process's erasure) again without waiting; returns
         :meth:`state` after it."""
         state = self.state()
-        if state["scrub"] == "pending" and self._attempting.acquire(blocking=False):
-            try:
-                if self._attempt(0):
-                    state = self.state()
-            finally:
-                self._attempting.release()
+        if state["scrub"] == "pending" and self._attempt_unless_busy():
+            state = self.state()
         return state
 
     def state(self) -> dict:
@@ -77,18 +73,20 @@ class Scrub:
 
     def close(self) -> None:
         """A last try (without waiting) before the connections close."""
-        if self._pending_here and self._attempting.acquire(blocking=False):
-            try:
-                self._attempt(0)
-            finally:
-                self._attempting.release()
+        self._after_write()
 
     def _after_write(self) -> None:
-        if self._pending_here and self._attempting.acquire(blocking=False):
-            try:
-                self._attempt(0)
-            finally:
-                self._attempting.release()
+        if self._pending_here:
+            self._attempt_unless_busy()
+
+    def _attempt_unless_busy(self) -> bool:
+        """One attempt without waiting, unless one is under way; True when it scrubbed."""
+        if not self._attempting.acquire(blocking=False):
+            return False
+        try:
+            return self._attempt(0)
+        finally:
+            self._attempting.release()
 
     def _attempt(self, wait_ms: int) -> bool:
         """Checkpoint and truncate the log; when done, record which erasures it covers.
