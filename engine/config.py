@@ -21,6 +21,7 @@ from engine.bounds import Bounds, flag
 from engine.errors import ConfigError
 
 ENV_PREFIX = "VOICEPRINT_"
+REPLAY_SELECTIONS = ("reservoir", "herding")
 
 
 def key(default: float, **bounds: float) -> Any:
@@ -137,12 +138,18 @@ class RefreshConfig(Section):
     # WiSE-FT (Wortsman et al., 2022): the candidate becomes (1 - a) * parent + a * tuned,
     # a in 0.25 / 0.5 / 0.75 / 1 chosen by the gate's unseen speakers (README, "Refresh").
     interpolate: bool = False
+    # LoRA (Hu et al., 2021): only rank-r updates B A of the trained weight matrices learn,
+    # merged into the weights afterwards; 0: off (every weight of the unfrozen layers learns).
+    lora_rank: int = key(0, at_least=0, at_most=4096)
     loss_lr: float = key(1e-2, above=0, at_most=10)  # of the loss's own parameters (heads, GE2E scale and bias)
     speakers_per_batch: int = key(16, at_least=2, at_most=4096)  # N (fewer when fewer speakers qualify)
     utterances_per_speaker: int = key(4, at_least=2, at_most=1024)  # M: crops per speaker in a batch
     distill_weight: float = key(1.0, at_least=0, at_most=1e6)  # pull toward the parent's embeddings on replayed crops
     # Utterances kept in the replay reservoir; 0: no replay (new data only)
     replay_size: int = key(1000, at_least=0, at_most=10_000_000)
+    # Which old utterances fill it: "reservoir" (a uniform sample per speaker) or
+    # "herding" (per speaker, those whose mean under the parent tracks the speaker's mean)
+    replay_selection: str = "reservoir"
     # Cap on new utterances loaded for training (the newest are kept)
     max_new: int = key(2000, at_least=1, at_most=10_000_000)
     holdout_fraction: float = key(0.2, above=0, below=1)  # of each speaker's utterances, never trained on, for the gate
@@ -161,6 +168,11 @@ class RefreshConfig(Section):
     gate: bool = True  # false promotes every candidate whatever its metrics (for experiments only)
     # ADWIN confidence on genuine enrollment scores; 0 turns drift requests off
     drift_delta: float = key(0.002, at_least=0, below=1)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.replay_selection not in REPLAY_SELECTIONS:
+            raise ConfigError(f"[refresh] replay_selection={self.replay_selection!r}; valid: {list(REPLAY_SELECTIONS)}")
 
 
 @dataclass(frozen=True)

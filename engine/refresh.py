@@ -118,7 +118,11 @@ class Refresher:
         cfg, clock = self.config.refresh, time.perf_counter()
         unseen = gate.unseen_speakers({u.speaker for u in utterances}, cfg.unseen_speaker_fraction)
         trainable, held = gate.split(utterances, cfg.holdout_fraction, unseen)
-        new, replay = choose_training(trainable, parent.trained_through, cfg)
+        vector_of = None
+        if cfg.replay_selection == "herding" and cfg.replay_size:
+            ids, _, matrix = self.store.embeddings.version_embeddings(parent.number)
+            vector_of = {int(uid): row for uid, row in zip(ids, matrix)}
+        new, replay = choose_training(trainable, parent.trained_through, cfg, vector_of)
         if not new:
             raise NothingToTrain(f"no new utterances since version {parent.number} was trained")
         if len(held) < cfg.min_holdout:

@@ -13,6 +13,11 @@ evicts a random item of the largest speaker, and an item of a largest speaker re
 one of that speaker's own items with the usual reservoir probability. Every speaker
 seen ends up with about ``capacity / speakers`` items (all of its items if it has fewer),
 each a uniform sample of that speaker's stream.
+
+:func:`herded_sample` is the other rule (``[refresh] replay_selection = "herding"``): the
+same balanced shares, but each speaker's share is chosen by herding on the parent's
+embeddings, so that the few utterances kept still average to where the speaker's
+centroid lies.
 """
 
 from __future__ import annotations
@@ -72,3 +77,53 @@ class SpeakerReservoir:
 
     def items(self) -> list[Any]:
         return [item for items in self._items.values() for item in items]
+
+
+def balanced_shares(counts: dict[Hashable, int], capacity: int) -> dict[Hashable, int]:
+    """How many items each speaker keeps in a sample of ``capacity``: the same share for
+    everyone, and what a speaker with fewer items leaves is shared among the others.
+
+    >>> balanced_shares({"a": 1, "b": 10, "c": 10}, 9)
+    {'a': 1, 'b': 4, 'c': 4}
+    """
+    shares, left = {}, capacity
+    ordered = sorted(counts, key=lambda s: counts[s])
+    for k, speaker in enumerate(ordered):
+        shares[speaker] = min(counts[speaker], left // (len(ordered) - k))
+        left -= shares[speaker]
+    return {speaker: shares[speaker] for speaker in counts}
+
+
+def herding(vectors: np.ndarray, k: int) -> list[int]:
+    """Rows of ``vectors`` chosen one at a time so that the mean of those chosen stays as
+    close as possible to the mean of all (herding, as iCaRL picks its exemplars: Rebuffi
+    et al., 2017): a small sample that still places the speaker's centroid where it is.
+
+    >>> herding(np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.4]]), 1)
+    [2]
+    """
+    target = vectors.mean(axis=0)
+    total = np.zeros_like(target)
+    chosen: list[int] = []
+    for i in range(min(k, len(vectors))):
+        gaps = np.linalg.norm(target - (total + vectors) / (i + 1), axis=1)
+        gaps[chosen] = np.inf
+        best = int(np.argmin(gaps))
+        chosen.append(best)
+        total += vectors[best]
+    return chosen
+
+
+def herded_sample(items: list, speaker_of, vector_of: dict, capacity: int) -> list:
+    """A speaker-balanced sample of at most ``capacity`` of ``items``, each speaker's share
+    chosen by :func:`herding` on ``vector_of[item.id]`` (items without a vector are left out)."""
+    groups: dict[Hashable, list] = {}
+    for item in items:
+        if item.id in vector_of:
+            groups.setdefault(speaker_of(item), []).append(item)
+    shares = balanced_shares({s: len(g) for s, g in groups.items()}, capacity)
+    sample = []
+    for speaker, group in groups.items():
+        picked = herding(np.stack([vector_of[item.id] for item in group]), shares[speaker])
+        sample += [group[i] for i in picked]
+    return sample

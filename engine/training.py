@@ -3,8 +3,9 @@
 Speaker-balanced mini-batches of random 1.6 s crops of kept utterances (speech, or kept
 features), the configured loss from the registry, and two pulls toward the frozen parent
 so that embeddings stay compatible with what it knew: distillation of its embeddings on
-replayed crops, and optionally L2-SP on its weights. :func:`interpolate` mixes parent and
-tuned weights afterwards (WiSE-FT).
+replayed crops, and optionally L2-SP on its weights. With ``lora_rank`` only low-rank
+updates of the weight matrices learn (:mod:`engine.lowrank`). :func:`interpolate` mixes
+parent and tuned weights afterwards (WiSE-FT).
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from engine.embedder import pick_device
 from engine.errors import InvalidInput
 from engine.frontends import create_frontend
 from engine.losses import LOSSES, create_loss
+from engine.lowrank import LowRankUpdate
 from engine.progress import Progress, report
-from engine.replay import SpeakerReservoir
+from engine.replay import SpeakerReservoir, herded_sample
 from engine.samplers import ClassBatchSampler, SpeakerBalancedSampler
 
 log = logging.getLogger(__name__)
@@ -40,12 +42,17 @@ class NothingToTrain(Exception):
 
 
 def choose_training(
-    trainable: list, trained_through: int, cfg: RefreshConfig
+    trainable: list, trained_through: int, cfg: RefreshConfig, vector_of: dict | None = None
 ) -> tuple[list, list]:
-    """(new, replayed): every new utterance (newest ``max_new``) and a replay sample of the rest."""
+    """(new, replayed): every new utterance (newest ``max_new``) and a replay sample of the
+    rest; with ``replay_selection = "herding"``, chosen on ``vector_of`` (the parent's
+    embeddings by utterance id)."""
     new = [u for u in trainable if u.id > trained_through][-cfg.max_new :]
     if cfg.replay_size == 0:
         return new, []
+    if cfg.replay_selection == "herding":
+        old = [u for u in trainable if u.id <= trained_through]
+        return new, sorted(herded_sample(old, lambda u: u.speaker, vector_of or {}, cfg.replay_size), key=lambda u: u.id)
     reservoir = SpeakerReservoir(cfg.replay_size, seed=cfg.seed)
     for utt in trainable:
         if utt.id <= trained_through:
@@ -143,6 +150,12 @@ def train(
     student = copy.deepcopy(parent).to(device).train()
     trainable = _unfrozen_parameters(student, cfg.frozen_layers)
     anchors = [p.detach().clone() for p in trainable]  # the parent's weights, for L2-SP
+    adapter = LowRankUpdate(student, trainable, cfg.lora_rank, seed=cfg.seed).to(device) if cfg.lora_rank else None
+    learnt = list(adapter.parameters()) if adapter else trainable
+    if adapter:
+        for parameter in trainable:  # the parent's weights stay; only the factors learn
+            parameter.requires_grad_(False)
+    encode = (lambda frames: adapter(student, frames)) if adapter else student
     names = sorted(set(speakers))
     labels = np.array([names.index(s) for s in speakers])
     n, m = _batch_shape(labels, cfg)
@@ -150,7 +163,7 @@ def train(
     loss_fn = loss_fn.to(device)
     distill = create_loss("distill", embedding_dim=student.embedding_dim).to(device)
     optimiser = torch.optim.Adam(
-        [{"params": trainable, "lr": cfg.lr}, {"params": loss_fn.parameters(), "lr": cfg.loss_lr}]
+        [{"params": learnt, "lr": cfg.lr}, {"params": loss_fn.parameters(), "lr": cfg.loss_lr}]
     )
     crops = Crops(kept, student, device, cfg.seed, _noise_bank(cfg, kept))
     # Mixed precision only where it pays (CUDA); bfloat16 needs no loss scaling.
@@ -160,7 +173,7 @@ def train(
         indices = next(batches)
         frames = crops.batch(indices)
         with autocast:
-            embeddings = student(frames).float()
+            embeddings = encode(frames).float()
             if loss_fn.kind == "classification":
                 value = loss_fn(embeddings, torch.as_tensor(labels[indices], device=device))
             else:
@@ -170,12 +183,12 @@ def train(
                 target = teacher(frames[mask]).float()
                 value = value + cfg.distill_weight * distill(embeddings[mask], target)
             if cfg.l2sp_weight > 0:
-                value = value + cfg.l2sp_weight * _squared_distance(trainable, anchors)
+                value = value + cfg.l2sp_weight * _squared_distance(_current(student, trainable, adapter), anchors)
         if hasattr(loss_fn, "step"):  # A-Softmax anneals once per optimiser step
             loss_fn.step()
         optimiser.zero_grad()
         value.backward()
-        torch.nn.utils.clip_grad_norm_(trainable + list(loss_fn.parameters()), CLIP_NORM)
+        torch.nn.utils.clip_grad_norm_(learnt + list(loss_fn.parameters()), CLIP_NORM)
         optimiser.step()
         losses.append(float(value.detach()))
         report(on_progress, step, cfg.steps, "training")
@@ -183,12 +196,15 @@ def train(
             log.info("refresh: time budget of %.0f s spent after %d steps", cfg.time_budget_s, step)
             break
     seconds = time.perf_counter() - started
+    if adapter:
+        adapter.merge_into(student)  # the checkpoint keeps the encoder's usual shape
     stats = {
         "loss": cfg.loss,
         "steps": step,
         "batch": [n, m],
         "frozen_layers": cfg.frozen_layers,
         "l2sp_weight": cfg.l2sp_weight,
+        "lora_rank": cfg.lora_rank,
         "distance_from_parent": round(float(torch.sqrt(_squared_distance(trainable, anchors).detach())), 5),
         "seconds": round(seconds, 2),
         "seconds_per_step": round(seconds / max(step, 1), 3),
@@ -211,6 +227,14 @@ def interpolate(parent: torch.nn.Module, tuned: torch.nn.Module, alpha: float) -
     mixed.load_state_dict({k: torch.lerp(start[k].float(), v.float(), alpha).to(v.dtype) if v.is_floating_point() else v
                            for k, v in tuned.state_dict().items()})
     return mixed
+
+
+def _current(student: torch.nn.Module, trainable: list, adapter: LowRankUpdate | None) -> list[torch.Tensor]:
+    """The weights in ``trainable`` as the forward pass sees them (with the low-rank update added)."""
+    if adapter is None:
+        return trainable
+    weights, name_of = adapter.weights(student), {id(p): name for name, p in student.named_parameters()}
+    return [weights[name_of[id(p)]] for p in trainable]  # in the order of the anchors
 
 
 def _squared_distance(weights: list[torch.Tensor], anchors: list[torch.Tensor]) -> torch.Tensor:

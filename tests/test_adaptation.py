@@ -15,7 +15,9 @@ from engine import Engine, audio, gate
 from engine.config import RefreshConfig
 from engine.embedder import Embedder
 from engine.encoders import create_encoder
-from engine.errors import InvalidInput, TooShort
+from engine.errors import ConfigError, InvalidInput, TooShort
+from engine.lowrank import LowRankUpdate
+from engine.replay import balanced_shares, herding
 from engine.metrics import eer
 from engine.training import interpolate, train
 
@@ -263,6 +265,85 @@ def test_an_interpolating_refresh_promotes_the_best_scoring_mix(tmp_path, by_spe
         again = eng.refresher.embed_utterances(eng.embedder(active), [int(ids[0]), int(ids[-1])], what="check")
         np.testing.assert_allclose(np.stack(list(again.values())), stored[[0, -1]], atol=1e-5)
         assert report.metrics["candidate"]["overall"]["probes"] == report.metrics["parent"]["overall"]["probes"]
+
+
+# -- low-rank updates (LoRA) and herded replay --------------------------------------------
+
+
+def test_a_low_rank_update_starts_at_the_parent_and_merges_into_what_it_trained():
+    encoder = create_encoder("ge2e-lstm", pretrained=True).eval()
+    frames = torch.randn(3, encoder.window_frames, 40)
+    adapter = LowRankUpdate(encoder, list(encoder.parameters()), rank=4)
+    # Every matrix of the LSTM (input and recurrent, per layer) and the projection; no bias.
+    assert sorted(adapter.names) == sorted(n for n, p in encoder.named_parameters() if p.ndim == 2) and len(adapter.names) == 7
+    with torch.no_grad():
+        torch.testing.assert_close(adapter(encoder, frames), encoder(frames))  # B = 0: the parent exactly
+        for b in adapter.b:
+            b.normal_(std=0.05)
+        adapted = adapter(encoder, frames)
+        assert (adapted - encoder(frames)).abs().max() > 1e-3
+        before = {n: p.clone() for n, p in encoder.named_parameters()}
+        adapter.merge_into(encoder)
+        torch.testing.assert_close(encoder(frames), adapted)
+        for (name, p), a, b in zip(((n, dict(encoder.named_parameters())[n]) for n in adapter.names), adapter.a, adapter.b):
+            torch.testing.assert_close(p - before[name], b @ a)  # the change of each matrix has rank <= 4
+            assert torch.linalg.matrix_rank(p - before[name]) <= 4
+
+
+def test_lora_training_moves_only_low_rank_directions_of_the_unfrozen_matrices(by_speaker):
+    parent, kept, speakers, replayed, heads = _vctk_training_data(by_speaker)
+    cfg = RefreshConfig(lora_rank=2, lr=1e-3, frozen_layers=2, steps=3, speakers_per_batch=4, utterances_per_speaker=2)
+    candidate, stats = train(parent, kept, speakers, replayed, heads, cfg, "cpu")
+    assert stats["lora_rank"] == 2 and stats["steps"] == 3
+    before, after = dict(parent.named_parameters()), dict(candidate.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    # Layer 3's two matrices and the projection's weight moved; biases and the two frozen layers did not.
+    assert changed == {"lstm.weight_ih_l2", "lstm.weight_hh_l2", "linear.weight"}
+    for name in changed:  # rank 2, up to float32 rounding of the merged weights
+        singular = torch.linalg.svdvals((after[name] - before[name]).detach().double())
+        assert singular[2] < 1e-2 * singular[0], (name, singular[:4])
+    with torch.no_grad():
+        distance = float(torch.sqrt(sum(((after[n] - before[n]) ** 2).sum() for n in changed)))
+    assert stats["distance_from_parent"] == pytest.approx(distance, rel=1e-4)
+
+
+def test_herding_keeps_the_utterances_whose_mean_stays_at_the_speakers_mean():
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(40, 8))
+    chosen = herding(vectors, 4)
+    assert len(set(chosen)) == 4
+    gap = np.linalg.norm(vectors[chosen].mean(axis=0) - vectors.mean(axis=0))
+    # Better than nearly every random choice of four.
+    random_gaps = [np.linalg.norm(vectors[rng.choice(40, 4, replace=False)].mean(axis=0) - vectors.mean(axis=0)) for _ in range(200)]
+    assert gap < np.quantile(random_gaps, 0.02)
+    assert sorted(herding(vectors[:3], 10)) == [0, 1, 2]  # asked for more than there are: each once
+
+
+def test_balanced_shares_fill_the_capacity_fairly():
+    assert balanced_shares({"a": 1, "b": 10, "c": 10}, 9) == {"a": 1, "b": 4, "c": 4}
+    assert balanced_shares({"a": 2, "b": 3}, 100) == {"a": 2, "b": 3}
+    shares = balanced_shares({s: 9 for s in "abcdefg"}, 20)
+    assert sum(shares.values()) <= 20 and max(shares.values()) - min(shares.values()) <= 1
+
+
+def test_a_herding_refresh_replays_a_balanced_sample_and_promotes(tmp_path, by_speaker):
+    files = by_speaker("vctk-4")
+    write_refresh_config(tmp_path, replay_selection="herding", replay_size=4, steps=2, holdout_fraction=0.4, gate=False,
+                         speakers_per_batch=4, utterances_per_speaker=2)
+    with Engine.init(home=tmp_path) as eng:
+        enroll(eng, {s: paths[:5] for s, paths in files.items()})
+        first = eng.refresh()
+        assert first.status == "promoted", first.reasons
+        enroll(eng, {s: paths[5:7] for s, paths in files.items()})
+        second = eng.refresh()
+        assert second.status == "promoted", second.reasons
+        assert second.metrics["data"]["replayed"] == 4  # one herded utterance for each of the 4 speakers
+        assert second.metrics["data"]["new"] > 0
+
+
+def test_an_unknown_replay_selection_is_a_config_error():
+    with pytest.raises(ConfigError, match="replay_selection='newest'"):
+        RefreshConfig(replay_selection="newest")
 
 
 # -- the default recipe on real speech ----------------------------------------------------
