@@ -279,5 +279,19 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
         section, _, key = name[len(ENV_PREFIX):].lower().partition("__")
+        _check_variable(name, section, key, value)
         data.setdefault(section, {})[key] = value
     return Config.from_dict(data, origin=str(path) if path else "environment")
+
+
+def _check_variable(name: str, section: str, key: str, value: str) -> None:
+    """An environment override checked on its own, so that a mistake in it names the
+    variable, not the config file it would have overridden."""
+    sections = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+    if section not in sections:
+        raise ConfigError(f"environment variable {name}: no section [{section}]; valid: {sorted(sections)}")
+    try:
+        _build_section(sections[section], {key: value}, f"environment variable {name}")
+    except ConfigError as exc:
+        message = str(exc)
+        raise ConfigError(message if message.startswith("environment variable") else f"environment variable {name}: {message}") from None

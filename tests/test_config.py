@@ -59,9 +59,22 @@ def test_mistakes_are_errors(tmp_path, text, message):
         load_config(path, environ={})
 
 
-def test_unknown_environment_key_is_an_error():
-    with pytest.raises(ConfigError, match="unknown key"):
-        load_config(None, environ={"VOICEPRINT_AUDIO__NOPE": "1"})
+def test_a_mistake_in_an_environment_variable_names_the_variable_not_the_file(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text("[refresh]\nsteps = 10\n")
+    cases = {
+        "VOICEPRINT_AUDIO__NOPE": ("1", r"^environment variable VOICEPRINT_AUDIO__NOPE: unknown key\(s\) \['nope'\]"),
+        "VOICEPRINT_NOPE__STEPS": ("1", r"^environment variable VOICEPRINT_NOPE__STEPS: no section \[nope\]"),
+        "VOICEPRINT_REFRESH__STEPS": ("many", r"^environment variable VOICEPRINT_REFRESH__STEPS: steps='many' is not a valid int"),
+    }
+    for name, (value, message) in cases.items():
+        with pytest.raises(ConfigError, match=message) as caught:
+            load_config(path, environ={name: value})
+        assert str(path) not in str(caught.value)
+    # The file's own mistakes still name the file.
+    path.write_text("[refresh]\nstepz = 10\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))} \[refresh\]: unknown key"):
+        load_config(path, environ={})
 
 
 # -- ranges: every numeric key declares one, and values outside it are refused by name ----
@@ -110,7 +123,7 @@ OUTSIDE = [(section, f.name, value) for section, f in numeric_keys() for value i
 @pytest.mark.parametrize("section, key, value", OUTSIDE, ids=[f"{s}.{k}={v!r}" for s, k, v in OUTSIDE])
 def test_values_outside_a_range_are_refused_naming_the_key(section, key, value):
     environ = {f"VOICEPRINT_{section.upper()}__{key.upper()}": repr(value) if isinstance(value, float) else str(value)}
-    with pytest.raises(ConfigError, match=rf"^\[{section}\] {key} must be "):
+    with pytest.raises(ConfigError, match=rf"^environment variable {next(iter(environ))}: \[{section}\] {key} must be "):
         load_config(None, environ=environ)
 
 
