@@ -51,7 +51,7 @@ class Jobs:
             )
             if queued:
                 job, rest = queued[0], queued[1:]
-                job.reason = reason if job.reason == reason else f"{job.reason}; {reason}"
+                job.reason = _joined_reason(job.reason, reason)
             else:
                 job, rest = m.Job(kind=kind, reason=reason, result={}, requested_at=now), []
                 s.add(job)
@@ -166,3 +166,11 @@ def _job_record(row: m.Job) -> Job:
         started_at=row.started_at,
         finished_at=row.finished_at,
     )
+
+
+def _joined_reason(requested: str, starting: str) -> str:
+    """The reason a request was queued with, then what the run that took it adds, each
+    part once: "requested over HTTP" and "requested over HTTP; 57 pending" make
+    "requested over HTTP; 57 pending"."""
+    parts = requested.split("; ")
+    return "; ".join(parts + [part for part in starting.split("; ") if part not in parts])

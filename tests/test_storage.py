@@ -359,6 +359,14 @@ def test_alias_moves_only_to_a_complete_version_when_asked(store: Store) -> None
     assert store.registry.active_version().number == v2
 
 
+def test_a_job_reason_says_each_part_once(store: Store) -> None:
+    # The service worker's reason starts with the request's own; it read
+    # "requested over HTTP; requested over HTTP; 57 pending" before.
+    asked = store.jobs.queue_job("refresh", "requested over HTTP")
+    taken, _ = store.jobs.start_job("refresh", "requested over HTTP; 57 pending", owner="host:1")
+    assert taken.id == asked.id and taken.reason == "requested over HTTP; 57 pending"
+
+
 def test_jobs_lifecycle_and_interrupted_cleanup(store: Store) -> None:
     rng = np.random.default_rng(6)
     v1 = new_version(store)
