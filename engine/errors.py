@@ -135,6 +135,12 @@ class InvalidInput(VoiceprintError):
     code = "invalid_input"
 
 
+class UnknownUtterance(InvalidInput):
+    """No stored utterance has this id (HTTP 404)."""
+
+    code = "unknown_utterance"
+
+
 class RefreshBusy(VoiceprintError):
     """Another process holds the refresh lock (a refresh or rollback is running)."""
 

@@ -43,6 +43,7 @@ STATUS_OF: tuple[tuple[type[errors.VoiceprintError], int], ...] = (
     (errors.AudioError, 422),
     (errors.UnknownSpeaker, 404),
     (errors.UnknownVersion, 404),
+    (errors.UnknownUtterance, 404),
     (errors.DuplicateUtterance, 409),
     (errors.RefreshBusy, 409),
     (errors.UnfinishedVersion, 409),

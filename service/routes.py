@@ -8,7 +8,7 @@ reads) run there anyway.
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 from fastapi import APIRouter, Depends, Path, Request, Response
@@ -191,6 +191,37 @@ def erase(request: Request, speaker: str) -> dict:
     """Erase everything stored about a speaker: audio or features, embeddings under every
     version, centroids, held utterances. The audit log keeps only that an erasure happened."""
     return _engine(request).erase_speaker(speaker, by=f"key:{request.state.key.id}")
+
+
+HELD = {"enrolled": "enrolled", "held_for_review": "pending", "all": None}  # the query's words -> the stored status
+
+
+@router.get("/v1/utterances", tags=["enrollment"], responses=ERRORS, dependencies=[require("enroll")])
+def utterances(request: Request, speaker: str, status: Literal["enrolled", "held_for_review", "all"] = "all") -> list[dict]:
+    """One speaker's stored utterances, oldest first: id, source name, seconds of audio and
+    of speech, quality report, and whether it is held for review (it did not sound like
+    the speaker: accept or remove it). 404 for a speaker who is not enrolled."""
+    engine = _engine(request)
+    engine.speaker(speaker)
+    return [
+        {"id": u.id, "speaker": u.speaker, "source": u.source, "created_at": u.created_at.isoformat(),
+         "duration_s": u.duration_s, "speech_s": u.speech_s, "held_for_review": u.status == "pending", "quality": u.quality}
+        for u in engine.utterances(speaker, status=HELD[status])
+    ]
+
+
+@router.post("/v1/utterances/{utterance_id}/accept", tags=["enrollment"], responses=ERRORS, dependencies=[require("admin")])
+def accept(request: Request, utterance_id: Id) -> dict:
+    """Move an utterance held for review into its speaker's profile (a person listened to
+    it); 400 if it is not held, 404 if there is no such utterance."""
+    return _engine(request).accept_utterance(utterance_id)
+
+
+@router.delete("/v1/utterances/{utterance_id}", tags=["enrollment"], responses=ERRORS, dependencies=[require("admin")])
+def remove_utterance(request: Request, utterance_id: Id) -> dict:
+    """Delete one utterance (its audio or features and embeddings) and take it out of its
+    speaker's profile under every version, exactly; 404 if there is no such utterance."""
+    return _engine(request).remove_utterance(utterance_id)
 
 
 @router.post(

@@ -10,7 +10,7 @@ from sqlalchemy import delete, func, insert, select
 from sqlalchemy.orm import Session
 
 from engine.centroids import RunningCentroid
-from engine.errors import InvalidInput, StorageError, UnknownSpeaker, VersionChanged
+from engine.errors import InvalidInput, StorageError, UnknownSpeaker, UnknownUtterance, VersionChanged
 from storage import db, ids
 from storage import models as m
 from storage.records import Centroid, Enrollment, SpeakerSummary, UtteranceRecord
@@ -131,13 +131,15 @@ class Profiles:
 
         Raises
         ------
+        UnknownUtterance
+            No such utterance.
         InvalidInput
-            No such utterance, or it is not pending.
+            It is not held for review.
         """
         with self._db.session(f"accept utterance {utterance_id}", write=True) as s:
             row = _utterance_locked(s, utterance_id)
             if row.status != "pending":
-                raise InvalidInput(f"utterance {utterance_id} is not pending review")
+                raise InvalidInput(f"utterance {utterance_id} is not held for review")
             now = db.now()
             for version, vector in (embeddings or {}).items():
                 db.insert_ignoring_conflict(
@@ -169,7 +171,7 @@ class Profiles:
         """The versions an utterance has an embedding under; InvalidInput if there is no such utterance."""
         with self._db.session(f"read the versions of utterance {utterance_id}") as s:
             if ids.get(s, m.Utterance, utterance_id) is None:
-                raise InvalidInput(f"no utterance {utterance_id}")
+                raise UnknownUtterance(f"no utterance {utterance_id}")
             return sorted(s.scalars(select(m.Embedding.version).where(m.Embedding.utterance_id == utterance_id)))
 
     def speakers(self, name: str | None = None) -> list[SpeakerSummary]:
@@ -395,7 +397,7 @@ def _utterance_locked(s: Session, utterance_id: int) -> m.Utterance:
     query = select(m.Utterance.speaker_id).where(m.Utterance.id == utterance_id)
     speaker_id = s.scalar(query) if ids.fits(m.Utterance.id, utterance_id) else None
     if speaker_id is None:
-        raise InvalidInput(f"no utterance {utterance_id}")
+        raise UnknownUtterance(f"no utterance {utterance_id}")
     s.execute(select(m.Speaker.id).where(m.Speaker.id == speaker_id).with_for_update())
     return s.get(m.Utterance, utterance_id)
 

@@ -196,3 +196,47 @@ def test_eval_reads_its_lists_only_inside_the_audio_roots(tmp_path, dev_data):
     for extra in ([str(manifest)], [str(inside_manifest), "--trials", str(trials)]):
         out = subprocess.run(base + ["eval", *extra], cwd=REPO, capture_output=True, text=True)
         assert out.returncode == 2 and "roots" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_utterances_are_listed_accepted_and_removed_over_http_by_the_right_roles(tmp_path, by_speaker):
+    voices = by_speaker("librispeech-test-other")
+    ann, bob, cat = sorted(voices)[:3]
+    home = tmp_path / "home"
+    with Engine.init(home=home) as eng:
+        keys = {role: eng.create_key(role, by="test")[1] for role in ("admin", "enroll", "query")}
+        for name in (ann, bob, cat):
+            for path in voices[name][:4]:
+                eng.enroll(name, path)
+        result = eng.enroll(ann, voices[bob][5])  # bob's voice under ann's name: held for review
+        assert result.feedback == "INCONSISTENT_SPEAKER"
+        held = result.utterance_id
+    db = f"sqlite:///{home / 'voiceprint.db'}"
+    with TestClient(create_app(str(home), db, background=False)) as client:
+        def call(method: str, route: str, role: str, **params):
+            return client.request(method, route, params=params, headers={"X-API-Key": keys[role]})
+
+        assert call("GET", "/v1/utterances", "query", speaker=ann).status_code == 403
+        listed = call("GET", "/v1/utterances", "enroll", speaker=ann).json()
+        assert len(listed) == 5 and [u["id"] for u in listed if u["held_for_review"]] == [held]
+        assert {"source", "created_at", "duration_s", "speech_s", "quality"} <= set(listed[0])
+        assert [u["id"] for u in call("GET", "/v1/utterances", "enroll", speaker=ann, status="held_for_review").json()] == [held]
+        assert len(call("GET", "/v1/utterances", "enroll", speaker=ann, status="enrolled").json()) == 4
+        assert call("GET", "/v1/utterances", "enroll", speaker=ann, status="pending").status_code == 422
+        missing = call("GET", "/v1/utterances", "enroll", speaker="nobody")
+        assert missing.status_code == 404 and missing.json()["error"] == "unknown_speaker"
+
+        assert call("POST", f"/v1/utterances/{held}/accept", "enroll").status_code == 403
+        accepted = call("POST", f"/v1/utterances/{held}/accept", "admin")
+        assert accepted.status_code == 200 and accepted.json() == {"utterance": held, "speaker": ann, "status": "enrolled"}
+        profile = call("GET", f"/v1/speakers/{ann}", "enroll").json()
+        assert profile["held_for_review"] == [] and profile["utterances"] == 5
+        again = call("POST", f"/v1/utterances/{held}/accept", "admin")
+        assert again.status_code == 400 and "not held for review" in again.json()["message"]
+
+        assert call("DELETE", f"/v1/utterances/{held}", "enroll").status_code == 403
+        removed = call("DELETE", f"/v1/utterances/{held}", "admin")
+        assert removed.status_code == 200 and removed.json()["removed"] is True
+        assert call("GET", f"/v1/speakers/{ann}", "enroll").json()["utterances"] == 4
+        for method, route in (("DELETE", f"/v1/utterances/{held}"), ("POST", f"/v1/utterances/{held}/accept")):
+            gone = call(method, route, "admin")
+            assert gone.status_code == 404 and gone.json()["error"] == "unknown_utterance", (method, gone.text)
