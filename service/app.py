@@ -146,6 +146,7 @@ def create_app(home: str | None = None, db: str | None = None, *, background: bo
         lifespan=lifespan,
     )
     app.state.metrics = metrics
+    app.state.db = url  # the unmasked URL, for the stored schedule that GET /v1/status lists
     app.add_middleware(SizeLimits, max_bytes=config.service.max_request_bytes)
     _add_error_handlers(app)
     _add_request_metrics(app, metrics)

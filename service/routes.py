@@ -273,6 +273,23 @@ def refresh(request: Request, reason: str = "requested over HTTP") -> dict:
     return job_dict(job)
 
 
+@router.post("/v1/calibrate", tags=["models"], responses=ERRORS, dependencies=[require("admin")])
+async def calibrate(request: Request) -> dict:
+    """Fit the active version's calibration again (as ``voiceprint calibrate``): the
+    thresholds of every back-end, their fit, and how many trials they rest on."""
+    return asdict(await run_in_threadpool(_engine(request).calibrate))
+
+
+@router.get("/v1/status", tags=["models"], responses=ERRORS, dependencies=[require("admin")])
+def status(request: Request) -> dict:
+    """The state of the home (as ``voiceprint status``): active version, new utterances
+    since it was trained, held for review, queued / running / last job, calibration,
+    scrub, and the stored refresh schedule."""
+    from engine import scheduler
+
+    return {**_engine(request).status(), "schedule": scheduler.list_schedule(request.app.state.db)}
+
+
 @router.get("/v1/jobs/{job_id}", tags=["models"], responses=ERRORS, dependencies=[require("admin")])
 def job(request: Request, job_id: Id) -> dict:
     """A refresh or rollback job: queued, running, succeeded, rejected, failed or skipped."""

@@ -240,3 +240,24 @@ def test_utterances_are_listed_accepted_and_removed_over_http_by_the_right_roles
         for method, route in (("DELETE", f"/v1/utterances/{held}"), ("POST", f"/v1/utterances/{held}/accept")):
             gone = call(method, route, "admin")
             assert gone.status_code == 404 and gone.json()["error"] == "unknown_utterance", (method, gone.text)
+
+
+def test_status_and_calibrate_over_http_need_an_admin_key(vctk_home):
+    home, db, keys = vctk_home
+    with Engine.open(home=home, db=db) as eng:
+        expected = eng.status()
+    with TestClient(create_app(str(home), db, background=False)) as client:
+        for route, method in (("/v1/status", "GET"), ("/v1/calibrate", "POST")):
+            for role in ("enroll", "query"):
+                assert client.request(method, route, headers={"X-API-Key": keys[role]}).status_code == 403, (route, role)
+        admin = {"X-API-Key": keys["admin"]}
+        before = client.get("/v1/status", headers=admin).json()
+        assert before["active_version"] == expected["active_version"] == 1
+        assert before["held_for_review"] == expected["held_for_review"] and before["calibration"] is None
+        assert before["schedule"] == []
+        fitted = client.post("/v1/calibrate", headers=admin)
+        assert fitted.status_code == 200, fitted.text
+        body = fitted.json()
+        assert body["version"] == 1 and body["trials"]["speakers"] == 4 and "cosine" in body["thresholds"]
+        after = client.get("/v1/status", headers=admin).json()
+        assert after["calibration"]["id"] == body["id"] and after["calibration"]["speakers_now"] == 4
