@@ -258,9 +258,14 @@ def _build_section(section_cls: type, values: Mapping[str, Any], origin: str) ->
     return section_cls(**kwargs)
 
 
+def _section_classes() -> dict[str, type]:
+    """Each ``[section]`` name and the dataclass its keys are built into."""
+    return {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+
+
 def flag_for(section: str, name: str) -> Callable[[str], Any]:
     """An argparse ``type=`` refusing what ``[section] name`` refuses (``serve --port``)."""
-    section_cls = {f.name: f.default_factory for f in dataclasses.fields(Config)}[section]  # type: ignore[misc]
+    section_cls = _section_classes()[section]
     declared = {f.name: f for f in dataclasses.fields(section_cls)}[name]
     return flag(declared.metadata["bounds"], type(declared.default))
 
@@ -287,7 +292,7 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
 def _check_variable(name: str, section: str, key: str, value: str) -> None:
     """An environment override checked on its own, so that a mistake in it names the
     variable, not the config file it would have overridden."""
-    sections = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+    sections = _section_classes()
     if section not in sections:
         raise ConfigError(f"environment variable {name}: no section [{section}]; valid: {sorted(sections)}")
     try:

@@ -168,7 +168,7 @@ class Profiles:
             return record
 
     def embedded_versions(self, utterance_id: int) -> list[int]:
-        """The versions an utterance has an embedding under; InvalidInput if there is no such utterance."""
+        """The versions an utterance has an embedding under; UnknownUtterance if there is no such utterance."""
         with self._db.session(f"read the versions of utterance {utterance_id}") as s:
             if ids.get(s, m.Utterance, utterance_id) is None:
                 raise UnknownUtterance(f"no utterance {utterance_id}")
