@@ -9,6 +9,7 @@ one line on stderr, plus a JSON document on stdout.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -25,9 +26,11 @@ from typing import Any
 from engine.bounds import COUNT, OneLineParser, flag, identifier, interval
 from engine.config import flag_for
 from engine.errors import InvalidInput, VoiceprintError
+from engine.manifests import path_lines
 
 EXIT_OK, EXIT_NEGATIVE, EXIT_ERROR = 0, 1, 2
-GLOBAL_DEFAULTS = {"home": None, "db": None, "json": False, "verbose": False}
+GLOBAL_DEFAULTS = {"home": None, "db": None, "json": False, "verbose": 0}
+OWN_LOGGERS = ("engine", "storage", "service", "voiceprint")  # what -v shows at INFO; -vv shows every library's too
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     for option, default in GLOBAL_DEFAULTS.items():
         if not hasattr(args, option):
             setattr(args, option, default)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if args.verbose > 1 else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in OWN_LOGGERS if args.verbose else ():
+        logging.getLogger(name).setLevel(logging.INFO)
     try:
         return args.run(args)
     except VoiceprintError as exc:
@@ -62,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--home", default=argparse.SUPPRESS, help="home folder (default $VOICEPRINT_HOME, else ./voiceprint-home)")
     common.add_argument("--db", default=argparse.SUPPRESS, help="SQLAlchemy URL (default $VOICEPRINT_DATABASE_URL, else SQLite in the home)")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable JSON on stdout")
-    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log progress to stderr")
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                        help="log what the engine does to stderr; -vv also what its libraries do (Alembic's migrations, ...)")
 
     parser = OneLineParser(prog="voiceprint", description="Incremental speaker recognition.", parents=[common])
     parser.add_argument("--version", action="version", version=f"voiceprint {package_version('voiceprint-engine')}")
@@ -95,16 +101,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("utterance", type=identifier, help="utterance id")
     p.set_defaults(method="remove_utterance", done="utterance {utterance} of {speaker} removed (it was {was})")
 
-    p = command("identify", cmd_identify, "rank enrolled speakers for one utterance (1:N)")
-    p.add_argument("file", type=Path)
+    probes = "also the audio files this file names, one path a line ('-' for stdin), answered as the lines arrive"
+    p = command("identify", cmd_identify, "rank enrolled speakers for each utterance (1:N); one answer per file as it is computed")
+    p.add_argument("files", nargs="*", type=Path)
+    p.add_argument("--list", dest="probe_list", metavar="FILE", help=probes)
     p.add_argument("--top", type=flag(COUNT), default=5, help="how many candidates to show (default 5)")
 
-    p = command("verify", cmd_verify, "accept or reject a claimed identity (1:1)")
+    p = command("verify", cmd_verify, "accept or reject a claimed identity (1:1) for each utterance")
     p.add_argument("speaker")
-    p.add_argument("file", type=Path)
+    p.add_argument("files", nargs="*", type=Path)
+    p.add_argument("--list", dest="probe_list", metavar="FILE", help=probes)
 
-    command("speakers", cmd_speakers, "list enrolled speakers")
+    p = command("speakers", cmd_speakers, "list enrolled speakers, or one speaker's utterances (ids for accept / remove-utterance)")
+    p.add_argument("speaker", nargs="?", help="list this speaker's utterances: id, status, speech seconds, when enrolled")
     command("versions", cmd_versions, "list model versions with their status, gate metrics and why any was rejected")
+    p = command("prune", cmd_prune, "delete the weights of rejected and retired versions (their rows and metrics stay)")
+    p.add_argument("--dry-run", action="store_true", help="only say what would be deleted")
 
     p = command("refresh", cmd_refresh, "fine-tune a candidate version now; promote it if it passes the gate")
     p.add_argument("--dry-run", action="store_true", help="train and evaluate the candidate, never promote it")
@@ -128,9 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     when.add_argument("--every", type=interval, help="refresh at this interval: 90s, 15m, 6h, 2d")
     when.add_argument("--cron", help='refresh at these times, crontab syntax in UTC, e.g. "0 3 * * *"')
     p.add_argument("--min-new", type=flag(COUNT), help="refresh only once this many utterances arrived since the active version")
-    p.add_argument("--check-every", type=interval, default="1m", help="how often --min-new is checked (default 1m)")
+    p.add_argument("--check-every", type=interval, help="how often --min-new is checked (default 1m)")
     p.add_argument("--list", action="store_true", help="show the schedule")
-    p.add_argument("--clear", action="store_true", help="remove the schedule")
+    p.add_argument("--clear", nargs="?", const="all", choices=["all", "timed", "min-new"],
+                   help="remove the schedule, or only its timed part (--every/--cron) or its --min-new")
 
     p = command("serve", cmd_serve, "run the HTTP API and the refresh schedule until stopped (SIGINT/SIGTERM)")
     p.add_argument("--host", help="address to listen on (default [service] host, 127.0.0.1)")
@@ -349,6 +362,8 @@ def cmd_speakers(args: argparse.Namespace) -> int:
 
 def cmd_delete_speaker(args: argparse.Namespace) -> int:
     if not args.yes:
+    if args.speaker is not None:
+        return _speaker_utterances(args)
         if not sys.stdin.isatty():
             raise InvalidInput("delete-speaker erases data for good: pass --yes")
         if input(f"erase everything stored about {args.speaker!r}? [y/N] ").strip().lower() not in ("y", "yes"):
@@ -357,6 +372,20 @@ def cmd_delete_speaker(args: argparse.Namespace) -> int:
     with open_engine(args) as eng:
         result = eng.erase_speaker(args.speaker)
     line = (
+def _speaker_utterances(args: argparse.Namespace) -> int:
+    from engine.results import utterance_dict
+
+    with open_engine(args) as eng:
+        found = [utterance_dict(u) for u in eng.speaker_utterances(args.speaker)]
+    lines = [f"{'id':>8}  {'status':<15} {'speech s':>8}  {'enrolled':<16}  source"]
+    lines += [f"{u['id']:>8}  {u['status']:<15} {u['speech_s']:>8.1f}  {u['created_at'][:16].replace('T', ' '):<16}  {u['source']}"
+              for u in found]
+    held = sum(u["held_for_review"] for u in found)
+    notes = [f"{len(found)} utterances, {held} held for review (voiceprint accept|remove-utterance ID)"]
+    answer(args, found, lines, notes)
+    return EXIT_OK
+
+
         f"erased {result['speaker']}: {result['utterances']} utterance(s), {result['embeddings']} embedding(s), "
         f"{result['centroids']} profile(s)"
     )
@@ -376,11 +405,14 @@ def cmd_delete_speaker(args: argparse.Namespace) -> int:
 
 
 def cmd_identify(args: argparse.Namespace) -> int:
-    with open_engine(args) as eng:
-        result = eng.identify(args.file, top=args.top)
+    return recognise(args, lambda eng, probes: eng.identify_each(probes, top=args.top), _identification_lines,
+                     lambda result: {**asdict(result), "unknown": result.decision is None})
+
+
+def _identification_lines(result) -> list[str]:
     why = f" ({result.reason})" if result.reason and result.candidates else ""
     lines = [
-        f"decision: {result.decision or 'unknown'}{why}  ({result.backend} threshold {result.threshold:.3f}, "
+        f"decision: {result.decision or 'unknown'}{why}  ({result.backend} threshold {_maybe(result.threshold)}, "
         f"model version {result.version})"
     ]
     if result.candidates:
@@ -389,19 +421,85 @@ def cmd_identify(args: argparse.Namespace) -> int:
         lines.append(f"{rank:>3}. {hit.speaker:<30} {hit.score:>7.3f} {_maybe(hit.normalised):>8} {_maybe(hit.llr):>7}")
     if not result.candidates:
         lines.append("no speakers are enrolled yet")
-    answer(args, {**asdict(result), "unknown": result.decision is None}, lines)
-    return EXIT_OK
+    return lines + [f"note: {note}" for note in result.notes]
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    with open_engine(args) as eng:
-        result = eng.verify(args.speaker, args.file)
-    line = (
+    return recognise(args, lambda eng, probes: eng.verify_each(args.speaker, probes), lambda result: [
         f"{'accept' if result.accepted else 'reject'} {result.speaker}: cosine {result.score:.3f}  as-norm {_maybe(result.normalised)}  "
-        f"LLR {_maybe(result.llr)}  ({result.backend} threshold {result.threshold:.3f}, model version {result.version})"
-    )
-    answer(args, asdict(result), [line])
-    return EXIT_OK if result.accepted else EXIT_NEGATIVE
+        f"LLR {_maybe(result.llr)}  ({result.backend} threshold {_maybe(result.threshold)}, model version {result.version})"
+    ], asdict, accepted=lambda result: result.accepted)
+
+
+def recognise(args: argparse.Namespace, run, lines_of, document_of, accepted=lambda result: True) -> int:
+    """identify and verify. One file answers as it always did. Several (or --list) answer
+    each file as soon as it is computed: a block (one line for verify), or one JSON line,
+    a refused file with its error in its own answer. Exit 0 all answered (and, for
+    verify, accepted), 1 some refused (or rejected), 2 none answered."""
+    if not args.files and args.probe_list is None:
+        raise InvalidInput("no audio to answer for: name files, or --list FILE ('-' for stdin)")
+    batch = args.probe_list is not None or len(args.files) > 1
+    stream, base = _probe_list(args)
+    labels: deque[str] = deque()  # each probe's path as written, beside the engine's items
+
+    def probes() -> Iterator[Any]:
+        named = ((str(path), path) for path in args.files)
+        listed = path_lines(stream, base) if stream is not None else ()
+        for text, item in itertools.chain(named, listed):
+            labels.append(text)
+            yield item if isinstance(item, VoiceprintError) else (item, None)
+
+    failed = total = rejected = 0
+    try:
+        with open_engine(args) as eng:
+            for result in run(eng, probes()):
+                source, total = labels.popleft(), total + 1
+                if not batch:
+                    if isinstance(result, VoiceprintError):
+                        raise result
+                    answer(args, document_of(result), lines_of(result))
+                    return EXIT_OK if accepted(result) else EXIT_NEGATIVE
+                failed += report_probe(args, source, result, lines_of, document_of)
+                rejected += not isinstance(result, VoiceprintError) and not accepted(result)
+    finally:
+        if stream is not None and stream is not sys.stdin:
+            stream.close()
+    if not total:
+        raise InvalidInput(f"{args.probe_list} names no audio files")
+    if not args.json:
+        print(f"{total - failed} of {total} files answered", file=sys.stderr)
+    return EXIT_ERROR if failed == total else EXIT_NEGATIVE if failed or rejected else EXIT_OK
+
+
+def _probe_list(args: argparse.Namespace):
+    """The --list stream and the folder its relative paths start from (None: no list)."""
+    from engine.audio import check_root
+    from engine.home import load_home_config
+    from engine.manifests import open_list
+
+    if args.probe_list is None:
+        return None, Path.cwd()
+    if args.probe_list == "-":
+        if hasattr(sys.stdin, "reconfigure"):
+            sys.stdin.reconfigure(errors="replace")  # a line that is not UTF-8 fails alone (path_lines)
+        return sys.stdin, Path.cwd()
+    # A list is read only from where audio may be read ([audio] roots), like a stream's rows.
+    path = check_root(args.probe_list, load_home_config(args.home).audio.roots)
+    return open_list(path, "probe list", encoding="utf-8", errors="replace"), path.parent
+
+
+def report_probe(args: argparse.Namespace, source: str, result, lines_of, document_of) -> int:
+    """Print one file's answer as soon as it is known; return 1 if the file was refused."""
+    refused = isinstance(result, VoiceprintError)
+    if args.json:
+        emit({"file": source, "ok": False, "error": result.code, "message": str(result)} if refused else
+             {"file": source, "ok": True, **document_of(result)})
+    elif refused:
+        error(f"{str(result) if source in str(result) else f'{source}: {result}'} ({result.code})")
+    else:
+        lines = lines_of(result)
+        print("\n".join([f"{source}: {lines[0]}"] if len(lines) == 1 else [f"{source}:", *(f"  {ln}" for ln in lines)]), flush=True)
+    return int(refused)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -416,8 +514,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         fit = calibration.fit.get(backend, {})
         extra = f"  Cllr {fit['cllr']:.3f}" if "cllr" in fit else ""
         lines.append(
-            f"  {backend:<18} verify >= {cuts['verify']:.3f}  identify >= {cuts['identify']:.3f}  "
-            f"EER {fit.get('eer', float('nan')):.2%}{extra}"
+            f"  {backend:<18} verify >= {cuts['verify']:.3f} ({fit.get('verify_basis', '?')})  identify >= "
+            f"{cuts['identify']:.3f} ({fit.get('identify_basis', '?')})  EER {fit.get('eer', float('nan')):.2%}{extra}"
         )
     notes = [f"note: {note}" for note in calibration.fit.get("notes", [])]
     if "asnorm" not in calibration.thresholds:
@@ -496,12 +594,22 @@ def cmd_refresh(args: argparse.Namespace) -> int:
         "promoted": f"version {report.version} promoted (now active)",
         "rejected": f"version {report.version} rejected, version {report.parent} stays active",
         "dry-run": "dry run: nothing stored",
+            + (" [weights pruned]" if "pruned" in v.metrics else "")
         "skipped": "skipped",
     }[report.status]
     lines = [f"refresh job {report.job}: {what}"]
     parent, candidate = report.metrics.get("parent"), report.metrics.get("candidate")
     if parent and candidate:
         lines += [
+def cmd_prune(args: argparse.Namespace) -> int:
+    with open_engine(args) as eng:
+        result = eng.prune(dry_run=args.dry_run)
+    lines = [f"version {v['version']} ({v['status']}): {v['bytes'] / 2**20:.1f} MiB" for v in result["versions"]]
+    lines.append(f"{'would free' if args.dry_run else 'freed'} {result['freed_bytes'] / 2**20:.1f} MiB")
+    answer(args, {"ok": True, **result}, lines)
+    return EXIT_OK
+
+
             f"  {group:<8} {parent[group]['probes']:>4} held-out  "
             f"top-1 {parent[group]['accuracy']:.1%} -> {candidate[group]['accuracy']:.1%}  "
             f"EER {parent[group]['eer']:.2%} -> {candidate[group]['eer']:.2%}"
@@ -532,13 +640,14 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     from engine import scheduler
     home, db = _home_and_db(args)
     open_engine(args).close()  # a clear error if the home or database is not initialised
-    setting = bool(args.every or args.cron or args.min_new is not None)
+    setting = bool(args.every or args.cron or args.min_new is not None or args.check_every)
     jobs, removed = [], 0
     if args.clear:
         if setting:
-            raise InvalidInput("--clear takes no --every/--cron/--min-new")
-        removed = scheduler.clear_schedule(db)
-        lines, notes = [f"schedule cleared ({removed} job(s) removed)"], []
+            raise InvalidInput("--clear takes no --every/--cron/--min-new/--check-every")
+        removed = scheduler.clear_schedule(db, args.clear)
+        jobs = scheduler.list_schedule(db)
+        lines, notes = [f"schedule cleared: {args.clear} ({removed} job(s) removed)"], []
     else:
         if args.list or not setting:
             jobs = scheduler.list_schedule(db)
@@ -585,7 +694,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 def _job_line(job: dict) -> str:
     when = job["finished_at"] or job["started_at"] or job["requested_at"]
     version = f" -> v{job['version']}" if job["version"] else ""
-    return f"#{job['id']} {job['kind']} {job['status']}{version} at {when} ({job['reason']})"
+    kind = f"{job['kind']} (dry run)" if job.get("dry_run") else job["kind"]
+    return f"#{job['id']} {kind} {job['status']}{version} at {when} ({job['reason']})"
 
 
 # -- the service ---------------------------------------------------------------------
@@ -634,6 +744,7 @@ def _key_line(key) -> str:
 
 
 def cmd_openapi(args: argparse.Namespace) -> int:
+    logging.getLogger("voiceprint").setLevel(logging.INFO)  # the access log and lifecycle events, -v or not
     from service import create_app
 
     print(json.dumps(create_app(args.home, args.db).openapi(), indent=2, sort_keys=True))

@@ -17,7 +17,8 @@ from engine import access, evaluation, health, jobs
 from engine.audio import Source
 from engine.config import Config
 from engine.enrollment import Enroller, Item
-from engine.errors import DiskFull, NotInitialised, UnknownSpeaker, VoiceprintError
+from engine.errors import AudioError, DiskFull, InvalidInput, NotEnoughData, NotInitialised, UnknownSpeaker, VoiceprintError
+from engine.events import event
 from engine.home import (
     RESERVE_BYTES, Home, actor, ensure_sqlite_folder, keep_reserve, release_reserve, sqlite_file, undone_on_failure,
 )
@@ -45,6 +46,14 @@ def _open_store(url: str) -> Store:
     return store
 
 
+def _answer(call, *args, **kwargs):
+    """``call``'s answer for one probe, or the error that refused that probe's audio."""
+    try:
+        return call(*args, **kwargs)
+    except (AudioError, InvalidInput) as exc:
+        return exc
+
+
 class Engine:
     """Enroll, identify and verify against a persistent store.
 
@@ -61,7 +70,7 @@ class Engine:
         self.models = ModelRegistry(home, store)
         self.recognizer = Recognizer(store, self.models, home.config)
         self.enroller = Enroller(store, self.models, home.config, self.recognizer.consistency_threshold, self.request_refresh)
-        self.refresher = Refresher(store, self.models, home.config, self.recognizer.calibrate)
+        self.refresher = Refresher(store, self.models, home.config, self.calibrate)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -137,6 +146,16 @@ class Engine:
     def version(self, number: int) -> ModelVersion:
         return self.models.get(number)
 
+    def prune(self, *, dry_run: bool = False) -> dict:
+        """Delete the weights of rejected and retired versions, keeping their rows and
+        metrics (see :meth:`ModelRegistry.prune`); ``{"versions", "freed_bytes", "dry_run"}``.
+        Rolling back to a pruned version then raises :class:`~engine.errors.WeightsPruned`."""
+        result = self.models.prune(dry_run=dry_run)
+        if not dry_run:
+            event("pruned", versions=",".join(str(v["version"]) for v in result["versions"]) or None,
+                  freed_bytes=result["freed_bytes"])
+        return result
+
     def embedder(self, version: ModelVersion):
         """The (cached) embedder of a version, its checkpoint verified by sha256."""
         return self.models.embedder(version)
@@ -199,11 +218,35 @@ class Engine:
         """Utterances (of one speaker) with ``status`` "enrolled", "pending" or None for both."""
         return self.store.profiles.utterances(None if speaker is None else normalise_speaker_name(speaker), status=status)
 
+    def speaker_utterances(self, speaker: str, *, status: str | None = None) -> list[UtteranceRecord]:
+        """One enrolled speaker's utterances, oldest first (``status`` as in :meth:`utterances`,
+        default both); :class:`~engine.errors.UnknownSpeaker` for a name not enrolled."""
+        self.speaker(speaker)
+        return self.utterances(speaker, status=status)
+
     # -- recognition -------------------------------------------------------------------
 
     def identify(self, source: Source, *, top: int = 5, name: str | None = None) -> Identification:
         """Rank every enrolled speaker against one utterance (1:N, open set)."""
         return self.recognizer.identify(source, top=top, name=name)
+
+    def identify_each(
+        self, probes: Iterable[tuple[Source, str | None] | VoiceprintError], *, top: int = 5
+    ) -> Iterator[Identification | VoiceprintError]:
+        """:meth:`identify` each ``(source, name)`` probe, yielding each answer as soon as it
+        is computed (probes may still be arriving). A probe whose audio is refused (bad,
+        missing, outside ``[audio] roots``), or an error given in a probe's place, is
+        yielded in its slot, and the rest go on; any other error stops the run."""
+        for probe in probes:
+            yield probe if isinstance(probe, VoiceprintError) else _answer(self.identify, probe[0], top=top, name=probe[1])
+
+    def verify_each(
+        self, speaker: str, probes: Iterable[tuple[Source, str | None] | VoiceprintError], *, disclose: bool = True
+    ) -> Iterator[Verification | VoiceprintError]:
+        """:meth:`verify` each probe against ``speaker``, as :meth:`identify_each` does."""
+        for probe in probes:
+            yield probe if isinstance(probe, VoiceprintError) else _answer(
+                self.verify, speaker, probe[0], name=probe[1], disclose=disclose)
 
     def verify(self, speaker: str, source: Source, *, name: str | None = None, disclose: bool = True) -> Verification:
         """Score one utterance against a claimed speaker (1:1); ``disclose=False``: the
@@ -212,7 +255,10 @@ class Engine:
 
     def calibrate(self, version: int | None = None):
         """Fit a version's (default: the active one's) calibration; see :class:`Recognizer`."""
-        return self.recognizer.calibrate(version)
+        fitted = self.recognizer.calibrate(version)
+        event("calibrated", version=fitted.version, targets=fitted.trials.get("target"),
+              nontargets=fitted.trials.get("nontarget"), speakers=fitted.trials.get("speakers"))
+        return fitted
 
     def calibration(self):
         """The active version's newest calibration, or None."""
@@ -246,9 +292,10 @@ class Engine:
         """Utterances enrolled after the active version's training data was taken."""
         return self.store.profiles.count_utterances_after(self.active_version().trained_through)
 
-    def request_refresh(self, reason: str) -> Job:
-        """Queue a refresh request; the service's worker (or the next refresh) picks it up."""
-        return self.store.jobs.queue_job("refresh", reason)
+    def request_refresh(self, reason: str, *, dry_run: bool = False) -> Job:
+        """Queue a refresh request; the service's worker (or the next refresh of the same
+        kind: a dry run or not) picks it up."""
+        return self.store.jobs.queue_job("refresh", reason, dry_run=dry_run)
 
     def queued_refresh(self) -> bool:
         return bool(self.store.jobs.list_jobs(limit=1, status="queued"))
@@ -265,6 +312,10 @@ class Engine:
 
     def readiness(self) -> dict:
         """Whether enrollment and identification can work now: database, active checkpoint,
+    def next_refresh_request(self) -> Job | None:
+        """The queued refresh request waiting longest (its ``dry_run`` says how to run it), or None."""
+        return self.store.jobs.oldest_queued("refresh")
+
         disk space, each reported on its own (:mod:`engine.health`)."""
         return health.readiness(self.models)
 

@@ -164,6 +164,7 @@ class Enroller:
             consistency_cut=cut,
             consistency_min_count=cfg.consistency_min_count,
             forced_by=forced_by,
+            duplicate_cut=cfg.duplicate_cosine or None,
         )
         if stored.similarity_before is not None:
             # Held utterances count too: many of them at once (a new microphone, a broken

@@ -74,6 +74,13 @@ class UnknownVersion(VoiceprintError):
     code = "unknown_version"
 
 
+class WeightsPruned(VoiceprintError):
+    """A version whose checkpoint was deleted by ``voiceprint prune``: its row and metrics
+    remain as the record, but it can no longer embed, be evaluated or be activated."""
+
+    code = "weights_pruned"
+
+
 class UnknownName(VoiceprintError):
     """A registry lookup (encoder, frontend, loss) named something unregistered."""
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,8 @@ from engine.progress import Progress, report
 
 LOAD_CHUNK = 64  # files decoded and run through the VAD together
 DURATION_BUCKETS = ((0.0, 2.0, "< 2 s"), (2.0, 5.0, "2-5 s"), (5.0, float("inf"), "> 5 s"))
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -131,6 +134,9 @@ def _embed_files(embedder, config: Config, paths: list[Path], on_progress: Progr
                 refused[s.code] += 1
         if ok:
             for (p, s), vector in zip(ok, embedder.embed([s.samples for _, s in ok])):
+    # The first chunk takes seconds (decoding, the VAD, the encoder): say at once what is coming.
+    log.info("eval: loading and embedding %d files, %d at a time", len(paths), LOAD_CHUNK)
+    report(on_progress, 0, len(paths), "embedding")
                 speeches[p], embeddings[p] = s, vector
                 rates[s.quality.input_sample_rate] += 1
         report(on_progress, start + len(chunk), len(paths), "embedding")

@@ -10,10 +10,12 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from engine.errors import RefreshBusy, StorageError
+from engine.events import event
 from storage import Job, ModelVersion, Store
 from storage.jobs import UNFINISHED
 
@@ -32,6 +34,7 @@ class RunningJob:
 
     def __init__(self, store: Store, job: Job) -> None:
         self.store, self.job = store, job
+        self.started = time.monotonic()
         self.snapshot: Callable[[], dict] = dict  # what is known so far, recorded if the body fails
 
     @property
@@ -44,11 +47,18 @@ class RunningJob:
 
     def finish(self, status: str, *, result: dict, version: int | None = None) -> None:
         self.store.jobs.update_job(self.job.id, status=status, version=version, result=result)
+        # The job's reason is left out: a client may write anything there, a name too.
+        event(
+            f"{self.job.kind}_finished", job=self.job.id, status=status, outcome=result.get("status"),
+            version=version, parent=result.get("parent", result.get("previous")),
+            why="; ".join(result.get("reasons") or []) or None, seconds=time.monotonic() - self.started,
+        )
 
 
 @contextmanager
-def running_job(store: Store, kind: str, reason: str) -> Iterator[RunningJob]:
+def running_job(store: Store, kind: str, reason: str, *, dry_run: bool = False) -> Iterator[RunningJob]:
     """Run a ``kind`` job under the lock; :class:`~engine.errors.RefreshBusy` if it is taken.
+    ``dry_run`` jobs take only queued dry-run requests, other jobs only the others.
 
     Any exception from the body (KeyboardInterrupt too: a job must not stay "running"
     after a clean stop) marks the job failed with the error and is re-raised. When even
@@ -56,13 +66,15 @@ def running_job(store: Store, kind: str, reason: str) -> Iterator[RunningJob]:
     job reads "running" with the lock free, and :func:`recover_interrupted` fails it.
     """
     with store.exclusive(LOCK):
-        job, interrupted = store.jobs.start_job(kind, reason, owner=job_owner())
+        job, interrupted = store.jobs.start_job(kind, reason, owner=job_owner(), dry_run=dry_run)
         for old in interrupted:
             log.warning("job %d was interrupted (its process stopped); marked failed", old.id)
         run = RunningJob(store, job)
+        event(f"{kind}_started", job=job.id, owner=job.owner)
         try:
             yield run
         except BaseException as exc:
+            event(f"{kind}_failed", logging.WARNING, job=job.id, error=getattr(exc, "code", type(exc).__name__))
             try:
                 store.jobs.fail_job(job.id, result={**run.snapshot(), "error": str(exc) or type(exc).__name__})
             except StorageError as unrecorded:

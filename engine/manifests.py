@@ -8,6 +8,8 @@ Three shapes of input name audio files and who speaks in them:
 - a *trial list* (``read_trials``): lines ``enroll-speaker probe-path target|nontarget``;
 - an *enrollment stream* (``stream_rows``): CSV with a header, or JSON lines, read row by
   row as they arrive (``voiceprint stream``), where one bad row must not stop the rest.
+- a *list of probes* (``path_lines``): one audio path a line (``voiceprint identify
+  --list``), read as the lines arrive.
 
 Pure: the standard library and :mod:`engine.errors` only, so the CLI, the evaluation, the
 benchmarks and the tests all read the same files the same way.
@@ -167,6 +169,32 @@ def stream_rows(stream: TextIO, base: Path) -> Iterator[tuple[int, tuple[str, Pa
             continue
         path = Path(fields["path"])
         yield number, (str(fields["speaker"]), path if path.is_absolute() else base / path, None), fields["path"]
+
+
+def path_lines(stream: TextIO, base: Path) -> Iterator[tuple[str, Path | InvalidInput]]:
+    """A list of audio files, one path a line, read as the lines arrive (``voiceprint
+    identify --list``): ``(the line as written, its path or an error)``.
+
+    Blank lines are skipped; a relative path is resolved against ``base`` (the list's
+    folder, the working folder for stdin). A line holding U+FFFD (bytes that were not
+    UTF-8, read by a stream opened with ``errors="replace"``) names no file anyone can
+    open: it is yielded as an :class:`~engine.errors.InvalidInput` in its place.
+
+    >>> import io
+    >>> [(text, str(p)) for text, p in path_lines(io.StringIO("a.flac\\n\\n /x/b.wav \\n"), Path("/data"))]
+    [('a.flac', '/data/a.flac'), ('/x/b.wav', '/x/b.wav')]
+    """
+    lines = iter(stream.readline, "")  # not iteration: that reads ahead and holds back lines on a pipe
+    for number, line in enumerate(lines, start=1):
+        text = line.removeprefix(BOM) if number == 1 else line
+        text = text.strip()
+        if not text:
+            continue
+        if REPLACED in text:
+            yield text[:80], InvalidInput(f"line {number}: not valid UTF-8")
+            continue
+        path = Path(text)
+        yield text, path if path.is_absolute() else base / path
 
 
 Row = tuple[dict | str, str]  # the row's fields (or why it has none), and its text

@@ -10,17 +10,20 @@ from __future__ import annotations
 import os
 import threading
 import uuid
+from datetime import datetime, timezone
 
 import torch
 
 from engine.checkpoints import load_checkpoint, save_checkpoint
 from engine.embedder import Embedder
 from engine.encoders import create_encoder
-from engine.errors import NotInitialised
+from engine.errors import NotInitialised, WeightsPruned
 from engine.home import CHECKPOINTS, Home, actor
+from engine.jobs import LOCK
 from storage import ModelVersion, Store
 
 ACTIVE = "active"
+PRUNABLE = ("rejected", "retired")  # what prune deletes the weights of
 CHECKPOINT_NAME = CHECKPOINTS + "/v{number:04d}.pt"  # formatted by the store with the new number
 
 
@@ -43,6 +46,7 @@ class ModelRegistry:
 
     def embedder(self, version: ModelVersion) -> Embedder:
         """The (cached) embedder of a model version, its checkpoint verified by sha256."""
+        require_weights(version)
         with self._lock:
             if version.number not in self._embedders:
                 encoder = create_encoder(version.encoder)
@@ -77,6 +81,29 @@ class ModelRegistry:
             self._embedders.pop(version.number, None)
         self.home.checkpoint_path(version.checkpoint).unlink(missing_ok=True)
 
+    def prune(self, *, dry_run: bool = False) -> dict:
+        """Delete the checkpoints of rejected and retired versions; their rows, metrics and
+        notes stay (``metrics["pruned"]`` records when and how much). Never the active
+        version, a candidate, nor the root version (the pretrained weights every lineage
+        starts from). Holds the refresh lock, so no refresh or rollback is using a version
+        meanwhile (:class:`~engine.errors.RefreshBusy` if one runs). Returns what was (with
+        ``dry_run``: would be) deleted and the bytes freed."""
+        with self.store.exclusive(LOCK):
+            found = {v.number: self.home.checkpoint_path(v.checkpoint) for v in self.all()}
+            chosen = [v for v in self.all() if prunable(v) and ("pruned" not in (v.metrics or {}) or found[v.number].exists())]
+            sizes = {v.number: found[v.number].stat().st_size if found[v.number].is_file() else 0 for v in chosen}
+            if not dry_run:
+                when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+                for v in chosen:
+                    # Recorded before the file goes: a crash between leaves a version that
+                    # says "pruned" (and a file the next prune deletes), never a silent gap.
+                    if "pruned" not in (v.metrics or {}):
+                        record = {"at": when, "by": actor(), "bytes": sizes[v.number]}
+                        self.store.registry.update_version(v.number, metrics={**(v.metrics or {}), "pruned": record})
+                    self.delete_weights(v)
+        versions = [{"version": v.number, "status": v.status, "bytes": sizes[v.number]} for v in chosen]
+        return {"dry_run": dry_run, "versions": versions, "freed_bytes": sum(sizes.values())}
+
     def ensure_first(self) -> ModelVersion:
         """The active version; on a home with none, version 1 made active.
 
@@ -99,3 +126,19 @@ class ModelRegistry:
             )
         self.store.registry.set_alias(ACTIVE, version.number, actor=actor(), reason="init")
         return self.active()
+
+
+def prunable(version: ModelVersion) -> bool:
+    """Whether :meth:`ModelRegistry.prune` deletes this version's weights (or did: a
+    version marked pruned whose file a crash left is deleted again)."""
+    return version.status in PRUNABLE and not version.active and version.parent is not None
+
+
+def require_weights(version: ModelVersion) -> None:
+    """:class:`WeightsPruned` if ``version``'s checkpoint was pruned."""
+    pruned = (version.metrics or {}).get("pruned")
+    if pruned:
+        raise WeightsPruned(
+            f"version {version.number}'s weights were pruned on {pruned['at']} (voiceprint prune); "
+            "its record and metrics remain, but it cannot be used or activated again"
+        )

@@ -33,7 +33,7 @@ from engine.errors import IncompleteVersion, NotEnoughData, TrainingDataErased, 
 from engine.home import actor
 from engine.jobs import running_job, unfinished
 from engine.losses import LOSSES
-from engine.models import ACTIVE, ModelRegistry
+from engine.models import ACTIVE, ModelRegistry, require_weights
 from engine.progress import Progress, report
 from engine.results import RefreshReport
 from engine.training import NothingToTrain, check_frozen_layers, choose_training, interpolate, train
@@ -68,7 +68,7 @@ class Refresher:
         if taken). Any failure marks the job failed and leaves the active version as it was.
         """
         LOSSES.get(self.config.refresh.loss)  # an unknown loss fails before any work
-        with running_job(self.store, "refresh", reason) as job:
+        with running_job(self.store, "refresh", reason, dry_run=dry_run) as job:
             parent = self.models.active()
             result = RefreshReport(job=job.id, status="skipped", parent=parent.number)
             job.snapshot = result.to_dict
@@ -134,7 +134,8 @@ class Refresher:
         parent_encoder = self.models.embedder(parent).encoder
         check_frozen_layers(parent_encoder, cfg.frozen_layers)  # before minutes of loading
         chosen = new + replay
-        kept_by_id = self.load_kept([u.id for u in chosen], parent_encoder.frontend)
+        log.info("refresh: loading the kept data of %d new and %d replayed utterances", len(new), len(replay))
+        kept_by_id = self.load_kept([u.id for u in chosen], parent_encoder.frontend, on_progress=on_progress)
         chosen = [u for u in chosen if u.id in kept_by_id]  # deleted meanwhile
         names, matrix = self.store.profiles.centroid_matrix(parent.number)
         replay_ids = {u.id for u in replay}
@@ -158,6 +159,7 @@ class Refresher:
             on_progress,
         )
         result.timings["train_s"] = result.metrics["training"]["seconds"]
+        log.info("refresh: trained %d steps in %.0f s", result.metrics["training"]["steps"], result.timings["train_s"])
         return candidate, held, unseen, {u.id: u.content_sha256 for u in chosen}
 
     def _embed_candidate(self, parent: ModelVersion, tuned, snapshot: list[int], judge_on, result: RefreshReport, on_progress):
@@ -172,8 +174,11 @@ class Refresher:
             encoder = tuned if alpha == 1.0 else interpolate(parent_encoder, tuned, alpha)
             embedder = Embedder(encoder, device=self.config.encoder.device, batch_windows=self.config.encoder.batch_windows)
             what = "re-embedding" if len(mixes) == 1 else f"re-embedding (mix {alpha:g})"
+            log.info("refresh: %s %d utterances", what, len(snapshot))
             vectors = self.embed_utterances(embedder, snapshot, what=what, on_progress=on_progress)
+            report(on_progress, 0, 1, "gate")
             parent_metrics, metrics = judge_on(vectors)
+            report(on_progress, 1, 1, "gate")
             score = tried[f"{alpha:g}"] = gate.mixing_score(metrics)
             if best is None or score > best[0]:
                 best = (score, alpha, encoder, vectors, parent_metrics, metrics)
@@ -258,6 +263,7 @@ class Refresher:
         """
         started = time.perf_counter()
         target = self.models.get(number)
+        require_weights(target)  # before "unfinished": no force brings pruned weights back
         if unfinished(target) and not force:
             raise UnfinishedVersion(
                 f"version {number} is a candidate its refresh never finished ({target.status}); "
@@ -284,14 +290,18 @@ class Refresher:
 
     # -- a whole version's embeddings --------------------------------------------------
 
-    def load_kept(self, ids: list[int], frontend: str) -> dict[int, np.ndarray]:
-        """What was kept of utterances, decoded for an encoder of ``frontend``, by id."""
+    def load_kept(self, ids: list[int], frontend: str, *, on_progress: Progress | None = None) -> dict[int, np.ndarray]:
+        """What was kept of utterances, decoded for an encoder of ``frontend``, by id;
+        with ``on_progress``, read ``EMBED_CHUNK`` at a time and reported as "loading kept audio"."""
         out = {}
-        for uid, (data, codec, rate) in self.store.embeddings.audio_many(ids).items():
-            try:
-                out[uid] = kept.decode(data, codec, rate, frontend=frontend)
-            except VoiceprintError as exc:
-                raise type(exc)(f"utterance {uid}: {exc}") from None
+        step = EMBED_CHUNK if on_progress is not None else max(len(ids), 1)
+        for start in range(0, len(ids), step):
+            for uid, (data, codec, rate) in self.store.embeddings.audio_many(ids[start : start + step]).items():
+                try:
+                    out[uid] = kept.decode(data, codec, rate, frontend=frontend)
+                except VoiceprintError as exc:
+                    raise type(exc)(f"utterance {uid}: {exc}") from None
+            report(on_progress, min(start + step, len(ids)), len(ids), "loading kept audio")
         return out
 
     def embed_utterances(self, embedder: Embedder, ids: list[int], *, what: str, on_progress=None) -> dict[int, np.ndarray]:

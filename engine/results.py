@@ -32,9 +32,22 @@ class Identification:
     speech_s: float
     candidates: tuple[Hit, ...]  # best first, by the deciding back-end's score
     decision: str | None  # the best speaker, or None for "unknown"
-    threshold: float  # on the deciding back-end's scale
+    threshold: float | None  # on the deciding back-end's scale (None: nothing to decide with)
     backend: str = "cosine"  # the back-end that decided (cosine until the version is calibrated)
     reason: str = ""  # why "unknown": below the threshold, or too close to the second best
+    notes: tuple[str, ...] = ()  # what the operator should know: another back-end decided, or no calibration yet
+
+
+@dataclass(frozen=True)
+class ProbeAnswer:
+    """One file's slot in a batch (``POST /v1/identify/batch``): its answer, or the error
+    code and message that refused it (the rest of the batch is answered all the same)."""
+
+    file: str
+    ok: bool
+    result: Identification | None = None
+    error: str | None = None
+    message: str | None = None
 
 
 @dataclass(frozen=True)
@@ -44,11 +57,12 @@ class Verification:
     version: int
     speech_s: float
     score: float | None  # cosine with the profile (centred when the calibration centres); None: not disclosed
-    threshold: float  # on the deciding back-end's scale
+    threshold: float | None  # on the deciding back-end's scale (None: nothing to decide with)
     accepted: bool
     normalised: float | None = None
     llr: float | None = None
     backend: str = "cosine"
+    notes: tuple[str, ...] = ()  # as Identification.notes
 
 
 @dataclass
@@ -68,6 +82,18 @@ class RefreshReport:
 
 
 Outcome = EnrollmentResult | VoiceprintError
+
+
+def utterance_dict(utterance) -> dict:
+    """A stored utterance as JSON-ready values; ``status`` in the words of the CLI and the
+    HTTP API: "enrolled" (in the profile) or "held_for_review" (accept or remove it)."""
+    held = utterance.status == "pending"
+    return {
+        "id": utterance.id, "speaker": utterance.speaker, "source": utterance.source,
+        "status": "held_for_review" if held else "enrolled", "created_at": utterance.created_at.isoformat(),
+        "duration_s": utterance.duration_s, "speech_s": utterance.speech_s, "held_for_review": held,
+        "quality": utterance.quality,
+    }
 
 
 def job_dict(job) -> dict:

@@ -80,6 +80,10 @@ def new_scheduler(store: Store) -> BackgroundScheduler:
     )
 
 
+SCHEDULE_PARTS = ("all", "timed", "min-new")  # what ``clear_schedule`` may remove
+DEFAULT_CHECK_EVERY = "1m"
+
+
 def set_schedule(
     home: str,
     db: str,
@@ -87,46 +91,84 @@ def set_schedule(
     every: str | None = None,
     cron: str | None = None,
     min_new: int | None = None,
-    check_every: str = "1m",
+    check_every: str | None = None,
 ) -> list[dict]:
-    """Store the refresh schedule (replacing any previous one) and return it."""
+    """Change the stored refresh schedule and return it.
+
+    Each setting given replaces its own part and nothing else: ``every``/``cron`` the
+    timed trigger (its next run is kept when only the count changes), ``min_new`` the
+    count (for the timed job and the ``--min-new`` condition alike), ``check_every`` how
+    often that count is looked at. Remove a part with :func:`clear_schedule`.
+    """
     if every and cron:
         raise InvalidInput("give --every or --cron, not both")
-    if not (every or cron or min_new):
-        raise InvalidInput("nothing to schedule: give --every, --cron or --min-new")
+    if not (every or cron or min_new is not None or check_every):
+        raise InvalidInput("nothing to schedule: give --every, --cron, --min-new or --check-every")
     if min_new is not None and min_new < 1:
         raise InvalidInput("--min-new must be at least 1")
-    timed = IntervalTrigger(seconds=parse_every(every).total_seconds(), timezone=UTC) if every else None
-    timed = parse_cron(cron) if cron else timed
-    poll = IntervalTrigger(seconds=parse_every(check_every).total_seconds(), timezone=UTC)
-    now = datetime.now(UTC)
-    jobs = []
-    if timed is not None:
-        why = f"schedule ({_describe(timed)})"
-        kwargs = {"home": str(home), "db": db, "min_new": min_new or 1, "why": why}
-        jobs.append((TIMED_JOB, timed, kwargs, timed.get_next_fire_time(None, now)))
-    if min_new is not None:
-        # Paused (no next run time): the service's job worker counts, not APScheduler.
-        jobs.append((POLL_JOB, poll, {"home": str(home), "db": db, "min_new": min_new, "why": "enough new utterances"}, None))
+    new_timed = parse_cron(cron) if cron else _interval(every) if every else None
+    new_poll = _interval(check_every) if check_every else None
     with _jobstore(db) as (scheduler, store):
-        _remove_ours(store)
-        for job_id, trigger, kwargs, next_run in jobs:
-            # Written straight to the job store: starting a scheduler only to add jobs
-            # would let its thread fire overdue jobs while it shuts down.
-            store.add_job(
-                Job(
-                    scheduler, id=job_id, name=job_id, func=run_scheduled_refresh, trigger=trigger,
-                    executor="default", args=(), kwargs=kwargs, coalesce=True, max_instances=1,
-                    misfire_grace_time=MISFIRE_GRACE_S, next_run_time=next_run,
-                )
-            )
+        timed_job, poll_job = store.lookup_job(TIMED_JOB), store.lookup_job(POLL_JOB)
+        count = min_new if min_new is not None else poll_job.kwargs.get("min_new") if poll_job else None
+        if count is None and new_poll is not None:
+            raise InvalidInput("--check-every says how often --min-new is counted, and no --min-new is set")
+        timed = new_timed or (timed_job.trigger if timed_job else None)
+        next_run = timed_job.next_run_time if timed_job is not None and new_timed is None else None
+        poll = new_poll or (poll_job.trigger if poll_job else _interval(DEFAULT_CHECK_EVERY))
+        _write(scheduler, store, home, db, timed, next_run, count, poll)
         return _listing(store)
 
 
-def clear_schedule(db: str) -> int:
-    """Remove the refresh schedule; returns how many jobs were removed."""
-    with _jobstore(db) as (_, store):
-        return _remove_ours(store)
+def clear_schedule(db: str, part: str = "all") -> int:
+    """Remove the refresh schedule, or one part of it: ``"timed"`` (``--every``/``--cron``)
+    or ``"min-new"`` (the count; a timed job left then refreshes whenever one utterance
+    is new). Returns how many stored jobs were removed."""
+    if part not in SCHEDULE_PARTS:
+        raise InvalidInput(f"--clear takes {', '.join(SCHEDULE_PARTS)}, not {part!r}")
+    with _jobstore(db) as (scheduler, store):
+        if part == "all":
+            return _remove_ours(store)
+        timed_job, poll_job = store.lookup_job(TIMED_JOB), store.lookup_job(POLL_JOB)
+        gone = timed_job if part == "timed" else poll_job
+        if gone is None:
+            return 0
+        home = gone.kwargs["home"]
+        if part == "timed":
+            count, poll = (poll_job.kwargs["min_new"], poll_job.trigger) if poll_job else (None, None)
+            _write(scheduler, store, home, db, None, None, count, poll)
+        else:
+            timed, next_run = (timed_job.trigger, timed_job.next_run_time) if timed_job else (None, None)
+            _write(scheduler, store, home, db, timed, next_run, None, None)
+        return 1
+
+
+def _interval(text: str) -> IntervalTrigger:
+    return IntervalTrigger(seconds=parse_every(text).total_seconds(), timezone=UTC)
+
+
+def _write(scheduler, store: Any, home: str, db: str, timed, next_run, count: int | None, poll) -> None:
+    """Replace our stored jobs with the timed trigger (``next_run`` kept, or computed) and
+    the ``count`` condition looked at every ``poll``; either may be None (not stored)."""
+    jobs = []
+    if timed is not None:
+        why = f"schedule ({_describe(timed)})"
+        kwargs = {"home": str(home), "db": db, "min_new": count or 1, "why": why}
+        jobs.append((TIMED_JOB, timed, kwargs, next_run or timed.get_next_fire_time(None, datetime.now(UTC))))
+    if count is not None:
+        # Paused (no next run time): the service's job worker counts, not APScheduler.
+        jobs.append((POLL_JOB, poll, {"home": str(home), "db": db, "min_new": count, "why": "enough new utterances"}, None))
+    _remove_ours(store)
+    for job_id, trigger, kwargs, run_at in jobs:
+        # Written straight to the job store: starting a scheduler only to add jobs
+        # would let its thread fire overdue jobs while it shuts down.
+        store.add_job(
+            Job(
+                scheduler, id=job_id, name=job_id, func=run_scheduled_refresh, trigger=trigger,
+                executor="default", args=(), kwargs=kwargs, coalesce=True, max_instances=1,
+                misfire_grace_time=MISFIRE_GRACE_S, next_run_time=run_at,
+            )
+        )
 
 
 def list_schedule(db: str) -> list[dict]:
@@ -191,12 +233,14 @@ def run_scheduled_refresh(home: str, db: str, min_new: int | None, why: str) -> 
 
     try:
         with Engine.open(home=home, db=db) as eng:
-            queued = eng.queued_refresh()
             pending = eng.pending_utterances()
-            if not queued and (min_new is None or pending < min_new):
+            # Due by its own count: a real refresh (taking the real requests queued). Else
+            # the request waiting longest runs as it was asked: a dry run stays a dry run.
+            request = eng.next_refresh_request() if min_new is None or pending < min_new else None
+            if request is None and (min_new is None or pending < min_new):
                 log.debug("scheduled refresh not due: %d pending, min_new %s, nothing queued", pending, min_new)
                 return "not due"
-            report = eng.refresh(reason=f"{why}; {pending} pending")
+            report = eng.refresh(dry_run=request is not None and request.dry_run, reason=f"{why}; {pending} pending")
             log.info("scheduled refresh job %d: %s (version %s)", report.job, report.status, report.version)
             return f"refreshed: {report.status}"
     except RefreshBusy:

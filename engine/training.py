@@ -168,6 +168,7 @@ def train(
     crops = Crops(kept, student, device, cfg.seed, _noise_bank(cfg, kept))
     # Mixed precision only where it pays (CUDA); bfloat16 needs no loss scaling.
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    log.info("training: up to %d steps of %dx%d crops on %s (time budget %.0f s)", cfg.steps, n, m, device.type, cfg.time_budget_s)
     started, losses, step = time.perf_counter(), [], 0
     for step in range(1, cfg.steps + 1):
         indices = next(batches)
@@ -191,7 +192,7 @@ def train(
         torch.nn.utils.clip_grad_norm_(learnt + list(loss_fn.parameters()), CLIP_NORM)
         optimiser.step()
         losses.append(float(value.detach()))
-        report(on_progress, step, cfg.steps, "training")
+        report(on_progress, step, _planned_steps(step, time.perf_counter() - started, cfg), "training")
         if time.perf_counter() - started > cfg.time_budget_s:
             log.info("refresh: time budget of %.0f s spent after %d steps", cfg.time_budget_s, step)
             break
@@ -213,6 +214,14 @@ def train(
         "device": device.type,
     }
     return student.cpu().eval().requires_grad_(True), stats
+
+
+def _planned_steps(step: int, elapsed_s: float, cfg: RefreshConfig) -> int:
+    """The steps this training will take: ``cfg.steps``, or fewer when the time budget
+    runs out first at the pace so far (so a progress bar ends where training does)."""
+    if elapsed_s <= 0:
+        return cfg.steps
+    return max(step, min(cfg.steps, int(cfg.time_budget_s * step / elapsed_s) + 1))
 
 
 def interpolate(parent: torch.nn.Module, tuned: torch.nn.Module, alpha: float) -> torch.nn.Module:

@@ -13,19 +13,25 @@ client sent; see :data:`STATUS_OF`.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
+import os
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine import errors
 from engine.config import Config
+from engine.events import ACCESS, event, logfmt
 from engine.home import load_home_config, resolve_db, resolve_home
 from service.metrics import Metrics
 from service.routes import ApiError, router
@@ -34,6 +40,7 @@ from service.worker import JobWorker, recover_jobs
 log = logging.getLogger(__name__)
 
 API_TITLE = "voiceprint"
+DOCS_ASSETS = "/docs-assets"  # where /docs and /redoc load their scripts and styles from
 MAX_HEADER_BYTES = 16 * 1024
 
 # The HTTP status of each error the engine raises on purpose (most specific class first).
@@ -47,6 +54,7 @@ STATUS_OF: tuple[tuple[type[errors.VoiceprintError], int], ...] = (
     (errors.DuplicateUtterance, 409),
     (errors.RefreshBusy, 409),
     (errors.UnfinishedVersion, 409),
+    (errors.WeightsPruned, 409),
     (errors.NotEnoughData, 409),
     (errors.InvalidInput, 400),
     (errors.CheckpointError, 500),
@@ -132,18 +140,22 @@ def create_app(home: str | None = None, db: str | None = None, *, background: bo
         if worker is not None:
             await run_in_threadpool(recover_jobs, engine)
             worker.start()
+        event("server_started", pid=os.getpid(), active_version=engine.active_version().number, job_worker=worker is not None)
         try:
             yield
         finally:
             if worker is not None:
                 worker.stop()
             engine.close()
+            event("server_stopped", pid=os.getpid())
 
     app = FastAPI(
         title=API_TITLE,
         version="1",
         description="Incremental speaker recognition: enroll, identify (1:N), verify (1:1), refresh and roll back.",
         lifespan=lifespan,
+        docs_url=None,  # served by _add_docs from installed files instead of a CDN
+        redoc_url=None,
     )
     app.state.metrics = metrics
     app.state.db = url  # the unmasked URL, for the stored schedule that GET /v1/status lists
@@ -151,7 +163,37 @@ def create_app(home: str | None = None, db: str | None = None, *, background: bo
     _add_error_handlers(app)
     _add_request_metrics(app, metrics)
     app.include_router(router)
+    _add_docs(app)
     return app
+
+
+def _add_docs(app: FastAPI) -> None:
+    """/docs (Swagger UI) and /redoc with their scripts and styles served from the
+    fastapi-offline package (FastAPI's "self-hosting JavaScript and CSS for docs"), so
+    they work on a host that cannot reach a CDN."""
+    spec = importlib.util.find_spec("fastapi_offline")  # the files only: nothing is imported
+    app.mount(DOCS_ASSETS, StaticFiles(directory=Path(spec.submodule_search_locations[0]) / "static"), name="docs-assets")
+    favicon = f"{DOCS_ASSETS}/favicon.png"
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url, title=f"{API_TITLE} - Swagger UI", swagger_favicon_url=favicon,
+            oauth2_redirect_url=app.swagger_ui_oauth2_redirect_url,
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js", swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_ui_parameters={"validatorUrl": None},  # else the page asks validator.swagger.io about the schema
+        )
+
+    @app.get(app.swagger_ui_oauth2_redirect_url, include_in_schema=False)
+    async def swagger_ui_redirect() -> HTMLResponse:
+        return get_swagger_ui_oauth2_redirect_html()
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(
+            openapi_url=app.openapi_url, title=f"{API_TITLE} - ReDoc", redoc_favicon_url=favicon,
+            redoc_js_url=f"{DOCS_ASSETS}/redoc.standalone.js", with_google_fonts=False,
+        )
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -182,7 +224,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def crash(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        route = getattr(request.scope.get("route"), "path", "unmatched")  # a template: no names
+        log.exception("unhandled error on %s %s", request.method, route)
         return _error(500, "internal_error", "internal error; the server log has the details")
 
 
@@ -199,5 +242,9 @@ def _add_request_metrics(app: FastAPI, metrics: Metrics) -> None:
             route = request.scope.get("route")
             # The route template, not the path: speaker names must not become label values.
             label = getattr(route, "path", "unmatched")
+            elapsed = time.perf_counter() - started
             metrics.requests.labels(label, request.method, str(status)).inc()
-            metrics.latency.labels(label, request.method).observe(time.perf_counter() - started)
+            metrics.latency.labels(label, request.method).observe(elapsed)
+            key = getattr(request.state, "key", None)  # set by routes.require once a key is accepted
+            ACCESS.info(logfmt(method=request.method, route=label, status=status, ms=round(elapsed * 1000, 1),
+                               key=key.id if key else None, role=key.role if key else None))

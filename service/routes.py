@@ -15,15 +15,14 @@ from fastapi import APIRouter, Depends, Path, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine import errors
 from engine.bounds import MAX_ID
-from engine.results import EnrollmentResult, Identification, Verification, job_dict
+from engine.results import EnrollmentResult, Identification, ProbeAnswer, Verification, job_dict, utterance_dict
 from service.keys import allows
-
-AUDIO_TYPES = ("audio/", "application/octet-stream")
 
 router = APIRouter()
 
@@ -89,16 +88,19 @@ AUDIO_BODY = {
 
 
 async def audio_body(request: Request) -> tuple[bytes, str]:
-    """The uploaded audio and a name for it, from a raw body or a multipart form."""
-    kind = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip().lower()
+    """The uploaded audio and a name for it, from a raw body or a multipart form.
+
+    Only a multipart form is told apart by its Content-Type. Otherwise the body is the
+    audio whatever type it declares, or none: libsndfile tells the format from the bytes
+    (FLAC sent as audio/wav is FLAC), and bytes it cannot decode are ``undecodable_audio`` (422).
+    """
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "multipart/form-data":
         form = await request.form(max_files=1, max_fields=4)
         upload = form.get("file")
         if upload is None or isinstance(upload, str):
             raise ApiError(400, "invalid_input", "the form needs a `file` field holding the audio")
         return await upload.read(), f"upload:{upload.filename or 'file'}"
-    if not kind.startswith(AUDIO_TYPES):
-        raise ApiError(415, "unsupported_media_type", f"send audio/* or application/octet-stream or a multipart form, not {kind}")
     return await request.body(), "upload"
 
 
@@ -201,13 +203,7 @@ def utterances(request: Request, speaker: str, status: Literal["enrolled", "held
     """One speaker's stored utterances, oldest first: id, source name, seconds of audio and
     of speech, quality report, and whether it is held for review (it did not sound like
     the speaker: accept or remove it). 404 for a speaker who is not enrolled."""
-    engine = _engine(request)
-    engine.speaker(speaker)
-    return [
-        {"id": u.id, "speaker": u.speaker, "source": u.source, "created_at": u.created_at.isoformat(),
-         "duration_s": u.duration_s, "speech_s": u.speech_s, "held_for_review": u.status == "pending", "quality": u.quality}
-        for u in engine.utterances(speaker, status=HELD[status])
-    ]
+    return [utterance_dict(u) for u in _engine(request).speaker_utterances(speaker, status=HELD[status])]
 
 
 @router.post("/v1/utterances/{utterance_id}/accept", tags=["enrollment"], responses=ERRORS, dependencies=[require("admin")])
@@ -234,14 +230,74 @@ async def identify(request: Request, top: int | None = None) -> Identification:
     ``top`` (default 5) is at most ``[service] max_top`` (5 by default), so no key can
     list the enrolled names through this route.
     """
-    most = _engine(request).config.service.max_top
-    top = min(5, most) if top is None else top
-    if not 1 <= top <= most:
-        raise ApiError(422, "invalid_request", f"top must be between 1 and {most} ([service] max_top), got {top}")
+    top = _top(request, top)
     data, name = await audio_body(request)
     result = await infer(request, _engine(request).identify, data, top=top, name=name)
     request.app.state.metrics.decisions.labels("identify", "known" if result.decision else "unknown").inc()
     return result
+
+
+def _top(request: Request, top: int | None) -> int:
+    """The ``top`` asked for (default 5), within ``[service] max_top``."""
+    most = _engine(request).config.service.max_top
+    top = min(5, most) if top is None else top
+    if not 1 <= top <= most:
+        raise ApiError(422, "invalid_request", f"top must be between 1 and {most} ([service] max_top), got {top}")
+    return top
+
+
+BATCH_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "a form with one `file` field per audio file (at most `[service] max_batch_files`)",
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object", "required": ["file"],
+                    "properties": {"file": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                }
+            },
+        },
+    }
+}
+
+
+@router.post(
+    "/v1/identify/batch", tags=["recognition"], response_model=list[ProbeAnswer],
+    openapi_extra=BATCH_BODY, responses=ERRORS, dependencies=[require("query")],
+)
+async def identify_batch(request: Request, top: int | None = None) -> list[ProbeAnswer]:
+    """Identify several files in one call: one answer per `file` field, in order.
+
+    Each slot holds the file's identification (as ``POST /v1/identify``, the same ``top``
+    bound), or, for a file whose audio is refused, its error code and message: one bad
+    file does not fail the others. At most ``[service] max_batch_files`` files (413 for
+    more), the whole body within ``[service] max_request_bytes``.
+    """
+    top, most = _top(request, top), _engine(request).config.service.max_batch_files
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "multipart/form-data":
+        raise ApiError(415, "unsupported_media_type", f"send a multipart form with one `file` field per audio file, not {kind or 'no type'}")
+    try:
+        form = await request.form(max_files=most, max_fields=most + 4)
+    except StarletteHTTPException as exc:  # starlette's words for a form it could not take
+        if "Too many files" in str(exc.detail):
+            raise ApiError(413, "too_many_files", f"at most {most} files per request ([service] max_batch_files)") from None
+        raise
+    uploads = form.getlist("file")
+    if not uploads or any(isinstance(u, str) for u in uploads):
+        raise ApiError(400, "invalid_input", "the form needs one or more `file` fields, each holding an audio file")
+    names = [u.filename or f"file {i}" for i, u in enumerate(uploads, 1)]
+    probes = [(await u.read(), f"upload:{name}") for u, name in zip(uploads, names)]
+    results = await infer(request, lambda: list(_engine(request).identify_each(probes, top=top)))
+    answers = []
+    for name, result in zip(names, results):
+        if isinstance(result, errors.VoiceprintError):
+            answers.append(ProbeAnswer(file=name, ok=False, error=result.code, message=str(result)))
+            continue
+        request.app.state.metrics.decisions.labels("identify", "known" if result.decision else "unknown").inc()
+        answers.append(ProbeAnswer(file=name, ok=True, result=result))
+    return answers
 
 
 @router.post(
@@ -262,11 +318,26 @@ async def verify(request: Request, speaker: str) -> Verification:
     return result
 
 
+class RefreshRequest(BaseModel):
+    """The optional JSON body of ``POST /v1/refresh``; a key it does not name is a 422."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dry_run: StrictBool = False  # train and evaluate a candidate, store no version
+    reason: StrictStr | None = None  # recorded with the job (instead of the query's)
+
+
 @router.post("/v1/refresh", tags=["models"], status_code=202, responses=ERRORS, dependencies=[require("admin")])
-def refresh(request: Request, reason: str = "requested over HTTP") -> dict:
+def refresh(request: Request, body: RefreshRequest | None = None, reason: str = "requested over HTTP") -> dict:
     """Queue a refresh; poll ``GET /v1/jobs/{id}``. A job another refresh covered reads
-    ``skipped`` with ``result.covered_by``."""
-    job = _engine(request).request_refresh(reason[:200])
+    ``skipped`` with ``result.covered_by``.
+
+    ``{"dry_run": true}`` queues a dry run: the candidate is trained and evaluated, and no
+    version is stored (the job's ``dry_run`` says so, its result holds the gate metrics).
+    A dry run and a real refresh never cover each other's requests.
+    """
+    body = body or RefreshRequest()
+    job = _engine(request).request_refresh((body.reason or reason)[:200], dry_run=body.dry_run)
     worker = request.app.state.worker
     if worker is not None:
         worker.wake.set()

@@ -27,11 +27,14 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(app, sock: socket.socket, *, verbose: bool = False) -> None:
+def serve(app, sock: socket.socket, *, verbose: int = 0) -> None:
     """Serve ``app`` on ``sock`` until SIGINT or SIGTERM; returns after a clean stop."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, log_level="info" if verbose else "warning"))
+    # uvicorn's own access log prints raw paths, which hold speaker names: the app logs
+    # each request itself, by route template (service.app).
+    config = uvicorn.Config(app, log_level="info" if verbose else "warning", access_log=False, log_config=None)
+    server = uvicorn.Server(config)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again for
     # the handler that was there before it; a no-op one lets the caller exit 0.
     for sig in (signal.SIGINT, signal.SIGTERM):

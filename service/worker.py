@@ -103,6 +103,8 @@ class JobWorker:
                 self.metrics.refreshes.labels(label).inc()
 
 
+            if outcome.startswith("refreshed"):
+                self.wake.set()  # a request of the other kind (dry run or not) may wait: look again now
 def recover_jobs(engine) -> None:
     """Mark jobs a stopped process left running as failed (the engine leaves them alone
     while a live process holds the refresh lock: then its running job is real). Never

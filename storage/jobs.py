@@ -25,21 +25,24 @@ class Jobs:
     def __init__(self, database: db.Database):
         self._db = database
 
-    def queue_job(self, kind: str, reason: str) -> Job:
-        """Ask for a job (e.g. a refresh requested by a drift signal); it runs later."""
+    def queue_job(self, kind: str, reason: str, *, dry_run: bool = False) -> Job:
+        """Ask for a job (e.g. a refresh requested by a drift signal); it runs later.
+        ``dry_run``: a refresh that trains and evaluates and stores no version."""
         with self._db.session(f"queue a {kind} job", write=True) as s:
-            row = m.Job(kind=kind, status="queued", reason=reason, result={}, requested_at=db.now())
+            row = m.Job(kind=kind, status="queued", reason=reason, dry_run=dry_run, result={}, requested_at=db.now())
             s.add(row)
             s.flush()
             return _job_record(row)
 
-    def start_job(self, kind: str, reason: str, *, owner: str) -> tuple[Job, list[Job]]:
+    def start_job(self, kind: str, reason: str, *, owner: str, dry_run: bool = False) -> tuple[Job, list[Job]]:
         """Start a job of ``kind``; call it only while holding ``Store.exclusive`` for it.
 
         Because the caller holds the lock, any job still marked running belongs to a
         process that died: it is marked failed, and the candidate version it left half
         built is rejected and its embeddings removed. The oldest queued request of this
-        kind becomes the started job; later ones are marked skipped (covered by it).
+        kind becomes the started job; later ones are marked skipped (covered by it). Only
+        requests of the same ``dry_run`` are taken: a dry run stores nothing, so it
+        covers no real request, and a real refresh does not stand in for a dry run.
 
         Returns the started job and the interrupted ones that were cleaned up.
         """
@@ -47,13 +50,17 @@ class Jobs:
             now = db.now()
             interrupted = _fail_interrupted(s, now)
             queued = list(
-                s.scalars(select(m.Job).where(m.Job.kind == kind, m.Job.status == "queued").order_by(m.Job.id))
+                s.scalars(
+                    select(m.Job)
+                    .where(m.Job.kind == kind, m.Job.status == "queued", m.Job.dry_run == dry_run)
+                    .order_by(m.Job.id)
+                )
             )
             if queued:
                 job, rest = queued[0], queued[1:]
                 job.reason = _joined_reason(job.reason, reason)
             else:
-                job, rest = m.Job(kind=kind, reason=reason, result={}, requested_at=now), []
+                job, rest = m.Job(kind=kind, reason=reason, dry_run=dry_run, result={}, requested_at=now), []
                 s.add(job)
             job.status, job.owner, job.started_at = "running", owner, now
             s.flush()
@@ -103,6 +110,13 @@ class Jobs:
     def get_job(self, job_id: int) -> Job:
         with self._db.session(f"read job {job_id}") as s:
             return _job_record(_job_row(s, job_id))
+
+    def oldest_queued(self, kind: str) -> Job | None:
+        """The request of ``kind`` waiting longest (the next one a worker should run), or None."""
+        with self._db.session(f"read the queued {kind} jobs") as s:
+            query = select(m.Job).where(m.Job.kind == kind, m.Job.status == "queued").order_by(m.Job.id).limit(1)
+            row = s.scalars(query).first()
+            return None if row is None else _job_record(row)
 
     def list_jobs(self, *, limit: int = 20, status: str | None = None) -> list[Job]:
         """The newest ``limit`` jobs (optionally of one status), newest first."""
@@ -165,6 +179,7 @@ def _job_record(row: m.Job) -> Job:
         requested_at=row.requested_at,
         started_at=row.started_at,
         finished_at=row.finished_at,
+        dry_run=bool(row.dry_run),
     )
 
 

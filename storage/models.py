@@ -18,6 +18,7 @@ from sqlalchemy import (
     DateTime,
     Double,
     ForeignKey,
+    false,
     LargeBinary,
     MetaData,
     String,
@@ -222,6 +223,8 @@ class Job(Base):
     kind: Mapped[str]
     status: Mapped[str] = mapped_column(index=True)
     reason: Mapped[str]
+    # A dry run trains and evaluates and stores no version; requests merge only with their own kind.
+    dry_run: Mapped[bool] = mapped_column(server_default=false())
     owner: Mapped[str | None]  # host:pid of the process running it
     version: Mapped[int | None] = mapped_column(ForeignKey("model_versions.number"))
     result: Mapped[dict[str, Any]]
@@ -232,7 +235,7 @@ class Job(Base):
 
 class Calibration(Base):
     """A score calibration of one model version: AS-norm cohort settings, the
-    score-to-LLR map and the decision thresholds (``engine.scoring.Calibration``)."""
+    score-to-LLR map and the decision thresholds (``engine.calibration.Calibration``)."""
 
     __tablename__ = "calibrations"
 

@@ -10,7 +10,7 @@ from sqlalchemy import delete, func, insert, select
 from sqlalchemy.orm import Session
 
 from engine.centroids import RunningCentroid
-from engine.errors import InvalidInput, StorageError, UnknownSpeaker, UnknownUtterance, VersionChanged
+from engine.errors import DuplicateUtterance, InvalidInput, StorageError, UnknownSpeaker, UnknownUtterance, VersionChanged
 from storage import db, ids
 from storage import models as m
 from storage.records import Centroid, Enrollment, SpeakerSummary, UtteranceRecord
@@ -45,6 +45,7 @@ class Profiles:
         consistency_cut: float | None = None,
         consistency_min_count: int = 1,
         forced_by: str | None = None,
+        duplicate_cut: float | None = None,
     ) -> Enrollment:
         """Store one utterance of ``speaker`` and fold its embedding into the centroid.
 
@@ -56,6 +57,10 @@ class Profiles:
 
         ``forced_by`` names who skipped the checks (a forced enrollment): the audit log
         records it in the same transaction, with the utterance id but not the name.
+
+        ``duplicate_cut``: an embedding this close (cosine) to one of the speaker's stored
+        utterances at ``version``, held ones included, is the same recording in another
+        encoding, refused like identical bytes.
 
         With ``expect_active``, ``version`` must still be the active version when the
         transaction runs, else :class:`VersionChanged` is raised and nothing is stored:
@@ -74,7 +79,8 @@ class Profiles:
         Raises
         ------
         DuplicateUtterance
-            The speaker already has an utterance with this ``content_sha256``.
+            The speaker already has an utterance with this ``content_sha256``, or one
+            within ``duplicate_cut``.
         UnknownVersion
             No model version ``version``.
         ValueError
@@ -96,6 +102,8 @@ class Profiles:
                 _require_active(s, version)
             now = db.now()
             speaker_id = _locked_speaker(s, speaker, now)
+            if duplicate_cut is not None:
+                _refuse_same_recording(s, speaker_id, version, vector, duplicate_cut, doing)
             running, exists = _profile_centroid(s, speaker_id, version, vector.size)
             admitted, similarity = running.admits(vector, consistency_cut, consistency_min_count)
             previous_mean = running.mean if exists else None
@@ -354,6 +362,26 @@ def _profile_centroid(s: Session, speaker_id: int, version: int, size: int) -> t
     ).first()
     if row is None:
         # A new profile: its dimension must agree with the version's other profiles.
+def _refuse_same_recording(s: Session, speaker_id: int, version: int, vector: np.ndarray, cut: float, doing: str) -> None:
+    """:class:`DuplicateUtterance` when one of the speaker's utterances embeds within
+    ``cut`` of ``vector`` at ``version``: the same recording, re-encoded or resampled
+    (different bytes, so the content hash cannot tell)."""
+    rows = s.execute(
+        select(m.Utterance.id, m.Embedding.vector).select_from(m.Embedding).join(m.Utterance)
+        .where(m.Utterance.speaker_id == speaker_id, m.Embedding.version == version)
+    ).all()
+    if not rows:
+        return
+    stored = np.stack([from_f32(v) for _, v in rows])
+    cosines = stored @ vector / np.maximum(np.linalg.norm(stored, axis=1) * np.linalg.norm(vector), 1e-12)
+    best = int(np.argmax(cosines))
+    if cosines[best] >= cut:
+        raise DuplicateUtterance(
+            f"cannot {doing}: this recording is already enrolled for the speaker (utterance {rows[best][0]}, "
+            f"cosine {cosines[best]:.4f}: the same audio in another encoding)"
+        )
+
+
         dim = s.scalar(select(m.Centroid.dim).where(m.Centroid.version == version).limit(1))
         running = RunningCentroid(dim=dim or size)
     else:

@@ -98,6 +98,7 @@ class Job:
     requested_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    dry_run: bool = False  # a refresh that trains and evaluates a candidate and stores no version
 
 
 @dataclass(frozen=True)

@@ -332,6 +332,18 @@ def test_review_and_calibration_through_the_cli(home, dev_data, capsys):
     assert [u["id"] for u in json.loads(out)] == [held]
     code, out, _ = run(capsys, *g, "--json", "speakers")
     assert {s["name"]: (s["utterances"], s["pending"]) for s in json.loads(out)}[ann] == (4, 1)
+    # One speaker's utterances: the ids that accept / remove-utterance take, the held one marked.
+    code, out, _ = run(capsys, *g, "--json", "speakers", ann)
+    listed = json.loads(out)
+    assert code == 0 and len(listed) == 5 and {u["speaker"] for u in listed} == {ann}
+    assert [(u["id"], u["status"]) for u in listed if u["held_for_review"]] == [(held, "held_for_review")]
+    assert all(u["status"] == "enrolled" and u["speech_s"] > 1 and u["created_at"] for u in listed if u["id"] != held)
+    code, out, err = run(capsys, *g, "speakers", f" {ann} ")  # the name policy: surrounding spaces are not part of it
+    rows = out.splitlines()[1:]
+    assert code == 0 and len(rows) == 5 and "1 held for review" in err
+    assert [r.split()[:2] for r in rows if r.split()[0] == str(held)] == [[str(held), "held_for_review"]]
+    code, out, err = run(capsys, *g, "speakers", "nobody-here")
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and "nobody-here" in err
     code, out, _ = run(capsys, *g, "--json", "remove-utterance", str(held))
     assert code == 0 and json.loads(out)["was"] == "pending"
     code, out, err = run(capsys, *g, "accept", str(held))
@@ -352,3 +364,100 @@ def test_review_and_calibration_through_the_cli(home, dev_data, capsys):
 
     code, out, _ = run(capsys, *g, "--json", "enroll", "--force", ann, str(voices[bob][5]))
     assert json.loads(out)["feedback"] == "OK"
+
+
+def test_verbose_shows_the_engines_log_and_alembic_only_at_vv(tmp_path, dev_data):
+    def voiceprint(*argv: str) -> str:
+        done = subprocess.run([str(VOICEPRINT), *argv], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        return done.stderr
+
+    quiet = voiceprint("--home", str(tmp_path / "a"), "-v", "init")
+    assert "alembic" not in quiet
+    assert "INFO alembic.runtime.migration: Running upgrade" in voiceprint("--home", str(tmp_path / "b"), "-vv", "init")
+    first, second = [str(p) for p in sorted((dev_data / "vctk-4" / "p225").iterdir())[:2]]
+    verbose = voiceprint("--home", str(tmp_path / "a"), "enroll", "ann", first, "-v")
+    assert "INFO engine.audio: loading the silero-vad model" in verbose and "alembic" not in verbose
+    assert "INFO" not in voiceprint("--home", str(tmp_path / "a"), "enroll", "ann", second)
+
+
+# -- several probes in one call --------------------------------------------------------
+
+
+def test_identify_and_verify_answer_each_file_alone(tmp_path, dev_data, capsys):
+    """One engine for every file; each file gets its own answer in order, a bad one its
+    own error; exit 0 all answered, 1 some refused (or, for verify, rejected), 2 none."""
+    home = tmp_path / "home"
+    g = ["--home", str(home), "--db", f"sqlite:///{home / 'voiceprint.db'}"]
+    assert run(capsys, *g, "init")[0] == 0
+    voices = librispeech(dev_data)
+    ann, bob = sorted(voices)[:2]
+    for name in (ann, bob):
+        assert run(capsys, *g, "enroll", name, *map(str, voices[name][:3]))[0] == 0
+    probe_a, probe_b, missing = voices[ann][5], voices[bob][5], tmp_path / "missing.flac"
+    (tmp_path / "silence.wav").write_bytes(b"RIFF\x00\x00")  # undecodable
+
+    code, out, err = run(capsys, *g, "--json", "identify", str(probe_a), str(missing), str(probe_b))
+    answers = [json.loads(line) for line in out.splitlines()]
+    assert code == 1, err
+    assert [(a["file"], a["ok"]) for a in answers] == [(str(probe_a), True), (str(missing), False), (str(probe_b), True)]
+    assert [a["candidates"][0]["speaker"] for a in answers if a["ok"]] == [ann, bob] and answers[1]["error"] == "missing_audio"
+
+    code, out, err = run(capsys, *g, "identify", "--top", "1", str(probe_b), str(probe_a))
+    assert code == 0, err
+    blocks = out.split(f"{probe_a}:\n")
+    assert blocks[0].startswith(f"{probe_b}:\n  decision: ") and blocks[1].startswith("  decision: ")
+    assert blocks[0].splitlines()[3].split()[:2] == ["1.", bob] and blocks[1].splitlines()[2].split()[:2] == ["1.", ann]
+    assert "2 of 2 files answered" in err
+
+    # --list: one path a line, relative to the list's folder, after the files named.
+    listing = tmp_path / "probes.txt"
+    listing.write_text(f"{probe_b}\n\nsilence.wav\n{probe_a}\n")
+    code, out, err = run(capsys, *g, "--json", "identify", str(probe_a), "--list", str(listing))
+    answers = [json.loads(line) for line in out.splitlines()]
+    assert code == 1 and [a["file"] for a in answers] == [str(probe_a), str(probe_b), "silence.wav", str(probe_a)]
+    assert [a["candidates"][0]["speaker"] if a["ok"] else a["error"] for a in answers] == [ann, bob, "undecodable_audio", ann]
+
+    code, out, err = run(capsys, *g, "identify", str(missing), str(tmp_path / "silence.wav"))
+    assert code == 2 and out == "" and "missing" in err and "undecodable_audio" in err
+    for refused in (["--list", str(tmp_path)], ["--list", str(tmp_path / "nope.txt")], []):
+        code, out, err = run(capsys, *g, "identify", *refused)
+        assert code == 2 and len(err.strip().splitlines()) == 1, (refused, err)
+    (tmp_path / "empty.txt").write_text("\n")
+    code, out, err = run(capsys, *g, "identify", "--list", str(tmp_path / "empty.txt"))
+    assert code == 2 and "names no audio files" in err
+
+    # verify: 0 only when every file was answered and accepted; an impostor's file makes it 1.
+    code, out, err = run(capsys, *g, "--json", "verify", ann, str(probe_a), str(probe_b))
+    answers = [json.loads(line) for line in out.splitlines()]
+    assert code == 1 and [a["file"] for a in answers] == [str(probe_a), str(probe_b)] and not answers[1]["accepted"], err
+    code, out, err = run(capsys, *g, "verify", ann, str(probe_a), str(voices[ann][6]))
+    lines = out.splitlines()
+    assert [line.split(": ")[0] for line in lines] == [str(probe_a), str(voices[ann][6])], out
+    assert all(line.split(": ")[1] in (f"accept {ann}", f"reject {ann}") for line in lines), out
+    assert code == (0 if all(": accept " in line for line in lines) else 1), (code, out)
+    code, out, err = run(capsys, *g, "verify", "nobody", str(probe_a), str(probe_b))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "nobody" in err
+
+
+def test_identify_list_from_stdin_answers_each_line_as_it_arrives(sqlite_home, dev_data):
+    home, env = sqlite_home
+    voices = librispeech(dev_data)
+    ann = sorted(voices)[0]
+    subprocess.run([VOICEPRINT, "enroll", ann, *map(str, voices[ann][:3])], env=env, check=True, capture_output=True)
+    proc = subprocess.Popen([VOICEPRINT, "--json", "identify", "--list", "-"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        answers = []
+        for path in (voices[ann][5], dev_data / "nope.flac", voices[ann][6]):
+            # The next line is written only once the previous one was answered: this
+            # deadlocks unless answers are streamed as the lines arrive.
+            proc.stdin.write(f"{path}\n")
+            proc.stdin.flush()
+            answers.append(json.loads(_readline(proc)))
+        proc.stdin.close()
+        assert proc.wait(timeout=60) == 1  # one file refused
+    finally:
+        proc.kill()
+    assert [(a["ok"], a["candidates"][0]["speaker"] if a["ok"] else a["error"]) for a in answers] == [
+        (True, ann), (False, "missing_audio"), (True, ann)]

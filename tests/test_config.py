@@ -22,10 +22,10 @@ def test_defaults_without_file(tmp_path):
 
 def test_file_then_environment(tmp_path):
     path = tmp_path / "config.toml"
-    path.write_text("[audio]\nmin_speech_s = 2.5\n[scoring]\nverify_threshold = 0.8\n")
-    config = load_config(path, environ={"VOICEPRINT_SCORING__VERIFY_THRESHOLD": "0.9", "VOICEPRINT_HOME": "/x"})
+    path.write_text("[audio]\nmin_speech_s = 2.5\n[scoring]\nverify_far = 0.02\n")
+    config = load_config(path, environ={"VOICEPRINT_SCORING__VERIFY_FAR": "0.05", "VOICEPRINT_HOME": "/x"})
     assert config.audio.min_speech_s == 2.5
-    assert config.scoring.verify_threshold == 0.9
+    assert config.scoring.verify_far == 0.05
     assert Config.from_dict(config.to_dict()) == config
 
 

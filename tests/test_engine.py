@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
+import torch
+import torchaudio
 
 from engine import Engine
 from engine.errors import DuplicateUtterance, InvalidInput, NotInitialised, SchemaOutdated, UnknownSpeaker
@@ -71,6 +75,43 @@ def test_same_audio_twice_is_refused(engine, voices):
     with pytest.raises(DuplicateUtterance):
         engine.enroll(speaker, voices[speaker][0])
     assert engine.store.counts() == before
+
+
+def _reencoded(path: Path, fmt: str, subtype: str, rate: int | None = None, gain: float = 1.0) -> bytes:
+    samples, native = sf.read(path, dtype="float32")
+    if rate is not None:
+        samples = torchaudio.functional.resample(torch.from_numpy(samples), native, rate).numpy()
+    out = io.BytesIO()
+    sf.write(out, np.clip(samples * gain, -1, 1), rate or native, format=fmt, subtype=subtype)
+    return out.getvalue()
+
+
+# What [enrollment] duplicate_cosine catches; 8 kHz and gain-changed copies score below
+# two different utterances of one speaker, so no cosine cut can catch them (README).
+@pytest.mark.parametrize("encoding", [
+    ("MP3", "MPEG_LAYER_III", None, 1.0), ("WAV", "PCM_16", None, 1.0), ("OGG", "VORBIS", None, 1.0), ("MP3", "MPEG_LAYER_III", 44100, 1.0),
+])
+def test_the_same_recording_re_encoded_is_refused_like_the_same_bytes(engine, voices, encoding):
+    speaker = sorted(voices)[0]
+    fmt, subtype, rate, gain = encoding
+    before = engine.store.counts()
+    with pytest.raises(DuplicateUtterance) as same_bytes:
+        engine.enroll(speaker, voices[speaker][1])
+    with pytest.raises(DuplicateUtterance, match="already enrolled for the speaker") as re_encoded:
+        engine.enroll(speaker, _reencoded(voices[speaker][1], fmt, subtype, rate, gain), name="upload")
+    assert re_encoded.value.code == same_bytes.value.code == "duplicate_utterance"
+    assert engine.store.counts() == before  # nothing stored, held ones included
+
+
+def test_another_recording_of_the_same_speaker_is_no_duplicate(tmp_path, voices):
+    speaker = sorted(voices)[1]
+    with Engine.init(home=tmp_path / "home") as eng:
+        eng.enroll(speaker, voices[speaker][0])
+        for path in voices[speaker][1:]:  # every other utterance of this speaker, re-encoded too
+            result = eng.enroll(speaker, _reencoded(path, "MP3", "MPEG_LAYER_III"), name=path.name)
+            assert result.utterance_id
+        # The same MP3 for another speaker is not this check's business (as with equal bytes).
+        eng.enroll("someone-else", _reencoded(voices[speaker][0], "MP3", "MPEG_LAYER_III"), name="copy")
 
 
 @pytest.mark.parametrize("name", ["", "   ", "a\nb", "x" * 201])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,12 @@ def test_eval_of_an_unknown_version_and_bad_files(home, dev_data, capsys, tmp_pa
     bad_trials.write_text("alice a.wav maybe\n")
     with pytest.raises(InvalidInput, match="t.txt:1"):
         read_trials(bad_trials)
+
+
+def test_eval_reports_progress_before_the_first_file_is_embedded(home, dev_data, caplog):
+    files = read_manifest(dev_data / "vctk-4" / "manifest.csv")
+    calls = []
+    with caplog.at_level(logging.INFO, logger="engine.evaluation"), Engine.open(home=home) as eng:
+        eng.evaluate(files, on_progress=lambda done, total, what: calls.append((done, total, what)))
+    assert calls[0] == (0, 40, "embedding") and calls[-1] == (40, 40, "embedding")
+    assert "eval: loading and embedding 40 files" in caplog.text

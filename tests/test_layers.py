@@ -63,10 +63,11 @@ MAX_LINES = 500
 # Files allowed past MAX_LINES, each with its own ceiling and the reason; the ceiling keeps
 # the exception from growing unnoticed.
 LONG_FILES_ALLOWED = {
-    # The table of ~20 commands (one parser function, read top to bottom) and each
+    # The table of ~25 commands (one parser function, read top to bottom) and each
     # command's text rendering; split across files, a command's flags and its output
-    # would live apart. Packaging under one namespace (a cli package) will split it.
-    "cli.py": 660,
+    # would live apart. Packaging under one namespace (a cli package, issue 20 item 13)
+    # will split it; until then this ceiling grows only with new commands.
+    "cli.py": 810,
 }
 LENGTH_CHECKED = ("engine", "storage", "service", "migrations", "bench", "cli.py")
 SOURCE_SUFFIXES = (".py",)

@@ -8,6 +8,7 @@ active again. Two files of every speaker are never enrolled; they are the probes
 from __future__ import annotations
 
 import csv
+import logging
 import json
 import os
 import signal
@@ -21,7 +22,7 @@ import pytest
 
 from engine import Engine
 from engine import audio
-from engine.errors import CheckpointError, InvalidInput, RefreshBusy, TooShort, UnknownVersion
+from engine.errors import CheckpointError, InvalidInput, RefreshBusy, TooShort, UnknownVersion, WeightsPruned
 from engine.training import NoiseBank
 from engine.replay import SpeakerReservoir
 
@@ -186,6 +187,73 @@ def test_dry_run_stores_no_version(vctk_home):
         job = eng.store.jobs.get_job(report.job)
         assert job.status == "succeeded" and job.result["metrics"]["candidate"]["overall"]["probes"] >= 5
         assert not (vctk_home / "checkpoints" / "v0002.pt").exists()
+
+
+def test_refresh_reports_each_phase_and_logs_its_start_and_outcome(vctk_home, caplog):
+    from engine.events import parse
+
+    calls = []
+    with caplog.at_level(logging.INFO), Engine.open(home=vctk_home) as eng:
+        report = eng.refresh(on_progress=lambda done, total, what: calls.append((done, total, what)))
+    phases = list(dict.fromkeys(what for _, _, what in calls))
+    assert phases[:4] == ["loading kept audio", "training", "re-embedding", "gate"], phases
+    for phase in phases:  # every phase reaches its end
+        done, total = [(d, t) for d, t, w in calls if w == phase][-1]
+        assert done == total, (phase, done, total)
+    assert [(d, t) for d, t, w in calls if w == "training"] == [(1, 3), (2, 3), (3, 3)]
+    events = [parse(r.getMessage()) for r in caplog.records if r.name == "voiceprint.events"]
+    started = [e for e in events if e["event"] == "refresh_started"]
+    finished = [e for e in events if e["event"] == "refresh_finished"]
+    assert started and started[0]["job"] == str(report.job)
+    assert finished and finished[0]["outcome"] == report.status and finished[0]["parent"] == "1"
+    if report.status == "rejected":
+        assert finished[0]["why"] == "; ".join(report.reasons)
+    assert any(r.name == "engine.refresh" and "loading the kept data" in r.getMessage() for r in caplog.records)
+
+
+def test_training_progress_counts_toward_the_time_budget_when_it_ends_first(tmp_path, dev_data):
+    home = make_vctk_home(tmp_path, dev_data, steps=1_000_000, time_budget_s=2.0)[0]
+    training = []
+    with Engine.open(home=home) as eng:
+        report = eng.refresh(dry_run=True, on_progress=lambda d, t, w: training.append((d, t)) if w == "training" else None)
+    steps = report.metrics["training"]["steps"]
+    assert steps < 1000 and training[-1] == (steps, steps), training[-3:]
+    assert all(t < 1_000_000 for _, t in training[1:])  # a total the budget allows, not the step cap
+
+
+def test_prune_deletes_retired_weights_keeps_their_record_and_refuses_a_rollback_to_them(vctk_home, capsys):
+    import cli
+
+    write_config(vctk_home, steps=10, **SMALL, lr=0.1)
+    with Engine.open(home=vctk_home) as eng:
+        number = eng.refresh().version  # rejected: a thousand times too high a learning rate
+        path = vctk_home / eng.version(number).checkpoint
+        size = path.stat().st_size
+        eng.rollback(number)
+        assert eng.prune(dry_run=True)["versions"] == []  # v2 active, v1 the pretrained root
+        eng.rollback(1)
+        assert eng.version(number).status == "retired"
+        with Engine.open(home=vctk_home) as other, other.store.exclusive("refresh"):
+            with pytest.raises(RefreshBusy):
+                eng.prune()  # a refresh or rollback runs: it may be using any version
+    home = ["--home", str(vctk_home), "--json"]
+    assert cli.main([*home, "prune", "--dry-run"]) == 0
+    dry = json.loads(capsys.readouterr().out)
+    assert dry["versions"] == [{"version": number, "status": "retired", "bytes": size}] and dry["freed_bytes"] == size
+    assert path.exists()
+    assert cli.main([*home, "prune"]) == 0
+    assert json.loads(capsys.readouterr().out)["freed_bytes"] == size and not path.exists()
+    assert (vctk_home / "checkpoints" / "v0001.pt").exists()
+    with Engine.open(home=vctk_home) as eng:
+        kept = eng.version(number)
+        assert kept.status == "retired" and kept.metrics["candidate"]["overall"] and kept.metrics["pruned"]["bytes"] == size
+        for force in (False, True):
+            with pytest.raises(WeightsPruned, match="weights were pruned"):
+                eng.rollback(number, force=force)
+        assert eng.active_version().number == 1 and eng.prune()["versions"] == []
+    assert cli.main([*home, "rollback", str(number)]) == 2
+    out, err = capsys.readouterr()
+    assert "weights were pruned" in err and json.loads(out)["error"] == "weights_pruned"
 
 
 def test_a_worse_candidate_is_rejected_with_reasons(vctk_home):

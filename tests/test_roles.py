@@ -261,3 +261,21 @@ def test_status_and_calibrate_over_http_need_an_admin_key(vctk_home):
         assert body["version"] == 1 and body["trials"]["speakers"] == 4 and "cosine" in body["thresholds"]
         after = client.get("/v1/status", headers=admin).json()
         assert after["calibration"]["id"] == body["id"] and after["calibration"]["speakers_now"] == 4
+
+
+def test_identify_batch_and_dry_run_requests_need_their_roles(tmp_path, by_speaker):
+    home, db, keys = _home(tmp_path, None, by_speaker)
+    probe = _probe(by_speaker, sorted(by_speaker("vctk-4"))[0])
+    files = [("file", ("a.flac", probe.read_bytes()))] * 2
+    with TestClient(create_app(str(home), db, background=False)) as client:
+        for key, status in ((None, 401), ("vp_not-a-key", 401), (keys["enroll"], 403)):
+            headers = {} if key is None else {"X-API-Key": key}
+            assert client.post("/v1/identify/batch", files=files, headers=headers).status_code == status, key
+        for role in ("query", "admin"):
+            answered = client.post("/v1/identify/batch", files=files, headers={"X-API-Key": keys[role]})
+            assert answered.status_code == 200 and [a["ok"] for a in answered.json()] == [True, True], answered.text
+        for role in ("query", "enroll"):
+            asked = client.post("/v1/refresh", json={"dry_run": True}, headers={"X-API-Key": keys[role]})
+            assert asked.status_code == 403, role
+    with Engine.open(home=home, db=db) as eng:
+        assert eng.jobs() == []  # a refused request queues nothing

@@ -72,23 +72,59 @@ def test_schedules_persist_across_processes(home_db):
     # Another process (and a restarted server) reads the same schedule back.
     listed = json.loads(cli(*base, "schedule", "--list").stdout)["jobs"]
     assert listed == jobs
-    # Setting again replaces, it does not add; with nothing to count, only the timed job is stored.
+    # Setting again replaces the timed trigger only: the --min-new given before stays.
     cron = json.loads(cli(*base, "schedule", "--cron", "0 3 * * *").stdout)["jobs"]
-    assert [(j["id"], j["trigger"]) for j in cron] == [(scheduler.TIMED_JOB, "cron 0 3 * * *")]
-    assert cron[0]["next_run"].endswith("03:00:00+00:00")
+    assert [(j["id"], j["trigger"], j["min_new"]) for j in cron] == [
+        (scheduler.POLL_JOB, "every 1m", 50),
+        (scheduler.TIMED_JOB, "cron 0 3 * * *", 50),
+    ]
+    assert cron[1]["next_run"].endswith("03:00:00+00:00")
     status = json.loads(cli(*base, "status").stdout)
     assert status["active_version"] == 1 and status["pending_utterances"] == 0
-    assert [j["id"] for j in status["schedule"]] == [scheduler.TIMED_JOB]
+    assert [j["id"] for j in status["schedule"]] == [scheduler.POLL_JOB, scheduler.TIMED_JOB]
+    # Clearing one part leaves the other as it was; the timed job then needs one new utterance.
+    cleared = json.loads(cli(*base, "schedule", "--clear", "min-new").stdout)
+    assert cleared["removed"] == 1
+    assert [(j["id"], j["trigger"], j["min_new"], j["next_run"]) for j in cleared["jobs"]] == [
+        (scheduler.TIMED_JOB, "cron 0 3 * * *", 1, cron[1]["next_run"])
+    ]
+    count_only = json.loads(cli(*base, "schedule", "--clear", "timed").stdout)
+    assert count_only["removed"] == 1 and count_only["jobs"] == []
     count_only = json.loads(cli(*base, "schedule", "--min-new", "5", "--check-every", "30s").stdout)["jobs"]
     assert [(j["id"], j["trigger"], j["min_new"], j["next_run"]) for j in count_only] == [(scheduler.POLL_JOB, "every 30s", 5, None)]
     cleared = cli(*base, "schedule", "--clear")
     assert json.loads(cleared.stdout)["removed"] == 1 and scheduler.list_schedule(db) == []
 
 
+def test_each_schedule_setting_changes_only_itself(home_db):
+    """--cron after --min-new keeps the count, --min-new keeps the trigger and its next run,
+    --check-every keeps both; a --check-every with no count to check is refused."""
+    home, db = home_db
+    with pytest.raises(InvalidInput, match="no --min-new"):
+        scheduler.set_schedule(str(home), db, check_every="10s")
+    assert scheduler.list_schedule(db) == []
+    scheduler.set_schedule(str(home), db, min_new=7, check_every="20s")
+    timed = scheduler.set_schedule(str(home), db, every="6h")
+    shape = lambda jobs: [(j["id"], j["trigger"], j["min_new"]) for j in jobs]  # noqa: E731
+    assert shape(timed) == [(scheduler.POLL_JOB, "every 20s", 7), (scheduler.TIMED_JOB, "every 6h", 7)]
+    time.sleep(1.1)  # a recomputed interval run would land a second later
+    counted = scheduler.set_schedule(str(home), db, min_new=3)
+    assert shape(counted) == [(scheduler.POLL_JOB, "every 20s", 3), (scheduler.TIMED_JOB, "every 6h", 3)]
+    assert counted[1]["next_run"] == timed[1]["next_run"]
+    checked = scheduler.set_schedule(str(home), db, check_every="5m")
+    assert shape(checked) == [(scheduler.POLL_JOB, "every 5m", 3), (scheduler.TIMED_JOB, "every 6h", 3)]
+    assert scheduler.clear_schedule(db, "timed") == 1
+    assert shape(scheduler.list_schedule(db)) == [(scheduler.POLL_JOB, "every 5m", 3)]
+    assert scheduler.clear_schedule(db, "timed") == 0
+    with pytest.raises(InvalidInput, match="--clear takes"):
+        scheduler.clear_schedule(db, "everything")
+
+
 def test_bad_schedules_are_refused_and_store_nothing(home_db):
     home, db = home_db
     base = ["--home", str(home), "--db", db]
-    for args in (["--every", "5x"], ["--cron", "bad"], ["--min-new", "0"], ["--every", "1h", "--cron", "0 3 * * *"]):
+    for args in (["--every", "5x"], ["--cron", "bad"], ["--min-new", "0"], ["--every", "1h", "--cron", "0 3 * * *"],
+                 ["--check-every", "1m"], ["--clear", "--min-new", "3"], ["--clear", "everything"]):
         result = cli(*base, "schedule", *args)
         assert result.returncode == 2 and "error: " in result.stderr, (args, result.stderr)
     assert scheduler.list_schedule(db) == []

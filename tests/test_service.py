@@ -196,6 +196,92 @@ def test_keys_and_roles_guard_every_route(tmp_path, by_speaker, servers):
     assert entry.actor.startswith("key:") and "ann" not in json.dumps(entry.detail)
 
 
+def test_the_log_has_one_line_per_request_by_route_template_and_the_lifecycle_events(tmp_path, by_speaker, servers):
+    from engine.events import parse
+
+    home, db, keys = make_home(tmp_path, config="[scoring]\nmin_calibration_speakers = 2\n")
+    server = servers(home, db, keys)
+    secret, file_name = "zelda-secret-name", "private-recording-77.flac"
+    files = by_speaker("vctk-4")
+    for speaker, name in (("p225", secret), ("p226", "p226"), ("p227", "p227")):
+        for path in files[speaker][:2]:
+            r = server.client.post(f"/v1/speakers/{name}/utterances", headers={"X-API-Key": keys["enroll"]},
+                                   files={"file": (file_name, path.read_bytes(), "audio/flac")})
+            assert r.status_code == 201, r.text
+    assert server.get(f"/v1/speakers/{secret}", role="enroll").status_code == 200
+    assert server.get("/v1/speakers/nobody-else", role="enroll").status_code == 404
+    assert server.client.get(f"/v1/speakers/{secret}").status_code == 401
+    calibrated = server.client.post("/v1/calibrate", headers={"X-API-Key": keys["admin"]})
+    assert calibrated.status_code == 200, calibrated.text
+    assert server.client.post("/v1/versions/1/activate", headers={"X-API-Key": keys["admin"]}).status_code == 200
+    server.stop()
+    text = server.log.read_text()
+    assert secret not in text and file_name not in text and "nobody-else" not in text
+
+    def fields(logger: str) -> list[dict]:
+        return [parse(line.split(f"{logger}: ", 1)[1]) for line in text.splitlines() if f" {logger}: " in line]
+
+    access = fields("voiceprint.access")
+    enrolls = [a for a in access if a["route"] == "/v1/speakers/{speaker}/utterances"]
+    assert len(enrolls) == 6 and all(a["method"] == "POST" and a["status"] == "201" and a["role"] == "enroll" for a in enrolls)
+    assert all(a["key"].isdigit() and float(a["ms"]) > 0 for a in enrolls)
+    profile = "/v1/speakers/{speaker:path}"
+    assert [(a["status"], a["role"]) for a in access if a["route"] == profile] == [("200", "enroll"), ("404", "enroll"), ("401", "-")]
+    events = [e["event"] for e in fields("voiceprint.events")]
+    assert events[0] == "server_started" and events[-1] == "server_stopped", events
+    assert {"calibrated", "rollback_started", "rollback_finished"} <= set(events), events
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_the_api_docs_load_everything_from_the_server_itself(tmp_path, page):
+    from fastapi.testclient import TestClient
+
+    client = TestClient(create_app(str(tmp_path / "home"), f"sqlite:///{tmp_path / 'none.db'}", background=False))
+    html = client.get(page)
+    assert html.status_code == 200 and "text/html" in html.headers["content-type"]
+    pattern = r"""(?:src|href|spec-url)\s*=\s*["']([^"']+)|(?:url|oauth2RedirectUrl)['"]?\s*:\s*['"]([^'"]+)"""
+    urls = [a or b for a, b in re.findall(pattern, html.text)]
+    assert any(u.endswith(".js") for u in urls) and "/openapi.json" in urls, urls
+    assert not re.search(r"https?://|//[a-z]", html.text.replace("http://www.w3.org", "")), "a URL off this server"
+    for url in urls:
+        assert url.startswith("/"), url
+        assert client.get(url).status_code == 200, url
+
+
+def test_an_uploads_format_comes_from_its_bytes_never_its_declared_type(tmp_path, by_speaker):
+    from fastapi.testclient import TestClient
+
+    home, db, keys = make_home(tmp_path)
+    files = by_speaker("vctk-4")["p225"]
+
+    def encoded(path: Path, fmt: str, subtype: str) -> bytes:
+        samples, rate = sf.read(path, dtype="float32")
+        out = io.BytesIO()
+        sf.write(out, samples, rate, format=fmt, subtype=subtype)
+        return out.getvalue()
+
+    uploads = [  # (body, declared type or None): each a different recording, so none is a duplicate
+        (files[0].read_bytes(), "audio/wav"),  # FLAC said to be WAV
+        (encoded(files[1], "WAV", "PCM_16"), None),  # no type at all
+        (encoded(files[2], "MP3", "MPEG_LAYER_III"), "text/plain"),
+        (encoded(files[3], "OGG", "VORBIS"), "audio/mpeg"),
+    ]
+    auth = {"X-API-Key": keys["admin"]}
+    with TestClient(create_app(str(home), db, background=False)) as client:
+        for body, kind in uploads:
+            headers = {**auth, **({"Content-Type": kind} if kind else {})}
+            r = client.post("/v1/speakers/ann/utterances", content=body, headers=headers)
+            assert r.status_code == 201, (kind, r.text)
+        probe = client.post("/v1/identify", content=encoded(files[4], "MP3", "MPEG_LAYER_III"), headers=auth)
+        assert probe.status_code == 200 and probe.json()["candidates"][0]["speaker"] == "ann"
+        for kind in ("audio/flac", "audio/wav", None):
+            headers = {**auth, **({"Content-Type": kind} if kind else {})}
+            bad = client.post("/v1/speakers/ann/utterances", content=b"RIFF not really audio" * 50, headers=headers)
+            assert bad.status_code == 422 and bad.json()["error"] == "undecodable_audio", bad.text
+    with Store(db) as store:
+        assert store.counts()["utterances"] == 4
+
+
 def test_cli_creates_lists_and_revokes_keys(tmp_path, db_url):
     home, db, _ = make_home(tmp_path, db_url)
 
@@ -404,7 +490,7 @@ def test_fuzzed_requests_get_4xx_and_store_nothing(tmp_path, by_speaker, servers
                 answers.append(server.client.post(route, content=body, headers={**auth, "Content-Type": kind}))
     for route in routes:
         answers += [
-            server.client.post(route, content=good, headers={**auth, "Content-Type": "text/plain"}),
+            server.client.post(route, content=b"plain text, not audio", headers={**auth, "Content-Type": "text/plain"}),
             server.client.post(route, json={"audio": "x"}, headers=auth),
             server.client.post(route, files={"not-file": ("a.wav", good)}, headers=auth),
             server.client.post(route, content=b"--x\r\nbroken", headers={**auth, "Content-Type": "multipart/form-data; boundary=x"}),
@@ -427,7 +513,92 @@ def test_fuzzed_requests_get_4xx_and_store_nothing(tmp_path, by_speaker, servers
     wrong = [(r.request.method, str(r.request.url), dict(r.request.headers).get("content-type"), r.status_code) for r in answers if not 400 <= r.status_code < 500]
     assert not wrong, wrong
     assert all("error" in r.json() for r in answers if r.headers.get("content-type") == "application/json")
-    assert {413, 415, 422, 400, 404} <= set(statuses)
+    assert {413, 422, 400, 404} <= set(statuses)
     assert server.proc.poll() is None and server.client.get("/healthz").status_code == 200
     with Store(db) as store:
         assert store.counts() == counts  # nothing stored by any of them
+
+
+# -- refresh requests over HTTP --------------------------------------------------------
+
+
+def _wait_for_jobs(client, auth: dict, ids: list[int], timeout: float = 600) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        jobs = [client.get(f"/v1/jobs/{i}", headers=auth).json() for i in ids]
+        if all(j["finished_at"] for j in jobs):
+            return jobs
+        assert time.monotonic() < deadline, jobs
+        time.sleep(0.5)
+
+
+def test_a_dry_run_queued_over_http_runs_as_one_and_covers_no_real_request(tmp_path, by_speaker):
+    """{"dry_run": true} is honoured by the service's worker: the candidate is trained and
+    evaluated, no version is stored, the job says it was a dry run; the real request queued
+    beside it is run on its own. A body key the route does not know is a 422."""
+    from fastapi.testclient import TestClient
+
+    home, db, keys = make_home(tmp_path, config="[refresh]\nsteps = 2\nspeakers_per_batch = 4\nholdout_fraction = 0.3\n")
+    with Engine.open(home=home, db=db) as eng:
+        eng.enroll_many([(s, p, None) for s, paths in by_speaker("vctk-4").items() for p in paths[:10]])
+    auth = {"X-API-Key": keys["admin"]}
+    with TestClient(create_app(str(home), db)) as client:
+        for body in ({"dry_run": True, "dryrun": True}, {"dry_run": "yes"}, {"reason": 3}, [1]):
+            refused = client.post("/v1/refresh", json=body, headers=auth)
+            assert refused.status_code == 422 and refused.json()["error"] == "invalid_request", (body, refused.text)
+        assert client.get("/v1/status", headers=auth).json()["queued"] == 0  # a refused request queues nothing
+        dry = client.post("/v1/refresh", json={"dry_run": True, "reason": "try the new loss"}, headers=auth)
+        real = client.post("/v1/refresh", headers=auth)  # no body: a real refresh, as before
+        assert dry.status_code == real.status_code == 202, (dry.text, real.text)
+        assert (dry.json()["dry_run"], real.json()["dry_run"]) == (True, False)
+        assert dry.json()["reason"] == "try the new loss"
+        dry_job, real_job = _wait_for_jobs(client, auth, [dry.json()["id"], real.json()["id"]])
+        versions = client.get("/v1/versions", headers=auth).json()
+    assert dry_job["dry_run"] and dry_job["status"] == "succeeded", dry_job
+    assert dry_job["result"]["status"] == "dry-run" and dry_job["version"] is None
+    assert dry_job["result"]["metrics"]["candidate"]["overall"]["probes"] > 0  # it was evaluated
+    assert not real_job["dry_run"] and real_job["status"] in ("succeeded", "rejected"), real_job
+    assert "covered_by" not in real_job["result"] and real_job["result"]["status"] in ("promoted", "rejected")
+    # The real refresh stored its candidate; the dry run stored none.
+    assert [v["number"] for v in versions] == [1, real_job["version"]]
+
+
+# -- several probes in one request -----------------------------------------------------
+
+
+def test_identify_batch_answers_each_file_in_its_slot(tmp_path, by_speaker):
+    """Answers in order; a bad file carries its error in its own slot; the count of files
+    and ``top`` are bounded as configured; nothing is stored."""
+    from fastapi.testclient import TestClient
+
+    home, db, keys = make_home(tmp_path, config="[service]\nmax_top = 2\nmax_batch_files = 3\n")
+    voices = by_speaker("vctk-4")
+    a, b = sorted(voices)[:2]
+    with Engine.open(home=home, db=db) as eng:
+        eng.enroll_many([(s, p, None) for s, paths in voices.items() for p in paths[:3]])
+    with Store(db) as store:
+        counts = store.counts()
+    files = [("file", ("a.flac", voices[a][5].read_bytes())), ("file", ("junk.wav", b"RIFF junk")),
+             ("file", ("b.flac", voices[b][5].read_bytes()))]
+    auth = {"X-API-Key": keys["query"]}
+    with TestClient(create_app(str(home), db, background=False)) as client:
+        answered = client.post("/v1/identify/batch", files=files, params={"top": 2}, headers=auth)
+        assert answered.status_code == 200, answered.text
+        slots = answered.json()
+        assert [(s["file"], s["ok"]) for s in slots] == [("a.flac", True), ("junk.wav", False), ("b.flac", True)]
+        assert [s["result"]["candidates"][0]["speaker"] for s in slots if s["ok"]] == [a, b]
+        assert all(len(s["result"]["candidates"]) == 2 for s in slots if s["ok"])
+        assert slots[1]["error"] == "undecodable_audio" and slots[1]["message"] and slots[1]["result"] is None
+        single = client.post("/v1/identify", content=voices[a][5].read_bytes(), params={"top": 2},
+                             headers={**auth, "Content-Type": "audio/flac"}).json()
+        assert slots[0]["result"]["candidates"] == single["candidates"]  # the same answer as one call
+        too_many = client.post("/v1/identify/batch", files=files + files[:1], headers=auth)
+        assert too_many.status_code == 413 and too_many.json()["error"] == "too_many_files"
+        assert client.post("/v1/identify/batch", files=files, params={"top": 3}, headers=auth).status_code == 422
+        raw = client.post("/v1/identify/batch", content=files[0][1][1], headers={**auth, "Content-Type": "audio/flac"})
+        assert raw.status_code == 415
+        assert client.post("/v1/identify/batch", data={"file": "not a file"}, headers=auth).status_code in (400, 415)
+        empty = client.post("/v1/identify/batch", files=[("other", ("a.flac", b"x"))], headers=auth)
+        assert empty.status_code == 400 and empty.json()["error"] == "invalid_input"
+    with Store(db) as store:
+        assert store.counts() == counts

@@ -367,6 +367,35 @@ def test_a_job_reason_says_each_part_once(store: Store) -> None:
     assert taken.id == asked.id and taken.reason == "requested over HTTP; 57 pending"
 
 
+def test_dry_run_and_real_refresh_requests_never_cover_each_other(store: Store) -> None:
+    real = store.jobs.queue_job("refresh", "drift")
+    dry = store.jobs.queue_job("refresh", "try it", dry_run=True)
+    dry_too = store.jobs.queue_job("refresh", "try it again", dry_run=True)
+    real_too = store.jobs.queue_job("refresh", "request")
+    assert (real.dry_run, dry.dry_run) == (False, True)
+    assert store.jobs.oldest_queued("refresh") == real
+    # A dry run takes the oldest queued dry run and covers the other, never a real request.
+    job, _ = store.jobs.start_job("refresh", "manual", owner="host:1", dry_run=True)
+    assert job.id == dry.id and job.dry_run and job.status == "running"
+    assert store.jobs.get_job(dry_too.id).result == {"covered_by": dry.id}
+    assert [j.status for j in (store.jobs.get_job(real.id), store.jobs.get_job(real_too.id))] == ["queued", "queued"]
+    store.jobs.update_job(job.id, status="succeeded", result={})
+    # A real refresh takes the real requests, and a dry run queued meanwhile waits for its own.
+    later_dry = store.jobs.queue_job("refresh", "try", dry_run=True)
+    job, _ = store.jobs.start_job("refresh", "schedule", owner="host:1")
+    assert job.id == real.id and not job.dry_run
+    assert store.jobs.get_job(real_too.id).result == {"covered_by": real.id}
+    assert store.jobs.get_job(later_dry.id).status == "queued" and store.jobs.oldest_queued("refresh") == later_dry
+    store.jobs.update_job(job.id, status="succeeded", result={})
+    # With nothing of its kind queued, a dry run is a new job that says so.
+    fresh, _ = store.jobs.start_job("refresh", "manual", owner="host:1", dry_run=True)
+    assert fresh.id == later_dry.id
+    store.jobs.update_job(fresh.id, status="succeeded", result={})
+    alone, _ = store.jobs.start_job("refresh", "manual", owner="host:1", dry_run=True)
+    assert alone.id > fresh.id and alone.dry_run and store.jobs.get_job(alone.id).dry_run
+    assert store.jobs.oldest_queued("refresh") is None
+
+
 def test_jobs_lifecycle_and_interrupted_cleanup(store: Store) -> None:
     rng = np.random.default_rng(6)
     v1 = new_version(store)
