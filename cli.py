@@ -259,7 +259,16 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         for done, (path, result) in enumerate(zip(args.files, results), 1):
             failed += report_row(args, result, source=str(path))
             bars(done, len(args.files), "enrolling")
+        recalibrate(eng, args)
     return outcome(failed, len(args.files))
+
+
+def recalibrate(eng, args: argparse.Namespace) -> None:
+    """After enrolling: calibrate again if the population changed enough (a note says so)."""
+    fitted = eng.calibrate_if_needed()
+    if fitted is not None and not args.json:
+        print(f"note: calibrated version {fitted.version} again on {fitted.trials['speakers']} speakers "
+              "([scoring] recalibrate_change)", file=sys.stderr)
 
 
 def report_row(args: argparse.Namespace, result, *, source: str, row: int | None = None) -> int:
@@ -322,6 +331,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
                 number, source = labels.popleft()
                 total += 1
                 failed += report_row(args, result, source=source, row=number)
+            recalibrate(eng, args)
     finally:
         if stream is not sys.stdin:
             stream.close()
@@ -352,6 +362,8 @@ def cmd_utterance(args: argparse.Namespace) -> int:
 
 
 def cmd_speakers(args: argparse.Namespace) -> int:
+    if args.speaker is not None:
+        return _speaker_utterances(args)
     with open_engine(args) as eng:
         speakers = eng.speakers()
     lines = [f"{'speaker':<30} {'utterances':>10} {'speech s':>9} {'pending':>8}"]
@@ -360,18 +372,6 @@ def cmd_speakers(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_delete_speaker(args: argparse.Namespace) -> int:
-    if not args.yes:
-    if args.speaker is not None:
-        return _speaker_utterances(args)
-        if not sys.stdin.isatty():
-            raise InvalidInput("delete-speaker erases data for good: pass --yes")
-        if input(f"erase everything stored about {args.speaker!r}? [y/N] ").strip().lower() not in ("y", "yes"):
-            print("nothing erased", file=sys.stderr)
-            return EXIT_NEGATIVE
-    with open_engine(args) as eng:
-        result = eng.erase_speaker(args.speaker)
-    line = (
 def _speaker_utterances(args: argparse.Namespace) -> int:
     from engine.results import utterance_dict
 
@@ -386,6 +386,16 @@ def _speaker_utterances(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_delete_speaker(args: argparse.Namespace) -> int:
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise InvalidInput("delete-speaker erases data for good: pass --yes")
+        if input(f"erase everything stored about {args.speaker!r}? [y/N] ").strip().lower() not in ("y", "yes"):
+            print("nothing erased", file=sys.stderr)
+            return EXIT_NEGATIVE
+    with open_engine(args) as eng:
+        result = eng.erase_speaker(args.speaker)
+    line = (
         f"erased {result['speaker']}: {result['utterances']} utterance(s), {result['embeddings']} embedding(s), "
         f"{result['centroids']} profile(s)"
     )
@@ -507,8 +517,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         calibration = eng.calibrate()
     t = calibration.trials
     lines = [
-        f"calibrated version {calibration.version} on {t['target']} target and {t['nontarget']} non-target "
-        f"leave-one-out trials ({t['speakers']} speakers, {t['utterances']} utterances)"
+        f"calibrated version {calibration.version} on {t['target']} target, {t['nontarget']} non-target and "
+        f"{t.get('identify', 0)} open-set leave-one-out trials ({t['speakers']} speakers, {t['utterances']} utterances)"
     ]
     for backend, cuts in calibration.thresholds.items():
         fit = calibration.fit.get(backend, {})
@@ -517,11 +527,22 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             f"  {backend:<18} verify >= {cuts['verify']:.3f} ({fit.get('verify_basis', '?')})  identify >= "
             f"{cuts['identify']:.3f} ({fit.get('identify_basis', '?')})  EER {fit.get('eer', float('nan')):.2%}{extra}"
         )
+        lines.extend(_expected_lines(fit, "    "))
     notes = [f"note: {note}" for note in calibration.fit.get("notes", [])]
     if "asnorm" not in calibration.thresholds:
         notes.append("note: the AS-norm cohort is too small (see [scoring] min_cohort); cosine decides")
     answer(args, asdict(calibration), lines, notes)
     return EXIT_OK
+
+
+def _expected_lines(fit: dict, indent: str) -> list[str]:
+    """The false-accept rates a calibration expects on speakers it never saw, with bounds."""
+    return [
+        f"{indent}{task} false accepts expected on new speakers {e['rate']:.2%} (95 % bound {e['bound']:.2%}, "
+        f"{e['trials']} trials of {e['speakers']} speakers)"
+        for task in ("verify", "identify")
+        if (e := fit.get(f"{task}_expected"))
+    ]
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -573,9 +594,19 @@ def cmd_versions(args: argparse.Namespace) -> int:
             f"{'*' if v.active else ' '}{v.number:>6} {v.parent if v.parent is not None else '-':>6} {v.status:<9} "
             f"{v.created_at:%Y-%m-%d %H:%M:%S} "
             f"{_gate_change(v.metrics, 'accuracy', '.1%'):>13} {_gate_change(v.metrics, 'eer', '.2%'):>13}  {v.note or ''}"
+            + (" [weights pruned]" if "pruned" in v.metrics else "")
         )
     legend = "* active; top-1 and EER: parent -> this version on held-out utterances (refresh gate)"
     answer(args, [asdict(v) for v in versions], lines, [legend])
+    return EXIT_OK
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    with open_engine(args) as eng:
+        result = eng.prune(dry_run=args.dry_run)
+    lines = [f"version {v['version']} ({v['status']}): {v['bytes'] / 2**20:.1f} MiB" for v in result["versions"]]
+    lines.append(f"{'would free' if args.dry_run else 'freed'} {result['freed_bytes'] / 2**20:.1f} MiB")
+    answer(args, {"ok": True, **result}, lines)
     return EXIT_OK
 
 
@@ -594,22 +625,12 @@ def cmd_refresh(args: argparse.Namespace) -> int:
         "promoted": f"version {report.version} promoted (now active)",
         "rejected": f"version {report.version} rejected, version {report.parent} stays active",
         "dry-run": "dry run: nothing stored",
-            + (" [weights pruned]" if "pruned" in v.metrics else "")
         "skipped": "skipped",
     }[report.status]
     lines = [f"refresh job {report.job}: {what}"]
     parent, candidate = report.metrics.get("parent"), report.metrics.get("candidate")
     if parent and candidate:
         lines += [
-def cmd_prune(args: argparse.Namespace) -> int:
-    with open_engine(args) as eng:
-        result = eng.prune(dry_run=args.dry_run)
-    lines = [f"version {v['version']} ({v['status']}): {v['bytes'] / 2**20:.1f} MiB" for v in result["versions"]]
-    lines.append(f"{'would free' if args.dry_run else 'freed'} {result['freed_bytes'] / 2**20:.1f} MiB")
-    answer(args, {"ok": True, **result}, lines)
-    return EXIT_OK
-
-
             f"  {group:<8} {parent[group]['probes']:>4} held-out  "
             f"top-1 {parent[group]['accuracy']:.1%} -> {candidate[group]['accuracy']:.1%}  "
             f"EER {parent[group]['eer']:.2%} -> {candidate[group]['eer']:.2%}"
@@ -618,7 +639,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         ]
     lines += [f"  {'why' if report.status != 'skipped' else 'because'}: {reason}" for reason in report.reasons]
     timings = ["  " + "  ".join(f"{k} {v}" for k, v in report.timings.items())] if report.timings else []
-    answer(args, {"ok": True, **report.to_dict()}, lines, timings)
+    warning = (report.metrics.get("calibration") or {}).get("warning")
+    answer(args, {"ok": True, **report.to_dict()}, lines, timings + ([f"warning: {warning}"] if warning else []))
     return EXIT_NEGATIVE if report.status == "rejected" else EXIT_OK
 
 
@@ -632,7 +654,8 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         )
     else:
         line = f"version {result['version']} was already active; nothing changed"
-    answer(args, {"ok": True, **result}, [line])
+    warning = (result.get("calibration") or {}).get("warning")
+    answer(args, {"ok": True, **result}, [line], [f"warning: {warning}"] if warning else [])
     return EXIT_OK
 
 
@@ -671,14 +694,18 @@ def cmd_status(args: argparse.Namespace) -> int:
         status = eng.status()
     status["schedule"] = scheduler.list_schedule(db)
     cal, running, last = status["calibration"], status["running_job"], status["last_job"]
+    decisions = status["decisions"]
     lines = [
         f"active version      {status['active_version']}",
         f"new utterances      {status['pending_utterances']} (enrolled since the active version was trained)",
         f"held for review     {status['held_for_review']} (voiceprint pending)",
-        "calibration         none: cosine decides (run voiceprint calibrate)" if cal is None else
+        "calibration         none (run voiceprint calibrate)" if cal is None else
         f"calibration         {cal['created_at'][:19]} on {cal['speakers_then']} speakers "
-        f"({cal['speakers_now']} enrolled now; calibrate again when that grows a lot)"
+        f"({cal['speakers_now']} enrolled now{'; calibrate again' if decisions['recalibrate'] else ''})"
         f"{', scores centred' if cal.get('centred') else ''}",
+        f"decisions           {decisions['backend']}: verify >= {_maybe(decisions['verify_threshold'])}, "
+        f"identify >= {_maybe(decisions['identify_threshold'])} among {decisions['speakers']} speakers"
+        + (f" ({decisions['why']})" if decisions["why"] else ""),
         f"queued requests     {status['queued']}",
         f"erasure scrub       {status['scrub']['scrub']} {(status['scrub']['pending_since'] or '')[:19]}".rstrip(),
         f"running job         {'-' if not running else _job_line(running)}",
@@ -687,7 +714,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     for job in status["schedule"] or [{"id": "-", "next_run": "no schedule"}]:
         when = job["next_run"] or f"once {job['min_new']} are new"  # the --min-new condition has no fixed time
         lines.append(f"next run            {when}  ({job['id']})")
-    answer(args, status, lines)
+    expected = {f"{task}_expected": e for task, e in decisions["expected_false_accepts"].items()}
+    notes = [f"note: {n}" for n in (decisions["verify_threshold_from"], *_expected_lines(expected, "")) if n != "calibration"]
+    notes += [f"note: {d['speakers'][0]!r} and {d['speakers'][1]!r} score like one person" for d in decisions["duplicates"]]
+    answer(args, status, lines, notes)
     return EXIT_OK
 
 
@@ -714,6 +744,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"voiceprint serve: http://{host}:{sock.getsockname()[1]} on {where}; stop with Ctrl-C or SIGTERM", file=sys.stderr, flush=True)
     if not keys:
         print("voiceprint serve: no API keys yet, every request will get 401 (voiceprint keys create --role admin)", file=sys.stderr, flush=True)
+    logging.getLogger("voiceprint").setLevel(logging.INFO)  # the access log and lifecycle events, -v or not
     serve(create_app(home, db), sock, verbose=args.verbose)
     print("voiceprint serve: stopped", file=sys.stderr)
     return EXIT_OK
@@ -744,7 +775,6 @@ def _key_line(key) -> str:
 
 
 def cmd_openapi(args: argparse.Namespace) -> int:
-    logging.getLogger("voiceprint").setLevel(logging.INFO)  # the access log and lifecycle events, -v or not
     from service import create_app
 
     print(json.dumps(create_app(args.home, args.db).openapi(), indent=2, sort_keys=True))

@@ -11,6 +11,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from engine import manifests
@@ -54,6 +55,18 @@ def split_per_speaker(items: list[Item], enroll: int) -> tuple[list[Item], list[
         (enrollment if seen[item.speaker] < enroll else probes).append(item)
         seen[item.speaker] += 1
     return enrollment, probes
+
+
+def embed_set(name: str, eng) -> tuple[np.ndarray, np.ndarray]:
+    """Every usable file of data set ``name`` embedded by ``eng``'s active version (as the
+    engine loads audio), and each row's speaker; files the engine refuses are left out."""
+    from engine import audio
+
+    items = read_manifest(name)
+    loaded = audio.load_many([it.path for it in items], eng.config.audio)
+    kept = [(it.speaker, sp.samples) for it, sp in zip(items, loaded) if isinstance(sp, audio.Speech)]
+    vectors = eng.embedder(eng.active_version()).embed([samples for _, samples in kept])
+    return vectors, np.array([s for s, _ in kept])
 
 
 def machine() -> dict:

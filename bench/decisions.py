@@ -30,6 +30,8 @@ Writes bench/results/decisions.json.
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 import tempfile
 import time
@@ -40,20 +42,38 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import read_manifest, split_per_speaker, write_result  # noqa: E402
+from common import RESULTS, embed_set, read_manifest, split_per_speaker, write_result  # noqa: E402
 
 from engine import Engine, audio  # noqa: E402
 from engine.centroids import prototypes  # noqa: E402
 from engine.errors import VoiceprintError  # noqa: E402
 from engine.metrics import eer, min_dcf  # noqa: E402
-from engine.scoring import BACKENDS, bayes_threshold, cllr, normalise_rows  # noqa: E402
+from engine.calibration import bayes_threshold, cllr, fit_calibration, reference_thresholds  # noqa: E402
+from engine.encoders import reference_scores  # noqa: E402
+from engine.trials import leave_one_out_trials  # noqa: E402
+from engine.index import CentroidIndex  # noqa: E402
+from engine.scoring import BACKENDS, Cohort, centred, normalise_rows  # noqa: E402
 
 P_TARGET = 0.01
 TEST_SETS = {"speechocean762 (held-out speakers)": ("speechocean762-train", 8), "librispeech-test-other": ("librispeech-test-other", 6)}
 
 
+POPULATIONS = (10, 20, 30, 62)  # calibration speakers (62: every other speechocean762 speaker)
+DRAWS = 5  # seeded draws of calibration speakers per size
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--populations-only", action="store_true", help="only the realised-vs-requested table (minutes)")
+    args = parser.parse_args()
     started = time.time()
+    previous = RESULTS / "decisions.json"
+    if args.populations_only and previous.exists():  # keep the engine section of the last full run
+        result = {k: v for k, v in json.loads(previous.read_text()).items() if k not in ("benchmark", "when", "machine")}
+        result["populations"] = populations()
+        result["seconds_populations"] = round(time.time() - started, 1)
+        print(f"wrote {write_result('decisions', result)}")
+        return
     ocean = read_manifest("speechocean762-train")
     speakers = sorted({i.speaker for i in ocean})
     calibration_speakers = set(speakers[0::2])
@@ -80,6 +100,7 @@ def main() -> None:
                 recalibrated = eng.calibrate()
                 result["sets"][label + ", after recalibrating"] = evaluate(eng, probes, recalibrated)
         result["search_cost"] = search_cost()
+        result["populations"] = populations()
         result["seconds"] = round(time.time() - started, 1)
     path = write_result("decisions", result)
     print(f"wrote {path}")
@@ -104,6 +125,7 @@ def evaluate(eng: Engine, probes, calibration) -> dict:
     out = {"probes": len(rows), "speakers": len(test_speakers), "backends": {}}
     for backend in BACKENDS:
         cut = calibration.thresholds[backend]
+        identify_cut = calibration.identify_threshold(backend, len(names))
         tar, non, own_ranked = [], [], []
         identified, stranger_score, stranger_margin = [], [], []
         for own, scales, _ in rows:
@@ -113,7 +135,7 @@ def evaluate(eng: Engine, probes, calibration) -> dict:
             own_ranked.append(int(np.argmax(s)) == own)
             # The engine's identification: rank by cosine, decide on the winner's score.
             winner = int(np.argmax(raw))
-            identified.append(winner == own and s[winner] >= cut["identify"])
+            identified.append(winner == own and s[winner] >= identify_cut)
             others = np.delete(np.arange(len(raw)), own)  # the probe's speaker as a stranger
             first, second = others[np.argsort(-raw[others])[:2]]
             stranger_score.append(s[first])
@@ -125,7 +147,7 @@ def evaluate(eng: Engine, probes, calibration) -> dict:
             "min_dcf_0.01": min_dcf(tar, non, P_TARGET)[0],
             "verify_far_at_threshold": float(np.mean(non >= cut["verify"])),
             "verify_miss_at_threshold": float(np.mean(tar < cut["verify"])),
-            "open_set_far_at_threshold": float(np.mean(stranger_score >= cut["identify"])),
+            "open_set_far_at_threshold": float(np.mean(stranger_score >= identify_cut)),
             "identified_at_threshold": float(np.mean(identified)),
             "top1_if_ranked_by_this_score": float(np.mean(own_ranked)),
         }
@@ -135,13 +157,113 @@ def evaluate(eng: Engine, probes, calibration) -> dict:
             miss, fa = np.mean(tar < bayes), np.mean(non >= bayes)
             doc["act_dcf_0.01"] = float((miss * P_TARGET + fa * (1 - P_TARGET)) / P_TARGET)
             doc["open_set_far_by_margin"] = {
-                str(m): float(np.mean((stranger_score >= cut["identify"]) & (stranger_margin >= m))) for m in (1.0, 2.0)
+                str(m): float(np.mean((stranger_score >= identify_cut) & (stranger_margin >= m))) for m in (1.0, 2.0)
             }
         out["backends"][backend] = doc
     out["top1"] = float(np.mean([int(np.argmax(scales["cosine"])) == own for own, scales, _ in rows]))
     out["prototypes"] = compare_prototypes(eng, version.number, test_speakers, rows, names)
     out["consistency"] = consistency(rows, calibration, index, eng, version.number, names, columns)
     return out
+
+
+def populations() -> dict:
+    """Requested against realised false-accept rates on speakers the calibration never saw,
+    at several population sizes, beside the rate and bound the engine reported.
+
+    The engine's recipe on embeddings of its own encoder, without the database:
+    ``n`` speakers of one half of speechocean762 are calibrated (all their utterances;
+    the domain centre, the AS-norm cohort of their first utterances, leave-one-out trials,
+    :func:`fit_calibration`), then every speaker of the other half is enrolled from 8
+    utterances and their other utterances probe: verify against every other new
+    speaker's profile, identify among all enrolled speakers with their own profile left
+    out (a stranger), the identify threshold grown to the gallery's size as the engine
+    does. LibriSpeech (6 utterances enrolled) is a domain the calibration never heard.
+    Beside it, the same searches decided by the encoder's reference thresholds (plain
+    cosine), what the engine uses below ``min_calibration_speakers``; that reference was
+    measured on all of speechocean762, so on its speakers it is not an unseen population.
+    """
+    with tempfile.TemporaryDirectory() as tmp, Engine.init(home=tmp) as eng:
+        cfg = eng.config.scoring
+        ocean = embed_set("speechocean762-train", eng)
+        libri = embed_set("librispeech-test-other", eng)
+        reference = reference_scores(eng.config.encoder.name)
+    names = sorted(set(ocean[1]))
+    pool, held = names[0::2], names[1::2]
+    settings = {
+        "verify_far": cfg.verify_far, "identify_far": cfg.identify_far, "consistency_hold_rate": 0.02,
+        "decision": "far", "p_target": cfg.p_target, "c_miss": cfg.c_miss, "c_fa": cfg.c_fa,
+    }
+    out = {"requested": {"verify": cfg.verify_far, "identify": cfg.identify_far}, "sizes": {}}
+    for size in POPULATIONS:
+        runs = []
+        for draw in range(DRAWS if size < len(pool) else 1):
+            chosen = sorted(np.random.default_rng(draw).choice(pool, size, replace=False))
+            runs.append(_population_run(ocean, libri, chosen, held, settings, cfg, reference))
+        out["sizes"][str(size)] = {
+            "draws": len(runs),
+            "backends": sorted({r["backend"] for r in runs}),
+            **{key: _mean_std([r[key] for r in runs]) for key in runs[0] if key != "backend"},
+        }
+        print(size, json.dumps(out["sizes"][str(size)]), flush=True)
+    return out
+
+
+def _population_run(ocean, libri, chosen, held, settings, cfg, reference: dict) -> dict:
+    """One draw: the calibration fitted on ``chosen`` and, for comparison, the encoder's
+    reference thresholds (plain cosine), each applied to the held-out speakers."""
+    x, y = ocean
+    fit_rows = np.isin(y, chosen)
+    vectors, speakers = x[fit_rows].astype(np.float64), list(y[fit_rows])
+    centre = vectors.mean(axis=0)
+    first = np.concatenate([np.flatnonzero(np.array(speakers) == s)[: cfg.cohort_per_speaker] for s in chosen])
+    cohort = None
+    if len(first) >= cfg.min_cohort:
+        cohort = Cohort(first, [speakers[i] for i in first], centred(vectors[first], centre), top_k=cfg.cohort_top_k)
+    calibration = fit_calibration(1, leave_one_out_trials(np.arange(len(speakers)), speakers, vectors, cohort, seed=1, centre=centre), settings)
+    backend = cfg.backend if cohort is not None else "cosine"
+    fit = calibration.fit[backend]
+    row = {
+        "backend": backend,
+        "expected_verify": fit["verify_expected"]["rate"], "bound_verify": fit["verify_expected"]["bound"],
+        "expected_identify": fit["identify_expected"]["rate"], "bound_identify": fit["identify_expected"]["bound"],
+    }
+    for label, (vx, vy, enroll) in (("speechocean", (x, y, 8)), ("librispeech", (*libri, 6))):
+        new = held if label == "speechocean" else sorted(set(vy))
+        gallery = {s: x[y == s].mean(axis=0) for s in chosen}
+        probes = []
+        for s in new:
+            rows = np.flatnonzero(vy == s)
+            gallery[s] = vx[rows[:enroll]].mean(axis=0)
+            probes.extend((s, vx[r]) for r in rows[enroll:])
+        names = list(gallery)
+        profiles = np.stack([gallery[n] for n in names])
+        calibrated = CentroidIndex(names, centred(profiles, centre), cohort=cohort, calibration=calibration)
+        plain = CentroidIndex(names, profiles)
+        cuts = reference_thresholds(reference, cfg.verify_far, cfg.identify_far, len(names))
+        ways = {  # how each way scores a probe and the two thresholds it decides with
+            "calibrated": (lambda v: calibrated.scores(centred(v, centre)), backend,
+                           calibration.thresholds[backend]["verify"], calibration.identify_threshold(backend, len(names))),
+            "reference": (plain.scores, "cosine", cuts["verify"], cuts["identify"]),
+        }
+        new_cols = np.array([names.index(s) for s in new])
+        for way, (score, scale_name, verify_cut, identify_cut) in ways.items():
+            impostor, stranger, named = [], [], []
+            for s, vector in probes:
+                raw, normalised, llr = score(vector)
+                scale = {"cosine": raw, "asnorm": normalised, "asnorm+calibrated": llr}[scale_name]
+                own = names.index(s)
+                impostor.append(scale[new_cols[new_cols != own]] >= verify_cut)
+                others = np.delete(np.arange(len(names)), own)
+                stranger.append(scale[others[np.argmax(raw[others])]] >= identify_cut)
+                named.append(int(np.argmax(raw)) == own and scale[own] >= identify_cut)
+            row[f"{way}_{label}_verify_far"] = float(np.mean(np.concatenate(impostor)))
+            row[f"{way}_{label}_identify_far"] = float(np.mean(stranger))
+            row[f"{way}_{label}_identified"] = float(np.mean(named))
+    return row
+
+
+def _mean_std(values: list[float]) -> dict:
+    return {"mean": round(float(np.mean(values)), 4), "std": round(float(np.std(values)), 4)}
 
 
 def compare_prototypes(eng: Engine, version: int, test_speakers: list[str], rows, names: list[str]) -> dict:
@@ -181,8 +303,8 @@ def consistency(rows, calibration, index, eng, version, names, columns) -> dict:
 
 
 def search_cost() -> list[dict]:
-    from engine.index import CentroidIndex
-    from engine.scoring import Calibration, Cohort
+    from engine.calibration import Calibration
+    from engine.scoring import Cohort
 
     rng = np.random.default_rng(0)
     dim = 256

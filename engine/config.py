@@ -77,9 +77,15 @@ class ScoringConfig(Section):
     c_fa: float = key(1.0, above=0, at_most=1e6)
     # "Unknown" when best - second best is below this (back-end's scale)
     identify_margin: float = key(0.0, at_least=0, at_most=100)
-    # Cosine thresholds, used only until the active version has a calibration.
-    identify_threshold: float = key(0.75, at_least=-1, at_most=1)
-    verify_threshold: float = key(0.80, at_least=-1, at_most=1)
+    # Calibrate again (automatically: the service worker, and the CLI after enroll/stream)
+    # once the number of enrolled speakers has changed by this share of the number the
+    # calibration saw. Before any calibration, thresholds come from the encoder's
+    # reference measurement (README, "Scores and decisions").
+    recalibrate_change: float = key(0.25, above=0, at_most=100)
+    # A calibration needs this many speakers with two or more utterances: fitted on fewer
+    # (10-20), the realised false-accept rates on new speakers missed the request by 2-10x
+    # while the reference thresholds held theirs (README, "Scores and decisions").
+    min_calibration_speakers: int = key(30, at_least=2, at_most=1_000_000)
     # Subtract the mean of the version's enrolled embeddings before cosine scoring
     # (fitted with each calibration; uncalibrated versions score plain cosines).
     centre: bool = True
@@ -120,18 +126,18 @@ class EnrollmentConfig(Section):
     consistency_hold_rate: float = key(0.02, at_least=0, below=1)
     # Cosine cut until the version is calibrated (calibrated: about 0.73 on speechocean762)
     consistency_threshold: float = key(0.7, at_least=-1, at_most=1)
-
-
-@dataclass(frozen=True)
-class RefreshConfig(Section):
-    """How a refresh trains, what it replays, and the gate a candidate must pass (README, "Refresh")."""
-
     # At least this cosine to one of the speaker's stored utterances: the same recording in
     # another encoding, refused as a duplicate; 0 turns it off. Measured (pretrained GE2E):
     # two different utterances of one speaker reach 0.964 (vctk-4) and 0.982 (LibriSpeech);
     # a WAV copy of a FLAC scores 1.0, MP3 / Vorbis copies 0.966-1.0 (most above this cut),
     # 8 kHz or gain-changed copies as low as 0.78: only a fingerprint could catch those.
     duplicate_cosine: float = key(0.995, at_least=0, at_most=1)
+
+
+@dataclass(frozen=True)
+class RefreshConfig(Section):
+    """How a refresh trains, what it replays, and the gate a candidate must pass (README, "Refresh")."""
+
     loss: str = "aam-softmax"  # any name in the loss registry (classification losses get a head)
     steps: int = key(100, at_least=1, at_most=1_000_000)  # optimiser steps per refresh
     time_budget_s: float = key(1800.0, above=0, at_most=7 * 86400)  # training stops early when this is spent
@@ -209,14 +215,14 @@ class ServiceConfig(Section):
     # The most candidates POST /v1/identify returns: a larger ``top`` would let a query key
     # list the enrolled names (README, "Keys and roles").
     max_top: int = key(5, at_least=1, at_most=1000)
+    # The most files one POST /v1/identify/batch may carry (the body stays under max_request_bytes)
+    max_batch_files: int = key(16, at_least=1, at_most=1000)
     # PyTorch threads per request. Requests run side by side in a thread pool; one thread
     # each keeps their OpenMP teams from spinning against each other on the same cores
     # (2 cores, 8 clients: 40 identify/s with 1, 34 with 2; one client: the same).
     torch_threads: int = key(1, at_least=1, at_most=1024)
 
 
-    # The most files one POST /v1/identify/batch may carry (the body stays under max_request_bytes)
-    max_batch_files: int = key(16, at_least=1, at_most=1000)
 @dataclass(frozen=True)
 class Config:
     audio: AudioConfig = field(default_factory=AudioConfig)

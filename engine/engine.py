@@ -264,6 +264,18 @@ class Engine:
         """The active version's newest calibration, or None."""
         return self.recognizer.calibration()
 
+    def calibrate_if_needed(self):
+        """Calibrate the active version when its population changed enough since the last
+        fit (``[scoring] recalibrate_change``; see ``Recognizer.needs_calibration``); the
+        new calibration, or None when none was due or there is too little data."""
+        active = self.models.active().number
+        if not self.recognizer.needs_calibration(active):
+            return None
+        try:
+            return self.calibrate(active)
+        except NotEnoughData:
+            return None
+
     def evaluate(
         self, files: list[LabelledFile], *, enroll: int = 3, trials: list[Trial] | None = None,
         version: int | None = None, on_progress: Progress | None = None,
@@ -300,6 +312,10 @@ class Engine:
     def queued_refresh(self) -> bool:
         return bool(self.store.jobs.list_jobs(limit=1, status="queued"))
 
+    def next_refresh_request(self) -> Job | None:
+        """The queued refresh request waiting longest (its ``dry_run`` says how to run it), or None."""
+        return self.store.jobs.oldest_queued("refresh")
+
     def job(self, job_id: int) -> Job:
         return self.store.jobs.get_job(job_id)
 
@@ -312,10 +328,6 @@ class Engine:
 
     def readiness(self) -> dict:
         """Whether enrollment and identification can work now: database, active checkpoint,
-    def next_refresh_request(self) -> Job | None:
-        """The queued refresh request waiting longest (its ``dry_run`` says how to run it), or None."""
-        return self.store.jobs.oldest_queued("refresh")
-
         disk space, each reported on its own (:mod:`engine.health`)."""
         return health.readiness(self.models)
 
@@ -333,6 +345,7 @@ class Engine:
             "last_job": job_dict(finished[0]) if finished else None,
             "held_for_review": len(self.utterances(status="pending")),
             "calibration": self.recognizer.calibration_status(active.number),
+            "decisions": self.recognizer.decision_status(active.number),
             "scrub": self.scrub_files(),
         }
 

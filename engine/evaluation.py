@@ -6,8 +6,9 @@ against every enrolled speaker. With a trial list, only the listed (speaker, pro
 pairs count as verification trials.
 
 Reported: EER, minDCF at p_target 0.01 and 0.05, top-1 / top-5 identification, the
-false-accept and miss rates at the configured verify threshold, the open-set false-accept
-rate at the identify threshold (each probe with its own speaker removed from the
+false-accept and miss rates at the verify threshold an uncalibrated version uses (from
+the encoder's reference scores), the open-set false-accept rate at the identify
+threshold for the gallery's size (each probe with its own speaker removed from the
 gallery: would anyone else be accepted?), trial counts, per-duration buckets, and what
 was done with files that could not be used.
 """
@@ -15,24 +16,26 @@ was done with files that could not be used.
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from engine import audio
+from engine.calibration import reference_thresholds
 from engine.config import Config
+from engine.encoders import reference_scores
 from engine.errors import AudioError, InvalidInput
 from engine.manifests import LabelledFile, Trial
 from engine.metrics import eer, error_rates, min_dcf, top_k_accuracy
 from engine.progress import Progress, report
 
+log = logging.getLogger(__name__)
+
 LOAD_CHUNK = 64  # files decoded and run through the VAD together
 DURATION_BUCKETS = ((0.0, 2.0, "< 2 s"), (2.0, 5.0, "2-5 s"), (5.0, float("inf"), "> 5 s"))
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -90,7 +93,13 @@ def evaluate(
     known = np.array([probe_speaker.get(p) in column for p in probes])
     truth = np.array([column.get(probe_speaker.get(p), -1) for p in probes])
     durations = np.array([speeches[p].quality.speech_s for p in probes])
-    thresholds = config.scoring.verify_threshold, config.scoring.identify_threshold
+    # Eval scores raw cosines with no stored calibration: the thresholds an uncalibrated
+    # version decides with (the encoder's reference; identify for the gallery searched).
+    reference = reference_scores(config.encoder.name)
+    if reference is None:
+        raise InvalidInput(f"encoder {config.encoder.name!r} has no reference scores to set eval's thresholds with")
+    cuts = reference_thresholds(reference, config.scoring.verify_far, config.scoring.identify_far, max(len(names) - 1, 1))
+    thresholds = cuts["verify"], cuts["identify"]
     metrics = _metrics(scores, truth, known, pair_scores, is_target, *thresholds)
     by_duration = {}
     for low, high, label in DURATION_BUCKETS:
@@ -125,6 +134,9 @@ def _embed_files(embedder, config: Config, paths: list[Path], on_progress: Progr
     embeddings: dict[Path, np.ndarray] = {}
     refused: Counter = Counter()
     rates: Counter = Counter()
+    # The first chunk takes seconds (decoding, the VAD, the encoder): say at once what is coming.
+    log.info("eval: loading and embedding %d files, %d at a time", len(paths), LOAD_CHUNK)
+    report(on_progress, 0, len(paths), "embedding")
     for start in range(0, len(paths), LOAD_CHUNK):
         chunk = paths[start : start + LOAD_CHUNK]
         loaded = audio.load_many(chunk, config.audio)
@@ -134,9 +146,6 @@ def _embed_files(embedder, config: Config, paths: list[Path], on_progress: Progr
                 refused[s.code] += 1
         if ok:
             for (p, s), vector in zip(ok, embedder.embed([s.samples for _, s in ok])):
-    # The first chunk takes seconds (decoding, the VAD, the encoder): say at once what is coming.
-    log.info("eval: loading and embedding %d files, %d at a time", len(paths), LOAD_CHUNK)
-    report(on_progress, 0, len(paths), "embedding")
                 speeches[p], embeddings[p] = s, vector
                 rates[s.quality.input_sample_rate] += 1
         report(on_progress, start + len(chunk), len(paths), "embedding")

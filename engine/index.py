@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.scoring import Calibration, Cohort, asnorm, normalise_rows
+from engine.calibration import Calibration
+from engine.scoring import Cohort, asnorm, normalise_rows
 
 
 @dataclass(frozen=True)

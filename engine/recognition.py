@@ -16,14 +16,17 @@ import numpy as np
 
 from engine import audio
 from engine.audio import Source
+from engine.calibration import Calibration, fit_calibration, reference_thresholds
 from engine.centroids import prototypes
 from engine.config import Config
-from engine.names import normalise_speaker_name
+from engine.encoders import reference_scores
 from engine.errors import InvalidInput, NotEnoughData, UnknownSpeaker
 from engine.index import CentroidIndex
 from engine.models import ModelRegistry
+from engine.names import normalise_speaker_name
 from engine.results import Identification, Verification
-from engine.scoring import Calibration, Cohort, centred, fit_calibration, leave_one_out_trials
+from engine.scoring import Cohort, centred
+from engine.trials import leave_one_out_trials
 from storage import ModelVersion, Store
 
 log = logging.getLogger(__name__)
@@ -34,8 +37,11 @@ class VersionScoring:
     cohort, the newest calibration and, cached, every profile's enrollment-side cohort
     statistics. Every vector is centred (:meth:`centred`) before it is scored."""
 
-    def __init__(self, cohort: Cohort | None, calibration: Calibration | None, protos, centre: np.ndarray | None = None) -> None:
+    def __init__(
+        self, cohort: Cohort | None, calibration: Calibration | None, protos, centre: np.ndarray | None = None, cohort_rows: int = 0
+    ) -> None:
         self.cohort = cohort
+        self.cohort_rows = cohort_rows  # stored utterances the cohort could draw on (it is None below min_cohort)
         self.calibration = calibration
         self.prototypes = protos  # {speaker: [k, D]} or None, centred
         self.centre = centre  # the mean of the version's enrolled embeddings, or None
@@ -75,10 +81,24 @@ class VersionScoring:
         self._names, self._centroids, self._stats = list(names), centroids.copy(), (mean, std)
         return mean, std
 
-    def backend(self, wanted: str) -> str:
-        """The back-end that can decide now: a calibration is needed for anything but cosine."""
-        ready = self.calibration is not None and self.cohort is not None and wanted in self.calibration.thresholds
-        return wanted if ready else "cosine"
+    def backend(self, wanted: str, min_cohort: int) -> tuple[str, str]:
+        """The back-end that can decide now, and why it is not ``wanted`` ("" when it is).
+
+        Anything but cosine needs a calibration and a cohort; the reason goes into every
+        answer and into ``status``, so a switch to cosine is never silent.
+        """
+        if wanted == "cosine":
+            return wanted, ""
+        if self.calibration is None:
+            return "cosine", f"cosine decides, not {wanted}: the version is not calibrated (run voiceprint calibrate)"
+        if self.cohort is None:
+            return "cosine", (
+                f"cosine decides, not {wanted}: the AS-norm cohort has {self.cohort_rows} stored utterances, "
+                f"fewer than [scoring] min_cohort = {min_cohort}"
+            )
+        if wanted not in self.calibration.thresholds:
+            return "cosine", f"cosine decides, not {wanted}: the calibration was fitted without a cohort (calibrate again)"
+        return wanted, ""
 
 
 
@@ -110,7 +130,8 @@ class Recognizer:
         # centre is recomputed from the same stored embeddings it was fitted on (ids up
         # to ``through``), so an erasure takes the erased speaker out of it too.
         centre = self.centre(version, through) if calibration and calibration.settings.get("centre") else None
-        state = VersionScoring(self.cohort(version, through, centre), calibration, self._prototypes(version, centre), centre)
+        cohort, rows = self._cohort(version, through, centre)
+        state = VersionScoring(cohort, calibration, self._prototypes(version, centre), centre, rows)
         with self._lock:
             self._scoring[version] = (key, state)
         return state
@@ -122,7 +143,11 @@ class Recognizer:
 
     def cohort(self, version: int, through: int | None, centre: np.ndarray | None = None) -> Cohort | None:
         """The AS-norm cohort: the first utterances of each speaker (up to ``through``, the
-        newest id the calibration saw, so scores are normalised as they were fitted)."""
+        newest id the calibration saw, so scores are normalised as they were fitted), or
+        None with fewer than ``min_cohort`` of them."""
+        return self._cohort(version, through, centre)[0]
+
+    def _cohort(self, version: int, through: int | None, centre: np.ndarray | None) -> tuple[Cohort | None, int]:
         cfg = self.config.scoring
         ids, speakers, vectors = self.store.embeddings.cohort_embeddings(version, per_speaker=cfg.cohort_per_speaker, through=through)
         if len(ids) > cfg.cohort_size:
@@ -136,8 +161,8 @@ class Recognizer:
             ids, vectors = ids[chosen], vectors[chosen]
             speakers = [s for s, keep in zip(speakers, chosen) if keep]
         if len(ids) < cfg.min_cohort:
-            return None
-        return Cohort(ids, speakers, centred(vectors, centre), top_k=cfg.cohort_top_k)
+            return None, len(ids)
+        return Cohort(ids, speakers, centred(vectors, centre), top_k=cfg.cohort_top_k), len(ids)
 
     def _prototypes(self, version: int, centre: np.ndarray | None) -> dict[str, np.ndarray] | None:
         k = self.config.scoring.prototypes
@@ -156,13 +181,21 @@ class Recognizer:
         Raises
         ------
         NotEnoughData
-            Fewer than two speakers, or no speaker with two utterances.
+            Fewer than ``[scoring] min_calibration_speakers`` speakers with two or more
+            utterances (decisions keep the encoder's reference thresholds), or two
+            speakers whose profiles score like one person and nothing else.
         """
         cfg = self.config.scoring
         version = self.models.active().number if version is None else version
         ids, speakers, vectors = self.store.embeddings.version_embeddings(version)
-        if len(set(speakers)) < 2:
-            raise NotEnoughData(f"calibration needs at least two enrolled speakers; version {version} has {len(set(speakers))}")
+        _, counts = np.unique(np.asarray(speakers, dtype=object), return_counts=True)
+        usable = int(np.count_nonzero(counts >= 2))
+        if usable < max(cfg.min_calibration_speakers, 2):
+            raise NotEnoughData(
+                f"calibration needs {max(cfg.min_calibration_speakers, 2)} speakers with two or more utterances "
+                f"([scoring] min_calibration_speakers); version {version} has {usable}. Until then decisions use "
+                "the encoder's reference thresholds, which hold their rates better on a small population"
+            )
         through = int(ids.max())
         centre = vectors.astype(np.float64).mean(axis=0) if cfg.centre else None
         cohort = self.cohort(version, through, centre)
@@ -187,7 +220,10 @@ class Recognizer:
             "cohort_through": through,
             "centre": cfg.centre,
         }
-        fitted = fit_calibration(version, trials, settings)
+        try:
+            fitted = fit_calibration(version, trials, settings)
+        except ValueError as exc:  # e.g. two speakers whose profiles score like one person
+            raise NotEnoughData(str(exc)) from None
         new_id, created = self.store.registry.add_calibration(version, fitted.to_params())
         log.info("version %d calibrated on %s", version, fitted.trials)
         return Calibration.from_params(version, fitted.to_params(), id=new_id, created_at=created.isoformat())
@@ -210,6 +246,43 @@ class Recognizer:
             "backends": sorted(calibration.thresholds),
             "centred": bool(calibration.settings.get("centre", False)),
         }
+
+    def decision_status(self, version: int) -> dict:
+        """How ``version`` decides now: the back-end (and why, when it is not the configured
+        one), each task's threshold and where it comes from, the false-accept rates to
+        expect on new speakers with their bounds, likely duplicate identities, and whether
+        the population has grown enough since the fit to calibrate again."""
+        cfg = self.config.scoring
+        scoring = self.scoring(version)
+        backend, why = scoring.backend(cfg.backend, cfg.min_cohort)
+        speakers = self.store.profiles.count_speakers(version)
+        out = {"backend": backend, "why": why, "speakers": speakers}
+        for task in ("verify", "identify"):
+            threshold, basis = self.threshold(scoring, backend, task, speakers)
+            out[f"{task}_threshold"] = threshold
+            out[f"{task}_threshold_from"] = basis or "calibration"
+        calibration = scoring.calibration
+        fit = calibration.fit.get(backend, {}) if calibration is not None else {}
+        out["expected_false_accepts"] = {
+            task: fit.get(f"{task}_expected") for task in ("verify", "identify") if fit.get(f"{task}_expected")
+        }
+        out["duplicates"] = calibration.fit.get("duplicates", []) if calibration is not None else []
+        out["recalibrate"] = self.needs_calibration(version, speakers)
+        return out
+
+    def needs_calibration(self, version: int, speakers: int | None = None) -> bool:
+        """Whether the population has changed enough to fit again: no calibration yet and
+        ``min_calibration_speakers`` with two or more utterances enrolled, or the number
+        of speakers grown or shrunk by ``[scoring] recalibrate_change`` of the number the
+        calibration saw."""
+        cfg = self.config.scoring
+        calibration = self.scoring(version).calibration
+        if calibration is None:
+            return self.store.profiles.count_speakers(version, at_least=2) >= cfg.min_calibration_speakers
+        if speakers is None:
+            speakers = self.store.profiles.count_speakers(version)
+        then = max(int(calibration.trials["speakers"]), 1)
+        return abs(speakers - then) >= cfg.recalibrate_change * then
 
     def consistency_threshold(self, version: int) -> float:
         """The cosine below which a new utterance does not sound like its profile: set at
@@ -241,8 +314,9 @@ class Recognizer:
         """Rank every enrolled speaker against one utterance (1:N, open set).
 
         Candidates are ranked by cosine; the answer is "unknown" (``decision`` None) when
-        the best candidate's score on the deciding back-end is below the threshold, or
-        within ``identify_margin`` of the second candidate's.
+        the best candidate's score on the deciding back-end is below the identify
+        threshold for the current number of speakers, or within ``identify_margin`` of
+        the second candidate's.
         """
         if top < 1:
             raise InvalidInput("--top must be at least 1")
@@ -250,20 +324,25 @@ class Recognizer:
         version = self.models.active()
         utt, embedding = self._embed_probe(source, name, version)
         scoring = self.scoring(version.number)
-        backend = scoring.backend(cfg.backend)
-        hits = tuple(self.index(version.number, scoring).search(scoring.centred(embedding), max(top, 2)))
-        threshold = self._threshold(scoring, backend, "identify")
+        backend, switched = scoring.backend(cfg.backend, cfg.min_cohort)
+        index = self.index(version.number, scoring)
+        hits = tuple(index.search(scoring.centred(embedding), max(top, 2)))
+        threshold, basis = self.threshold(scoring, backend, "identify", len(index))
         decision, reason = None, ""
         if not hits:
             reason = "no speaker is enrolled"
+        elif threshold is None:
+            reason = basis
         elif hits[0].on(backend) < threshold:
             reason = "best score below the threshold"
         elif cfg.identify_margin > 0 and len(hits) > 1 and hits[0].on(backend) - hits[1].on(backend) < cfg.identify_margin:
             reason = "best and second best too close"
         else:
             decision = hits[0].speaker
+        notes = tuple(n for n in (switched, basis if threshold is not None else "") if n)
         return Identification(
-            utt.source, version.number, utt.quality.speech_s, hits[:top], decision, threshold, backend, reason
+            utt.source, version.number, utt.quality.speech_s, hits[:top], decision,
+            threshold, backend, reason, notes,
         )
 
     def verify(self, speaker: str, source: Source, *, name: str | None = None, disclose: bool = True) -> Verification:
@@ -275,15 +354,19 @@ class Recognizer:
         The probe is embedded first either way, so the time taken does not tell either.
         """
         speaker = normalise_speaker_name(speaker)
+        cfg = self.config.scoring
         version = self.models.active()
         utt, embedding = self._embed_probe(source, name, version)
         scoring = self.scoring(version.number)
-        backend = scoring.backend(self.config.scoring.backend)
+        backend, switched = scoring.backend(cfg.backend, cfg.min_cohort)
+        threshold, basis = self.threshold(scoring, backend, "verify")
+        notes = tuple(n for n in (switched, basis) if n)
         if not self.store.profiles.has_speaker(speaker):
             if disclose:
                 raise UnknownSpeaker(f"speaker {speaker!r} is not enrolled")
-            threshold = self._threshold(scoring, backend, "verify")
-            return Verification(speaker, utt.source, version.number, utt.quality.speech_s, None, threshold, False, backend=backend)
+            return Verification(
+                speaker, utt.source, version.number, utt.quality.speech_s, None, threshold, False, backend=backend, notes=notes
+            )
         centroid = self.store.profiles.centroid(speaker, version.number)
         index = CentroidIndex(
             [speaker],
@@ -293,20 +376,39 @@ class Recognizer:
             prototypes=_own_prototypes(scoring, speaker),
         )
         hit = index.search(scoring.centred(embedding), 1)[0]
-        threshold = self._threshold(scoring, backend, "verify")
-        accepted = hit.on(backend) >= threshold
+        accepted = threshold is not None and hit.on(backend) >= threshold
         if not disclose:
-            return Verification(speaker, utt.source, version.number, utt.quality.speech_s, None, threshold, accepted, backend=backend)
+            return Verification(
+                speaker, utt.source, version.number, utt.quality.speech_s, None, threshold, accepted, backend=backend, notes=notes
+            )
         return Verification(
             speaker, utt.source, version.number, utt.quality.speech_s, hit.score, threshold,
-            accepted, hit.normalised, hit.llr, backend,
+            accepted, hit.normalised, hit.llr, backend, notes,
         )
 
-    def _threshold(self, scoring: VersionScoring, backend: str, task: str) -> float:
-        if backend == "cosine" and scoring.calibration is None:
-            cfg = self.config.scoring
-            return cfg.identify_threshold if task == "identify" else cfg.verify_threshold
-        return float(scoring.calibration.thresholds[backend][task])
+    def threshold(self, scoring: VersionScoring, backend: str, task: str, gallery: int = 1) -> tuple[float | None, str]:
+        """The threshold ``task`` decides with now, and a note on where it comes from.
+
+        A calibrated version: its fitted threshold (for identify, raised as the gallery
+        grows past the one it was fitted on). Before any calibration: cosine thresholds
+        from the encoder's reference measurement, with a note saying so; an encoder
+        without one cannot decide (None, and the note says what to run).
+        """
+        calibration = scoring.calibration
+        if calibration is not None and backend in calibration.thresholds:
+            if task == "verify":
+                return float(calibration.thresholds[backend]["verify"]), ""
+            return calibration.identify_threshold(backend, gallery), ""
+        cfg = self.config.scoring
+        encoder = self.config.encoder.name
+        reference = reference_scores(encoder)
+        if reference is None:
+            return None, f"not calibrated, and encoder {encoder!r} has no reference scores to decide with: run voiceprint calibrate"
+        cut = reference_thresholds(reference, cfg.verify_far, cfg.identify_far, gallery)[task]
+        return cut, (
+            f"not calibrated: the {task} threshold comes from encoder {encoder!r}'s reference speakers, "
+            "not yours; run voiceprint calibrate once two or more speakers are enrolled"
+        )
 
 
 def _own_prototypes(scoring: VersionScoring, speaker: str) -> tuple[np.ndarray, np.ndarray] | None:

@@ -223,7 +223,7 @@ class Refresher:
         result.timings["store_s"] = round(time.perf_counter() - clock, 2)
         # Calibrated before it becomes active, so its first decisions already use its own
         # thresholds (a new encoder moves every score).
-        result.metrics["calibration"] = self.calibrate_quietly(version.number)
+        result.metrics["calibration"] = self.calibrate_quietly(version.number, previous=version.parent)
         clock = time.perf_counter()
         reason = f"refresh job {job_id}: gate passed"
         try:
@@ -272,11 +272,11 @@ class Refresher:
         self.models.embedder(target)  # verifies the checkpoint before anything is written
         with running_job(self.store, "rollback", reason) as job:
             previous = self.models.active().number
-            added = 0
+            added, calibration = 0, None
             if previous != number:
                 added = self.activate_complete(target, reason=f"{reason} (job {job.id})", on_progress=on_progress)
                 if self.store.registry.latest_calibration(number) is None:
-                    self.calibrate_quietly(number)
+                    calibration = self.calibrate_quietly(number, previous=previous)
             result = {
                 "job": job.id,
                 "version": number,
@@ -284,6 +284,7 @@ class Refresher:
                 "embedded": added,
                 "seconds": round(time.perf_counter() - started, 2),
                 "changed": previous != number,
+                "calibration": calibration,  # None: the version kept the calibration it had
             }
             job.finish("succeeded", version=number, result=result)
             return result
@@ -347,10 +348,29 @@ class Refresher:
                 continue  # enrollments arrived in between: embed those too
         raise IncompleteVersion(f"enrollments kept arriving; version {version.number} could not be completed")
 
-    def calibrate_quietly(self, version: int) -> dict:
-        """Calibrate ``version``; too little data is reported, not raised (cosine decides then)."""
+    def calibrate_quietly(self, version: int, previous: int | None = None) -> dict:
+        """Calibrate ``version``; too little data is reported, not raised (cosine decides then).
+
+        The answer includes the share of the enrolled speakers' own utterances its
+        thresholds would identify. When that falls more than 10 points below the share
+        under ``previous`` (the version it replaces), a warning is logged and returned:
+        an automatic calibration never silences identification without a word.
+        """
         try:
-            return self._calibrate(version).trials
+            fitted = self._calibrate(version)
         except NotEnoughData as exc:
             log.warning("version %d not calibrated: %s", version, exc)
             return {"skipped": str(exc)}
+        out = dict(fitted.trials)
+        backend = self.config.scoring.backend if self.config.scoring.backend in fitted.fit else "cosine"
+        out["identified"] = now = fitted.fit[backend].get("identified")
+        before = self.store.registry.latest_calibration(previous) if previous is not None else None
+        then = before[2].get("fit", {}).get(backend, {}).get("identified") if before else None
+        if now is not None and then is not None and now < then - 0.10:
+            out["warning"] = (
+                f"version {version}'s calibration identifies {now:.0%} of the enrolled speakers' own utterances, "
+                f"against {then:.0%} under version {previous}: check `voiceprint status` and calibrate again "
+                "once more speakers are enrolled"
+            )
+            log.warning("%s", out["warning"])
+        return out

@@ -1,5 +1,6 @@
 """The service's one job worker: queued refresh requests and the stored schedule (and,
-at each tick, the retry of an erasure's file scrub that a reader held back).
+at each tick, the retry of an erasure's file scrub that a reader held back, and a new
+calibration once the enrolled population has changed enough).
 
 A refresh request (``POST /v1/refresh``, or a drift signal from an enrollment) is a
 ``queued`` job; the stored schedule (``voiceprint schedule``) has a timed job, which
@@ -89,6 +90,7 @@ class JobWorker:
             recover_jobs(self.engine)  # a refresh whose last update failed (a full disk) reads running
             try:
                 self.engine.scrub_files()  # an erasure's scrub left pending behind a reader (storage.scrub)
+                self.engine.calibrate_if_needed()  # the population changed by [scoring] recalibrate_change
                 if self.schedule is not None:
                     self.schedule.look()
                 due = self.due()
@@ -101,10 +103,10 @@ class JobWorker:
             if outcome != "not due":  # "refreshed: promoted", "busy", "failed: why", ...
                 label = "failed" if outcome.startswith("failed") else outcome.removeprefix("refreshed: ")
                 self.metrics.refreshes.labels(label).inc()
-
-
             if outcome.startswith("refreshed"):
                 self.wake.set()  # a request of the other kind (dry run or not) may wait: look again now
+
+
 def recover_jobs(engine) -> None:
     """Mark jobs a stopped process left running as failed (the engine leaves them alone
     while a live process holds the refresh lock: then its running job is real). Never

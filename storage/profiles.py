@@ -274,6 +274,16 @@ class Profiles:
                 raise StorageError(f"no audio stored for utterance {utterance_id}")
             return row.data, row.codec, row.sample_rate
 
+    def count_speakers(self, version: int, *, at_least: int = 1) -> int:
+        """How many speakers have a centroid of ``at_least`` utterances or more at ``version``
+        (one count over the centroids' primary key: cheap enough for every worker tick)."""
+        with self._db.session(f"count the speakers of version {version}") as s:
+            return s.scalar(
+                select(func.count())
+                .select_from(m.Centroid)
+                .where(m.Centroid.version == version, m.Centroid.count >= at_least)
+            )
+
     def count_utterances_after(self, utterance_id: int) -> int:
         """How many enrolled utterances have an id above ``utterance_id`` (came after it)."""
         with self._db.session("count new utterances") as s:
@@ -352,16 +362,6 @@ def _locked_speaker(s: Session, speaker: str, now: datetime) -> int:
     return s.execute(select(m.Speaker.id).where(m.Speaker.name == speaker).with_for_update()).scalar_one()
 
 
-def _profile_centroid(s: Session, speaker_id: int, version: int, size: int) -> tuple[RunningCentroid, bool]:
-    """The speaker's running centroid at ``version`` and whether its row exists; a
-    ValueError when an embedding of ``size`` values does not fit the version."""
-    row = s.execute(
-        select(m.Centroid.dim, m.Centroid.count, m.Centroid.sum).where(
-            m.Centroid.speaker_id == speaker_id, m.Centroid.version == version
-        )
-    ).first()
-    if row is None:
-        # A new profile: its dimension must agree with the version's other profiles.
 def _refuse_same_recording(s: Session, speaker_id: int, version: int, vector: np.ndarray, cut: float, doing: str) -> None:
     """:class:`DuplicateUtterance` when one of the speaker's utterances embeds within
     ``cut`` of ``vector`` at ``version``: the same recording, re-encoded or resampled
@@ -382,6 +382,16 @@ def _refuse_same_recording(s: Session, speaker_id: int, version: int, vector: np
         )
 
 
+def _profile_centroid(s: Session, speaker_id: int, version: int, size: int) -> tuple[RunningCentroid, bool]:
+    """The speaker's running centroid at ``version`` and whether its row exists; a
+    ValueError when an embedding of ``size`` values does not fit the version."""
+    row = s.execute(
+        select(m.Centroid.dim, m.Centroid.count, m.Centroid.sum).where(
+            m.Centroid.speaker_id == speaker_id, m.Centroid.version == version
+        )
+    ).first()
+    if row is None:
+        # A new profile: its dimension must agree with the version's other profiles.
         dim = s.scalar(select(m.Centroid.dim).where(m.Centroid.version == version).limit(1))
         running = RunningCentroid(dim=dim or size)
     else:

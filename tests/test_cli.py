@@ -349,6 +349,13 @@ def test_review_and_calibration_through_the_cli(home, dev_data, capsys):
     code, out, err = run(capsys, *g, "accept", str(held))
     assert code == 2 and "no utterance" in err
 
+    code, out, err = run(capsys, *g, "calibrate")  # 3 speakers: the reference thresholds stay
+    assert code != 0 and "min_calibration_speakers" in err and len(err.strip().splitlines()) == 1
+    code, out, err = run(capsys, *g, "--json", "status")
+    decisions = json.loads(out)["decisions"]
+    assert decisions["backend"] == "cosine" and "not calibrated" in decisions["why"]
+    assert "reference" in decisions["identify_threshold_from"] and decisions["identify_threshold"] > decisions["verify_threshold"]
+    (root / "config.toml").write_text("[scoring]\nmin_calibration_speakers = 2\n")  # calibrate them anyway
     code, out, err = run(capsys, *g, "--json", "calibrate")
     assert code == 0, err
     calibration = json.loads(out)

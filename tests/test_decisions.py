@@ -73,7 +73,10 @@ def test_identify_and_verify_report_every_scale(calibrated):
         found = eng.identify(files[0], top=3)
         best = found.candidates[0]
         assert best.normalised is not None and best.llr == pytest.approx(calibration.llr(best.normalised))
-        assert found.threshold == pytest.approx(calibration.thresholds["asnorm+calibrated"]["identify"])
+        # Fitted on 30 speakers, searched among 50: the identify threshold grew with the gallery.
+        assert found.threshold == pytest.approx(calibration.identify_threshold("asnorm+calibrated", 50))
+        assert found.threshold > calibration.thresholds["asnorm+calibrated"]["identify"]
+        assert found.notes == ()  # the configured back-end decides, on a fitted threshold
         verdict = eng.verify(speaker, files[0])
         assert verdict.backend == "asnorm+calibrated" and verdict.llr is not None
         assert verdict.accepted == (verdict.llr >= calibration.thresholds["asnorm+calibrated"]["verify"])
@@ -186,3 +189,102 @@ def test_a_large_cohort_is_cut_to_whole_speakers_the_same_way_every_time(calibra
     assert np.array_equal(cohort.ids, again.ids)
     _, counts = np.unique(cohort.speakers, return_counts=True)
     assert set(counts) == {5}  # whole speakers: cohort_per_speaker rows each
+
+
+# -- small and changing populations (issue 20) -------------------------------------------------
+
+
+def _small_home(tmp_path, scoring: str = "") -> object:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "config.toml").write_text("[refresh]\nsteps = 4\ngate = false\n[scoring]\n" + scoring)
+    return home
+
+
+def _answers(eng, probes) -> list[tuple[str, str | None]]:
+    return [(speaker, eng.identify(path).decision) for speaker, path in probes]
+
+
+def test_a_ten_speaker_home_names_its_speakers_before_and_after_refresh_and_rollback(tmp_path, by_speaker):
+    """Ten speakers are too few to calibrate on (the realised false-accept rates of a fit on
+    10-20 speakers missed the request by 2-10x, README): the reference thresholds decide,
+    say so, and keep naming the speakers through calibrate, refresh and rollback."""
+    voices = by_speaker("librispeech-test-other")
+    probes = [(s, p) for s in sorted(voices) for p in voices[s][6:]]
+    with Engine.init(home=_small_home(tmp_path)) as eng:
+        eng.enroll_many([(s, p, None) for s in sorted(voices) for p in voices[s][:6]], force=True)
+        before = _answers(eng, probes)
+        named = sum(decision == speaker for speaker, decision in before)
+        assert named >= 0.8 * len(probes), before
+        assert all(decision in (speaker, None) for speaker, decision in before)  # nobody named as someone else
+        found = eng.identify(probes[0][1])
+        assert found.backend == "cosine" and any("reference" in note for note in found.notes)
+        with pytest.raises(NotEnoughData, match="min_calibration_speakers"):
+            eng.calibrate()
+        assert eng.calibrate_if_needed() is None
+        report = eng.refresh()
+        assert report.status in ("promoted", "skipped", "rejected"), report
+        after_refresh = sum(d == s for s, d in _answers(eng, probes))
+        eng.rollback(1, reason="test")
+        after_rollback = _answers(eng, probes)
+        assert after_rollback == before  # version 1 answers exactly as it did
+        assert after_refresh >= named - 2
+
+
+def test_a_duplicate_identity_is_reported_and_does_not_silence_identification(tmp_path, by_speaker):
+    """The issue's case: one clip enrolled under a second name. Calibrated anyway (the
+    minimum lowered), the pair is reported and the thresholds do not jump to its score."""
+    voices = by_speaker("librispeech-test-other")
+    names = sorted(voices)
+    probes = [(s, p) for s in names for p in voices[s][6:]]
+    home = _small_home(tmp_path, "min_calibration_speakers = 2\n")
+    with Engine.init(home=home) as eng:
+        eng.enroll_many([(s, p, None) for s in names for p in voices[s][:6]], force=True)
+        clean = eng.calibrate()
+        eng.enroll("second-name", voices[names[0]][2], force=True)  # the same recording, a second name
+        dup = eng.calibrate()
+        assert [d["speakers"] for d in dup.fit["duplicates"]] == [sorted([names[0], "second-name"])]
+        assert any("score like one person" in note for note in dup.fit["notes"])
+        assert eng.status()["decisions"]["duplicates"] == dup.fit["duplicates"]
+        for task in ("verify", "identify"):
+            assert dup.thresholds["cosine"][task] == pytest.approx(clean.thresholds["cosine"][task], abs=0.05), task
+        others = [(s, p) for s, p in probes if s != names[0]]
+        named = sum(d == s for s, d in _answers(eng, others))
+        assert named >= 0.8 * len(others)
+
+
+def test_a_switch_to_cosine_is_said_in_every_answer_and_in_status(calibrated):
+    home, _, probes = calibrated
+    speaker, files = next(iter(probes.items()))
+    # The cohort falling below min_cohort (after erasures, or by configuration).
+    (home / "config.toml").write_text("[scoring]\nverify_far = 0.05\nidentify_far = 0.05\nmin_cohort = 100000\n")
+    try:
+        with Engine.open(home=home) as eng:
+            found, verdict = eng.identify(files[0]), eng.verify(speaker, files[0])
+            status = eng.status()["decisions"]
+    finally:
+        (home / "config.toml").write_text("[scoring]\nverify_far = 0.05\nidentify_far = 0.05\n")
+    for answer in (found, verdict):
+        assert answer.backend == "cosine"
+        assert any("min_cohort = 100000" in note and "asnorm+calibrated" in note for note in answer.notes), answer.notes
+    assert status["backend"] == "cosine" and "min_cohort" in status["why"]
+    assert status["verify_threshold_from"] == "calibration"
+
+
+def test_a_growing_population_is_calibrated_again(tmp_path, by_speaker):
+    voices = by_speaker("librispeech-test-other")
+    names = sorted(voices)
+    home = _small_home(tmp_path, "min_calibration_speakers = 4\nrecalibrate_change = 0.5\n")
+    with Engine.init(home=home) as eng:
+        eng.enroll_many([(s, p, None) for s in names[:3] for p in voices[s][:3]], force=True)
+        assert eng.calibrate_if_needed() is None  # 3 speakers: below the minimum
+        eng.enroll_many([(s, p, None) for s in names[3:5] for p in voices[s][:3]], force=True)
+        first = eng.calibrate_if_needed()
+        assert first is not None and first.trials["speakers"] == 5
+        assert eng.calibrate_if_needed() is None and eng.status()["decisions"]["recalibrate"] is False
+        eng.enroll_many([(s, p, None) for s in names[5:7] for p in voices[s][:3]], force=True)  # 7 of 5: +40 %
+        assert eng.calibrate_if_needed() is None
+        eng.enroll_many([(names[7], p, None) for p in voices[names[7]][:3]], force=True)  # 8 of 5: +60 %
+        assert eng.status()["decisions"]["recalibrate"] is True
+        again = eng.calibrate_if_needed()
+        assert again is not None and again.trials["speakers"] == 8 and again.id != first.id

@@ -5,7 +5,9 @@ An encoder is an ``nn.Module`` that maps a batch of fixed-length feature windows
 class declares the front end it expects (``frontend``), its window length in frames
 (``window_frames``) and ``embedding_dim``; ``pretrained_state()`` returns the weights a
 fresh installation starts from, and ``layer_groups()`` its parameters layer by layer,
-bottom to top, so that a refresh can keep the lower layers as they are.
+bottom to top, so that a refresh can keep the lower layers as they are. An encoder that
+ships weights should also ship ``reference_nontarget_cosine``: how its non-target
+cosines are distributed on a reference population (see :func:`reference_scores`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,12 @@ def create_encoder(name: str, *, pretrained: bool = False) -> nn.Module:
     if pretrained:
         encoder.load_state_dict(encoder_cls.pretrained_state())
     return encoder
+
+
+def reference_scores(name: str) -> dict | None:
+    """The encoder's reference measurement of non-target cosines (``{"mean", "std", ...}``),
+    which sets decisions before a version is calibrated; None if it ships none."""
+    return getattr(ENCODERS.get(name), "reference_nontarget_cosine", None)
 
 
 # Importing the architecture modules registers them.

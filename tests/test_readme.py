@@ -1,0 +1,47 @@
+"""The README's code blocks are run or checked here, so they cannot drift from the code:
+the configuration example is the defaults, key for key, and the Python example runs."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+from engine.config import Config
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def block(section: str, language: str) -> str:
+    """The first ``language`` code block after the heading ``## section``."""
+    text = README.read_text()
+    start = text.index(f"\n## {section}\n")
+    found = re.compile(rf"```{language}\n(.*?)```", re.S).search(text, start)
+    assert found, f"no {language} block in README section {section!r}"
+    return found.group(1)
+
+
+def test_the_configuration_example_is_every_key_with_its_default():
+    documented = tomllib.loads(block("Configuration", "toml"))
+    defaults = Config().to_dict()
+    assert sorted(documented) == sorted(defaults), "sections"
+    for section, keys in defaults.items():
+        missing = sorted(set(keys) - set(documented[section]))
+        unknown = sorted(set(documented[section]) - set(keys))
+        assert not missing and not unknown, (section, "missing", missing, "unknown", unknown)
+        for name, value in keys.items():
+            assert documented[section][name] == value, f"[{section}] {name}: README {documented[section][name]!r}, default {value!r}"
+
+
+def test_the_python_example_runs_as_written(tmp_path, dev_data):
+    """In a fresh folder, as a newcomer would paste it (the data from VOICEPRINT_DEV_DATA)."""
+    code = block("Python", "python")
+    env = {**os.environ, "VOICEPRINT_DEV_DATA": str(dev_data), "PYTHONPATH": str(README.parent)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    decision, accepted, backend = done.stdout.split()[-3:]
+    assert decision == "p228" and accepted == "True" and backend == "cosine", done.stdout
+    assert (tmp_path / "vp-home" / "voiceprint.db").is_file()
