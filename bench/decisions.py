@@ -120,7 +120,7 @@ def evaluate(eng: Engine, probes, calibration) -> dict:
         except VoiceprintError:
             continue
         embedding = eng.embedder(version).embed([speech.samples])[0]
-        raw, norm, llr = index.scores(embedding)
+        raw, norm, llr = index.scores(scoring.centred(embedding))  # searched as the engine does
         rows.append((names.index(probe.speaker), {"cosine": raw, "asnorm": norm, "asnorm+calibrated": llr}, embedding))
     out = {"probes": len(rows), "speakers": len(test_speakers), "backends": {}}
     for backend in BACKENDS:
@@ -162,7 +162,7 @@ def evaluate(eng: Engine, probes, calibration) -> dict:
         out["backends"][backend] = doc
     out["top1"] = float(np.mean([int(np.argmax(scales["cosine"])) == own for own, scales, _ in rows]))
     out["prototypes"] = compare_prototypes(eng, version.number, test_speakers, rows, names)
-    out["consistency"] = consistency(rows, calibration, index, eng, version.number, names, columns)
+    out["consistency"] = consistency(rows, calibration, eng, version.number, names, columns)
     return out
 
 
@@ -289,12 +289,16 @@ def compare_prototypes(eng: Engine, version: int, test_speakers: list[str], rows
     return out
 
 
-def consistency(rows, calibration, index, eng, version, names, columns) -> dict:
+def consistency(rows, calibration, eng, version, names, columns) -> dict:
     """Of the test probes scored against their own profile and against other profiles, how
-    many the enrollment consistency cut would hold (cosine below it)."""
+    many the enrollment consistency cut would hold (plain cosine below it, as the
+    enrollment check computes it: no domain centre)."""
     cut = calibration.thresholds["cosine"]["consistency"]
-    own = np.array([scales["cosine"][o] for o, scales, _ in rows])
-    wrong = np.concatenate([scales["cosine"][columns[columns != o]] for o, scales, _ in rows])
+    stored, means = eng.store.profiles.centroid_matrix(version)
+    plain = normalise_rows(means[[stored.index(n) for n in names]])
+    scores = [(o, plain @ normalise_rows(embedding)) for o, _, embedding in rows]
+    own = np.array([s[o] for o, s in scores])
+    wrong = np.concatenate([s[columns[columns != o]] for o, s in scores])
     return {
         "cosine_cut": cut,
         "genuine_held": float(np.mean(own < cut)),

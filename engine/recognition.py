@@ -90,7 +90,7 @@ class VersionScoring:
         if wanted == "cosine":
             return wanted, ""
         if self.calibration is None:
-            return "cosine", f"cosine decides, not {wanted}: the version is not calibrated (run voiceprint calibrate)"
+            return "cosine", f"cosine decides, not {wanted}: the version is not calibrated yet"
         if self.cohort is None:
             return "cosine", (
                 f"cosine decides, not {wanted}: the AS-norm cohort has {self.cohort_rows} stored utterances, "
@@ -406,8 +406,9 @@ class Recognizer:
             return None, f"not calibrated, and encoder {encoder!r} has no reference scores to decide with: run voiceprint calibrate"
         cut = reference_thresholds(reference, cfg.verify_far, cfg.identify_far, gallery)[task]
         return cut, (
-            f"not calibrated: the {task} threshold comes from encoder {encoder!r}'s reference speakers, "
-            "not yours; run voiceprint calibrate once two or more speakers are enrolled"
+            f"the {task} threshold comes from the reference measurement of encoder {encoder}, not from your "
+            f"speakers; a calibration is fitted once {cfg.min_calibration_speakers} speakers with two or more "
+            "utterances are enrolled (voiceprint calibrate)"
         )
 
 

@@ -90,7 +90,7 @@ class JobWorker:
             recover_jobs(self.engine)  # a refresh whose last update failed (a full disk) reads running
             try:
                 self.engine.scrub_files()  # an erasure's scrub left pending behind a reader (storage.scrub)
-                self.engine.calibrate_if_needed()  # the population changed by [scoring] recalibrate_change
+                recalibrate(self.engine)
                 if self.schedule is not None:
                     self.schedule.look()
                 due = self.due()
@@ -105,6 +105,17 @@ class JobWorker:
                 self.metrics.refreshes.labels(label).inc()
             if outcome.startswith("refreshed"):
                 self.wake.set()  # a request of the other kind (dry run or not) may wait: look again now
+
+
+def recalibrate(engine) -> None:
+    """Calibrate again once the population changed by ``[scoring] recalibrate_change``.
+    Never fatal: a fit that fails is logged, and the worker goes on refreshing."""
+    try:
+        engine.calibrate_if_needed()
+    except errors.StorageError:
+        raise  # the caller's "database is away" handling
+    except Exception:  # a bug in a fit must not stop the one job worker
+        log.exception("job worker: the automatic calibration failed")
 
 
 def recover_jobs(engine) -> None:

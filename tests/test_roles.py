@@ -255,6 +255,12 @@ def test_status_and_calibrate_over_http_need_an_admin_key(vctk_home):
         assert before["active_version"] == expected["active_version"] == 1
         assert before["held_for_review"] == expected["held_for_review"] and before["calibration"] is None
         assert before["schedule"] == []
+        assert before["decisions"]["backend"] == "cosine" and "not calibrated" in before["decisions"]["why"]
+        refused = client.post("/v1/calibrate", headers=admin)  # 4 speakers: too few to calibrate on
+        assert refused.status_code == 409 and refused.json()["error"] == "not_enough_data", refused.text
+        assert "min_calibration_speakers" in refused.json()["message"]
+        (home / "config.toml").write_text("[service]\nmax_top = 2\n[scoring]\nmin_calibration_speakers = 2\n")
+    with TestClient(create_app(str(home), db, background=False)) as client:
         fitted = client.post("/v1/calibrate", headers=admin)
         assert fitted.status_code == 200, fitted.text
         body = fitted.json()
