@@ -276,12 +276,12 @@ class Recognizer:
         of speakers grown or shrunk by ``[scoring] recalibrate_change`` of the number the
         calibration saw."""
         cfg = self.config.scoring
-        calibration = self.scoring(version).calibration
-        if calibration is None:
+        latest = self.store.registry.latest_calibration(version)  # one query: no scoring state to build
+        if latest is None:
             return self.store.profiles.count_speakers(version, at_least=2) >= cfg.min_calibration_speakers
         if speakers is None:
             speakers = self.store.profiles.count_speakers(version)
-        then = max(int(calibration.trials["speakers"]), 1)
+        then = max(int(latest[2]["trials"]["speakers"]), 1)
         return abs(speakers - then) >= cfg.recalibrate_change * then
 
     def consistency_threshold(self, version: int) -> float:
