@@ -699,7 +699,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"active version      {status['active_version']}",
         f"new utterances      {status['pending_utterances']} (enrolled since the active version was trained)",
         f"held for review     {status['held_for_review']} (voiceprint pending)",
-        "calibration         none (run voiceprint calibrate)" if cal is None else
+        "calibration         none yet (see decisions)" if cal is None else
         f"calibration         {cal['created_at'][:19]} on {cal['speakers_then']} speakers "
         f"({cal['speakers_now']} enrolled now{'; calibrate again' if decisions['recalibrate'] else ''})"
         f"{', scores centred' if cal.get('centred') else ''}",
