@@ -237,7 +237,7 @@ class Recognizer:
         calibration = self.scoring(version).calibration
         if calibration is None:
             return None
-        speakers = len(self.store.profiles.centroid_matrix(version)[0])
+        speakers = self.store.profiles.count_speakers(version)
         return {
             "id": calibration.id,
             "created_at": calibration.created_at,

@@ -36,6 +36,19 @@ def librispeech(dev_data: Path) -> dict[str, list[Path]]:
     return by_speaker
 
 
+def _lockstep(proc, lines: list[str]) -> list[dict]:
+    """Write each line to ``proc``'s stdin only after the previous one was answered on its
+    stdout (one JSON line each), then close stdin: this deadlocks unless the command
+    answers lines as they arrive."""
+    answers = []
+    for line in lines:
+        proc.stdin.write(line + "\n")
+        proc.stdin.flush()
+        answers.append(json.loads(_readline(proc)))
+    proc.stdin.close()
+    return answers
+
+
 def run(capsys, *argv: str) -> tuple[int, str, str]:
     code = cli.main(list(argv))
     out, err = capsys.readouterr()
@@ -247,14 +260,7 @@ def test_stream_acknowledges_each_row_as_it_arrives(sqlite_home, dev_data):
     try:
         proc.stdin.write("speaker,path\n")
         rows = [("1688", voices["1688"][0]), ("1998", voices["1998"][0]), ("1998", dev_data / "nope.flac"), ("1688", voices["1688"][1])]
-        acks = []
-        for speaker, path in rows:
-            # The next row is written only after the previous one was acknowledged:
-            # this deadlocks unless the stream really processes rows as they arrive.
-            proc.stdin.write(f"{speaker},{path}\n")
-            proc.stdin.flush()
-            acks.append(json.loads(_readline(proc)))
-        proc.stdin.close()
+        acks = _lockstep(proc, [f"{speaker},{path}" for speaker, path in rows])
         assert proc.wait(timeout=60) == 1  # one bad row
     finally:
         proc.kill()
@@ -455,14 +461,7 @@ def test_identify_list_from_stdin_answers_each_line_as_it_arrives(sqlite_home, d
     proc = subprocess.Popen([VOICEPRINT, "--json", "identify", "--list", "-"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        answers = []
-        for path in (voices[ann][5], dev_data / "nope.flac", voices[ann][6]):
-            # The next line is written only once the previous one was answered: this
-            # deadlocks unless answers are streamed as the lines arrive.
-            proc.stdin.write(f"{path}\n")
-            proc.stdin.flush()
-            answers.append(json.loads(_readline(proc)))
-        proc.stdin.close()
+        answers = _lockstep(proc, [str(p) for p in (voices[ann][5], dev_data / "nope.flac", voices[ann][6])])
         assert proc.wait(timeout=60) == 1  # one file refused
     finally:
         proc.kill()
