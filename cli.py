@@ -23,14 +23,14 @@ from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
 
-from engine.bounds import COUNT, OneLineParser, flag, identifier, interval
-from engine.config import flag_for
-from engine.errors import InvalidInput, VoiceprintError
-from engine.manifests import path_lines
+from voiceprint.engine.bounds import COUNT, OneLineParser, flag, identifier, interval
+from voiceprint.engine.config import flag_for
+from voiceprint.engine.errors import InvalidInput, VoiceprintError
+from voiceprint.engine.manifests import path_lines
 
 EXIT_OK, EXIT_NEGATIVE, EXIT_ERROR = 0, 1, 2
 GLOBAL_DEFAULTS = {"home": None, "db": None, "json": False, "verbose": 0}
-OWN_LOGGERS = ("engine", "storage", "service", "voiceprint")  # what -v shows at INFO; -vv shows every library's too
+OWN_LOGGERS = ("voiceprint",)  # what -v shows at INFO (every module of the package); -vv shows every library's too
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,13 +198,13 @@ def error(text: str) -> None:
 
 
 def open_engine(args: argparse.Namespace, config=None):
-    from engine import Engine
+    from voiceprint.engine import Engine
 
     return Engine.open(home=args.home, db=args.db, config=config)
 
 
 def _home_and_db(args: argparse.Namespace) -> tuple[str, str]:
-    from engine.home import resolve_db, resolve_home
+    from voiceprint.engine.home import resolve_db, resolve_home
 
     home = resolve_home(args.home)
     return str(home), resolve_db(args.db, home)
@@ -244,7 +244,7 @@ def _maybe(value: float | None) -> str:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from engine import Engine
+    from voiceprint.engine import Engine
 
     with Engine.init(home=args.home, db=args.db) as eng:
         doc = {"home": str(eng.home), "db": str(eng.url), "active_version": eng.active_version().number}
@@ -302,9 +302,9 @@ def enrollment_line(result) -> str:
 
 
 def cmd_stream(args: argparse.Namespace) -> int:
-    from engine.audio import check_root
-    from engine.home import load_home_config
-    from engine.manifests import open_list, stream_rows
+    from voiceprint.engine.audio import check_root
+    from voiceprint.engine.home import load_home_config
+    from voiceprint.engine.manifests import open_list, stream_rows
 
     # errors="replace": an undecodable row is refused on its own (stream_rows), not the stream.
     if args.source == "-":
@@ -373,7 +373,7 @@ def cmd_speakers(args: argparse.Namespace) -> int:
 
 
 def _speaker_utterances(args: argparse.Namespace) -> int:
-    from engine.results import utterance_dict
+    from voiceprint.engine.results import utterance_dict
 
     with open_engine(args) as eng:
         found = [utterance_dict(u) for u in eng.speaker_utterances(args.speaker)]
@@ -483,9 +483,9 @@ def recognise(args: argparse.Namespace, run, lines_of, document_of, accepted=lam
 
 def _probe_list(args: argparse.Namespace):
     """The --list stream and the folder its relative paths start from (None: no list)."""
-    from engine.audio import check_root
-    from engine.home import load_home_config
-    from engine.manifests import open_list
+    from voiceprint.engine.audio import check_root
+    from voiceprint.engine.home import load_home_config
+    from voiceprint.engine.manifests import open_list
 
     if args.probe_list is None:
         return None, Path.cwd()
@@ -546,10 +546,10 @@ def _expected_lines(fit: dict, indent: str) -> list[str]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from engine.audio import check_root
-    from engine.evaluation import plot
-    from engine.home import load_home_config
-    from engine.manifests import read_manifest, read_trials
+    from voiceprint.engine.audio import check_root
+    from voiceprint.engine.evaluation import plot
+    from voiceprint.engine.home import load_home_config
+    from voiceprint.engine.manifests import read_manifest, read_trials
 
     home_config = load_home_config(args.home)
     # Lists of audio are read only from where audio may be read ([audio] roots), like the audio.
@@ -660,7 +660,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
-    from engine import scheduler
+    from voiceprint.engine import scheduler
     home, db = _home_and_db(args)
     open_engine(args).close()  # a clear error if the home or database is not initialised
     setting = bool(args.every or args.cron or args.min_new is not None or args.check_every)
@@ -687,7 +687,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from engine import scheduler
+    from voiceprint.engine import scheduler
 
     _, db = _home_and_db(args)
     with open_engine(args) as eng:
@@ -732,8 +732,8 @@ def _job_line(job: dict) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from service import create_app
-    from service.server import listen, serve
+    from voiceprint.service import create_app
+    from voiceprint.service.server import listen, serve
 
     home, db = _home_and_db(args)
     with open_engine(args) as eng:  # fail fast, with the usual message, if not initialised
@@ -744,7 +744,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"voiceprint serve: http://{host}:{sock.getsockname()[1]} on {where}; stop with Ctrl-C or SIGTERM", file=sys.stderr, flush=True)
     if not keys:
         print("voiceprint serve: no API keys yet, every request will get 401 (voiceprint keys create --role admin)", file=sys.stderr, flush=True)
-    logging.getLogger("voiceprint").setLevel(logging.INFO)  # the access log and lifecycle events, -v or not
+    for name in ("voiceprint.access", "voiceprint.events"):  # the access log and lifecycle events, -v or not
+        logging.getLogger(name).setLevel(logging.INFO)
     serve(create_app(home, db), sock, verbose=args.verbose)
     print("voiceprint serve: stopped", file=sys.stderr)
     return EXIT_OK
@@ -775,7 +776,7 @@ def _key_line(key) -> str:
 
 
 def cmd_openapi(args: argparse.Namespace) -> int:
-    from service import create_app
+    from voiceprint.service import create_app
 
     print(json.dumps(create_app(args.home, args.db).openapi(), indent=2, sort_keys=True))
     return EXIT_OK
@@ -783,8 +784,8 @@ def cmd_openapi(args: argparse.Namespace) -> int:
 
 def cmd_db(args: argparse.Namespace) -> int:
     # The one command below the engine: it must work on a database the engine cannot open yet.
-    from engine.home import ensure_sqlite_folder
-    from storage import Store
+    from voiceprint.engine.home import ensure_sqlite_folder
+    from voiceprint.storage import Store
 
     _, url = _home_and_db(args)
     ensure_sqlite_folder(url)

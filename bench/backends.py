@@ -35,8 +35,8 @@ from sklearn.covariance import oas
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import read_manifest, write_result  # noqa: E402
 
-from engine import Engine, audio  # noqa: E402
-from engine.metrics import eer  # noqa: E402
+from voiceprint.engine import Engine, audio  # noqa: E402
+from voiceprint.engine.metrics import eer  # noqa: E402
 
 PROBES, NEVER_ENROLL, TASK = 3, 3, 25
 BACKENDS = ("cosine", "centred", "wccn-oas", "wccn-1", "wccn-3", "lda-50", "lda-100", "plda", "asnorm")

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine import manifests
+from voiceprint.engine import manifests
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -60,7 +60,7 @@ def split_per_speaker(items: list[Item], enroll: int) -> tuple[list[Item], list[
 def embed_set(name: str, eng) -> tuple[np.ndarray, np.ndarray]:
     """Every usable file of data set ``name`` embedded by ``eng``'s active version (as the
     engine loads audio), and each row's speaker; files the engine refuses are left out."""
-    from engine import audio
+    from voiceprint.engine import audio
 
     items = read_manifest(name)
     loaded = audio.load_many([it.path for it in items], eng.config.audio)

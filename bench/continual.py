@@ -46,8 +46,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, read_manifest, write_result  # noqa: E402
 
-from engine import Engine, audio  # noqa: E402
-from engine.metrics import eer, forgetting  # noqa: E402
+from voiceprint.engine import Engine, audio  # noqa: E402
+from voiceprint.engine.metrics import eer, forgetting  # noqa: E402
 
 PROBES = 3
 NEVER_ENROLL = 3  # files each never-enrolled speaker is enrolled from, outside the database

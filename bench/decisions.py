@@ -44,15 +44,15 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, embed_set, read_manifest, split_per_speaker, write_result  # noqa: E402
 
-from engine import Engine, audio  # noqa: E402
-from engine.centroids import prototypes  # noqa: E402
-from engine.errors import VoiceprintError  # noqa: E402
-from engine.metrics import eer, min_dcf  # noqa: E402
-from engine.calibration import bayes_threshold, cllr, fit_calibration, reference_thresholds  # noqa: E402
-from engine.encoders import reference_scores  # noqa: E402
-from engine.trials import leave_one_out_trials  # noqa: E402
-from engine.index import CentroidIndex  # noqa: E402
-from engine.scoring import BACKENDS, Cohort, centred, normalise_rows  # noqa: E402
+from voiceprint.engine import Engine, audio  # noqa: E402
+from voiceprint.engine.centroids import prototypes  # noqa: E402
+from voiceprint.engine.errors import VoiceprintError  # noqa: E402
+from voiceprint.engine.metrics import eer, min_dcf  # noqa: E402
+from voiceprint.engine.calibration import bayes_threshold, cllr, fit_calibration, reference_thresholds  # noqa: E402
+from voiceprint.engine.encoders import reference_scores  # noqa: E402
+from voiceprint.engine.trials import leave_one_out_trials  # noqa: E402
+from voiceprint.engine.index import CentroidIndex  # noqa: E402
+from voiceprint.engine.scoring import BACKENDS, Cohort, centred, normalise_rows  # noqa: E402
 
 P_TARGET = 0.01
 TEST_SETS = {"speechocean762 (held-out speakers)": ("speechocean762-train", 8), "librispeech-test-other": ("librispeech-test-other", 6)}
@@ -307,8 +307,8 @@ def consistency(rows, calibration, eng, version, names, columns) -> dict:
 
 
 def search_cost() -> list[dict]:
-    from engine.calibration import Calibration
-    from engine.scoring import Cohort
+    from voiceprint.engine.calibration import Calibration
+    from voiceprint.engine.scoring import Cohort
 
     rng = np.random.default_rng(0)
     dim = 256

@@ -30,13 +30,13 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import read_manifest, split_per_speaker, write_result  # noqa: E402
 
-from engine import audio  # noqa: E402
-from engine.embedder import Embedder  # noqa: E402
-from engine.encoders import create_encoder  # noqa: E402
-from engine.frontends import create_frontend  # noqa: E402
-from engine.losses import LOSSES, create_loss  # noqa: E402
-from engine.metrics import eer, top_k_accuracy  # noqa: E402
-from engine.samplers import ClassBatchSampler, SpeakerBalancedSampler  # noqa: E402
+from voiceprint.engine import audio  # noqa: E402
+from voiceprint.engine.embedder import Embedder  # noqa: E402
+from voiceprint.engine.encoders import create_encoder  # noqa: E402
+from voiceprint.engine.frontends import create_frontend  # noqa: E402
+from voiceprint.engine.losses import LOSSES, create_loss  # noqa: E402
+from voiceprint.engine.metrics import eer, top_k_accuracy  # noqa: E402
+from voiceprint.engine.samplers import ClassBatchSampler, SpeakerBalancedSampler  # noqa: E402
 
 TRAIN_SPEAKERS = 100
 SPEAKERS_PER_BATCH, CROPS_PER_SPEAKER = 16, 4

@@ -33,9 +33,9 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Resemblyzer, read_manifest, split_per_speaker, write_result  # noqa: E402
 
-from engine import Engine  # noqa: E402
-from engine.errors import AudioError  # noqa: E402
-from engine.metrics import eer  # noqa: E402
+from voiceprint.engine import Engine  # noqa: E402
+from voiceprint.engine.errors import AudioError  # noqa: E402
+from voiceprint.engine.metrics import eer  # noqa: E402
 
 NOT_RUN = {
     "SpeechBrain (ECAPA-TDNN)": "pretrained weights are downloaded from the Hugging Face hub at first use; no hub access here",

@@ -32,9 +32,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import embed_set, write_result  # noqa: E402
 
-from engine import Engine  # noqa: E402
-from engine.calibration import reference_thresholds  # noqa: E402
-from engine.scoring import normalise_rows  # noqa: E402
+from voiceprint.engine import Engine  # noqa: E402
+from voiceprint.engine.calibration import reference_thresholds  # noqa: E402
+from voiceprint.engine.scoring import normalise_rows  # noqa: E402
 
 SETS = ("speechocean762-train", "librispeech-test-other", "vctk-4")
 PROFILE = 5  # utterances per profile, about what a first enrollment gives

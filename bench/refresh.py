@@ -33,9 +33,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import read_manifest, split_per_speaker, write_result  # noqa: E402
 
-from engine import Engine, audio  # noqa: E402
-from engine.errors import AudioError  # noqa: E402
-from engine.metrics import eer, top_k_accuracy  # noqa: E402
+from voiceprint.engine import Engine, audio  # noqa: E402
+from voiceprint.engine.errors import AudioError  # noqa: E402
+from voiceprint.engine.metrics import eer, top_k_accuracy  # noqa: E402
 
 PROBES = 2
 

@@ -36,7 +36,7 @@ from sqlalchemy.engine import make_url
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, read_manifest, write_result  # noqa: E402
 
-from engine import Engine  # noqa: E402
+from voiceprint.engine import Engine  # noqa: E402
 
 DEFAULT_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
@@ -44,7 +44,7 @@ DEFAULT_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 def start_server(home: Path, db: str) -> tuple[subprocess.Popen, str]:
     log = open(home.parent / "server.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cli", "--home", str(home), "--db", db, "serve", "--port", "0"],
+        [sys.executable, "-m", "voiceprint.cli", "--home", str(home), "--db", db, "serve", "--port", "0"],
         cwd=ROOT, stdout=log, stderr=log,
     )
     deadline = time.monotonic() + 120

@@ -37,9 +37,9 @@ import soundfile as sf
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Resemblyzer, read_manifest, write_result  # noqa: E402
 
-import cli  # noqa: E402
-from engine.embedder import Embedder  # noqa: E402
-from engine.encoders import create_encoder  # noqa: E402
+from voiceprint import cli  # noqa: E402
+from voiceprint.engine.embedder import Embedder  # noqa: E402
+from voiceprint.engine.encoders import create_encoder  # noqa: E402
 
 WARMUP = 20
 
@@ -83,7 +83,7 @@ def voiceprint_enroll(items, db: str | None) -> dict:
         acks = [json.loads(line) for line in quiet.getvalue().splitlines() if line.startswith('{"row"')][-len(timed):]
         enrolled = sum(a["ok"] for a in acks)
         if db:  # leave the shared database as we found it
-            from storage import Store
+            from voiceprint.storage import Store
 
             with Store(url) as store:
                 store.schema.downgrade("base")
@@ -106,8 +106,8 @@ def percentiles(seconds: list[float]) -> dict:
 
 def engine_latencies(items, db: str | None, refresh_steps: int) -> dict:
     """Single enrollments, then identify, refresh and rollback on what was enrolled."""
-    from engine import Engine
-    from engine.errors import AudioError
+    from voiceprint.engine import Engine
+    from voiceprint.engine.errors import AudioError
 
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp) / "home"
@@ -148,7 +148,7 @@ def engine_latencies(items, db: str | None, refresh_steps: int) -> dict:
                 out["rollback"] = {"utterances": out["refresh"]["utterances"], "embedded": moved["embedded"],
                                    "seconds": round(time.perf_counter() - start, 3)}
         if db:
-            from storage import Store
+            from voiceprint.storage import Store
 
             with Store(db) as store:
                 store.schema.downgrade("base")
@@ -156,7 +156,7 @@ def engine_latencies(items, db: str | None, refresh_steps: int) -> dict:
 
 
 def _enroll_quietly(eng, item) -> bool:
-    from engine.errors import AudioError
+    from voiceprint.engine.errors import AudioError
 
     try:
         eng.enroll(item.speaker, item.path)
@@ -167,7 +167,7 @@ def _enroll_quietly(eng, item) -> bool:
 
 def search_latency(probe: np.ndarray) -> list[dict]:
     """The 1:N search alone against synthetic centroids (random unit vectors)."""
-    from engine.index import CentroidIndex
+    from voiceprint.engine.index import CentroidIndex
 
     rng = np.random.default_rng(0)
     out = []

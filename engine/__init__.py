@@ -9,7 +9,7 @@ __all__ = ["Engine"]
 
 def __getattr__(name: str):
     if name == "Engine":
-        from engine.engine import Engine
+        from voiceprint.engine.engine import Engine
 
         return Engine
     raise AttributeError(f"module 'engine' has no attribute {name!r}")

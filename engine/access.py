@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 
-from storage import ApiKey, Store
+from voiceprint.storage import ApiKey, Store
 
 KEY_PREFIX = "vp_"
 MAX_KEY_LENGTH = 200

@@ -31,8 +31,8 @@ import soundfile as sf
 import torch
 import torchaudio
 
-from engine.config import AudioConfig
-from engine.errors import (
+from voiceprint.engine.config import AudioConfig
+from voiceprint.engine.errors import (
     AudioError,
     EmptyAudio,
     MissingAudio,

@@ -42,8 +42,8 @@ from scipy.special import expit, log_expit
 from scipy.stats import beta as beta_distribution
 from scipy.stats import norm
 
-from engine.metrics import eer
-from engine.trials import TrialScores
+from voiceprint.engine.metrics import eer
+from voiceprint.engine.trials import TrialScores
 
 # Below this many expected false accepts an empirical quantile rests on one or two scores.
 MIN_EXPECTED_FALSE_ACCEPTS = 10

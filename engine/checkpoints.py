@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from engine.errors import CheckpointError, DiskFull
+from voiceprint.engine.errors import CheckpointError, DiskFull
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # no space left, or the user's quota is spent
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from engine.bounds import Bounds, flag
-from engine.errors import ConfigError
+from voiceprint.engine.bounds import Bounds, flag
+from voiceprint.engine.errors import ConfigError
 
 ENV_PREFIX = "VOICEPRINT_"
 REPLAY_SELECTIONS = ("reservoir", "herding")
@@ -102,7 +102,7 @@ class ScoringConfig(Section):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from engine.scoring import BACKENDS
+        from voiceprint.engine.scoring import BACKENDS
 
         if self.backend not in BACKENDS:
             raise ConfigError(f"[scoring] backend={self.backend!r}; valid: {list(BACKENDS)}")

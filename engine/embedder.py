@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.errors import InvalidInput
-from engine.frontends import create_frontend
+from voiceprint.engine.errors import InvalidInput
+from voiceprint.engine.frontends import create_frontend
 
 WINDOWS_PER_SECOND = 1.3
 MIN_COVERAGE = 0.75  # a last window less than 75 % covered by audio is dropped

@@ -13,23 +13,23 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from engine import access, evaluation, health, jobs
-from engine.audio import Source
-from engine.config import Config
-from engine.enrollment import Enroller, Item
-from engine.errors import AudioError, DiskFull, InvalidInput, NotEnoughData, NotInitialised, UnknownSpeaker, VoiceprintError
-from engine.events import event
-from engine.home import (
+from voiceprint.engine import access, evaluation, health, jobs
+from voiceprint.engine.audio import Source
+from voiceprint.engine.config import Config
+from voiceprint.engine.enrollment import Enroller, Item
+from voiceprint.engine.errors import AudioError, DiskFull, InvalidInput, NotEnoughData, NotInitialised, UnknownSpeaker, VoiceprintError
+from voiceprint.engine.events import event
+from voiceprint.engine.home import (
     RESERVE_BYTES, Home, actor, ensure_sqlite_folder, keep_reserve, release_reserve, sqlite_file, undone_on_failure,
 )
-from engine.manifests import LabelledFile, Trial
-from engine.models import ModelRegistry
-from engine.names import normalise_speaker_name
-from engine.progress import Progress
-from engine.recognition import Recognizer
-from engine.refresh import Refresher
-from engine.results import EnrollmentResult, Identification, Outcome, RefreshReport, Verification, job_dict
-from storage import ApiKey, Job, ModelVersion, SpeakerSummary, Store, UtteranceRecord
+from voiceprint.engine.manifests import LabelledFile, Trial
+from voiceprint.engine.models import ModelRegistry
+from voiceprint.engine.names import normalise_speaker_name
+from voiceprint.engine.progress import Progress
+from voiceprint.engine.recognition import Recognizer
+from voiceprint.engine.refresh import Refresher
+from voiceprint.engine.results import EnrollmentResult, Identification, Outcome, RefreshReport, Verification, job_dict
+from voiceprint.storage import ApiKey, Job, ModelVersion, SpeakerSummary, Store, UtteranceRecord
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class Engine:
 
     Use :meth:`init` once to create a home folder and database, then :meth:`open`::
 
-        from engine import Engine
+        from voiceprint.engine import Engine
         with Engine.open(home="voiceprint-home") as eng:
             eng.enroll("alice", "a1.wav")
             eng.identify("unknown.wav", top=5).decision

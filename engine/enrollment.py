@@ -13,17 +13,17 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from engine import audio, kept
-from engine.audio import Source
-from engine.config import Config
-from engine.drift import GenuineScoreDrift
-from engine.errors import Clipped, InvalidInput, TooNoisy, VersionChanged, VoiceprintError
-from engine.home import actor
-from engine.models import ModelRegistry
-from engine.names import check_speaker_name
-from engine.results import EnrollmentResult, Outcome
-from engine.streaming import pipelined
-from storage import ModelVersion, Store
+from voiceprint.engine import audio, kept
+from voiceprint.engine.audio import Source
+from voiceprint.engine.config import Config
+from voiceprint.engine.drift import GenuineScoreDrift
+from voiceprint.engine.errors import Clipped, InvalidInput, TooNoisy, VersionChanged, VoiceprintError
+from voiceprint.engine.home import actor
+from voiceprint.engine.models import ModelRegistry
+from voiceprint.engine.names import check_speaker_name
+from voiceprint.engine.results import EnrollmentResult, Outcome
+from voiceprint.engine.streaming import pipelined
+from voiceprint.storage import ModelVersion, Store
 
 log = logging.getLogger(__name__)
 

@@ -23,14 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-from engine import audio
-from engine.calibration import reference_thresholds
-from engine.config import Config
-from engine.encoders import reference_scores
-from engine.errors import AudioError, InvalidInput
-from engine.manifests import LabelledFile, Trial
-from engine.metrics import eer, error_rates, min_dcf, top_k_accuracy
-from engine.progress import Progress, report
+from voiceprint.engine import audio
+from voiceprint.engine.calibration import reference_thresholds
+from voiceprint.engine.config import Config
+from voiceprint.engine.encoders import reference_scores
+from voiceprint.engine.errors import AudioError, InvalidInput
+from voiceprint.engine.manifests import LabelledFile, Trial
+from voiceprint.engine.metrics import eer, error_rates, min_dcf, top_k_accuracy
+from voiceprint.engine.progress import Progress, report
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import torch
 import torchaudio
 from torch import nn
 
-from engine.registry import Registry
+from voiceprint.engine.registry import Registry
 
 FRONTENDS: Registry[type[nn.Module]] = Registry("frontend")
 

@@ -14,8 +14,8 @@ import hashlib
 
 import numpy as np
 
-from engine.config import RefreshConfig
-from engine.metrics import d_prime, eer, top_k_accuracy
+from voiceprint.engine.config import RefreshConfig
+from voiceprint.engine.metrics import d_prime, eer, top_k_accuracy
 
 
 def is_held_out(utterance, fraction: float) -> bool:

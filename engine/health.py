@@ -22,9 +22,9 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-from engine.errors import VoiceprintError
-from engine.home import CHECKPOINTS, keep_reserve, sqlite_file
-from engine.models import ModelRegistry
+from voiceprint.engine.errors import VoiceprintError
+from voiceprint.engine.home import CHECKPOINTS, keep_reserve, sqlite_file
+from voiceprint.engine.models import ModelRegistry
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from engine.config import Config, load_config
+from voiceprint.engine.config import Config, load_config
 
 DEFAULT_HOME = "voiceprint-home"
 CONFIG_FILE = "config.toml"

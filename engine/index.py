@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.calibration import Calibration
-from engine.scoring import Cohort, asnorm, normalise_rows
+from voiceprint.engine.calibration import Calibration
+from voiceprint.engine.scoring import Cohort, asnorm, normalise_rows
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,10 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from engine.errors import RefreshBusy, StorageError
-from engine.events import event
-from storage import Job, ModelVersion, Store
-from storage.jobs import UNFINISHED
+from voiceprint.engine.errors import RefreshBusy, StorageError
+from voiceprint.engine.events import event
+from voiceprint.storage import Job, ModelVersion, Store
+from voiceprint.storage.jobs import UNFINISHED
 
 log = logging.getLogger(__name__)
 

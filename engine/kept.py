@@ -16,8 +16,8 @@ from collections.abc import Sequence
 import numpy as np
 import soundfile as sf
 
-from engine.audio import SAMPLE_RATE
-from engine.errors import IncompatibleFeatures, InvalidInput, UndecodableAudio
+from voiceprint.engine.audio import SAMPLE_RATE
+from voiceprint.engine.errors import IncompatibleFeatures, InvalidInput, UndecodableAudio
 
 FEATURES_CODEC_PREFIX = "features-"  # kept features (privacy.keep = "features"), by frontend
 

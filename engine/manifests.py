@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from engine.errors import InvalidInput
+from voiceprint.engine.errors import InvalidInput
 
 BOM = "\ufeff"
 REPLACED = "\ufffd"  # what a stream opened with errors="replace" reads for bytes that are not UTF-8

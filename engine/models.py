@@ -14,13 +14,13 @@ from datetime import datetime, timezone
 
 import torch
 
-from engine.checkpoints import load_checkpoint, save_checkpoint
-from engine.embedder import Embedder
-from engine.encoders import create_encoder
-from engine.errors import NotInitialised, WeightsPruned
-from engine.home import CHECKPOINTS, Home, actor
-from engine.jobs import LOCK
-from storage import ModelVersion, Store
+from voiceprint.engine.checkpoints import load_checkpoint, save_checkpoint
+from voiceprint.engine.embedder import Embedder
+from voiceprint.engine.encoders import create_encoder
+from voiceprint.engine.errors import NotInitialised, WeightsPruned
+from voiceprint.engine.home import CHECKPOINTS, Home, actor
+from voiceprint.engine.jobs import LOCK
+from voiceprint.storage import ModelVersion, Store
 
 ACTIVE = "active"
 PRUNABLE = ("rejected", "retired")  # what prune deletes the weights of

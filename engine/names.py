@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import unicodedata
 
-from engine.errors import InvalidInput
+from voiceprint.engine.errors import InvalidInput
 
 MAX_SPEAKER_NAME = 200
 DOT_SEGMENTS = {".", ".."}
@@ -41,7 +41,7 @@ def check_speaker_name(name: str) -> str:
     >>> check_speaker_name("a/b")
     Traceback (most recent call last):
     ...
-    engine.errors.InvalidInput: speaker name 'a/b' contains '/', which a URL path cannot carry
+    voiceprint.engine.errors.InvalidInput: speaker name 'a/b' contains '/', which a URL path cannot carry
     """
     cleaned = normalise_speaker_name(name)
     if len(cleaned) > MAX_SPEAKER_NAME:

@@ -14,20 +14,20 @@ import threading
 
 import numpy as np
 
-from engine import audio
-from engine.audio import Source
-from engine.calibration import Calibration, fit_calibration, reference_thresholds
-from engine.centroids import prototypes
-from engine.config import Config
-from engine.encoders import reference_scores
-from engine.errors import InvalidInput, NotEnoughData, UnknownSpeaker
-from engine.index import CentroidIndex
-from engine.models import ModelRegistry
-from engine.names import normalise_speaker_name
-from engine.results import Identification, Verification
-from engine.scoring import Cohort, centred
-from engine.trials import leave_one_out_trials
-from storage import ModelVersion, Store
+from voiceprint.engine import audio
+from voiceprint.engine.audio import Source
+from voiceprint.engine.calibration import Calibration, fit_calibration, reference_thresholds
+from voiceprint.engine.centroids import prototypes
+from voiceprint.engine.config import Config
+from voiceprint.engine.encoders import reference_scores
+from voiceprint.engine.errors import InvalidInput, NotEnoughData, UnknownSpeaker
+from voiceprint.engine.index import CentroidIndex
+from voiceprint.engine.models import ModelRegistry
+from voiceprint.engine.names import normalise_speaker_name
+from voiceprint.engine.results import Identification, Verification
+from voiceprint.engine.scoring import Cohort, centred
+from voiceprint.engine.trials import leave_one_out_trials
+from voiceprint.storage import ModelVersion, Store
 
 log = logging.getLogger(__name__)
 

@@ -26,18 +26,18 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from engine import gate, kept
-from engine.config import Config
-from engine.embedder import Embedder
-from engine.errors import IncompleteVersion, NotEnoughData, TrainingDataErased, UnfinishedVersion, VoiceprintError
-from engine.home import actor
-from engine.jobs import running_job, unfinished
-from engine.losses import LOSSES
-from engine.models import ACTIVE, ModelRegistry, require_weights
-from engine.progress import Progress, report
-from engine.results import RefreshReport
-from engine.training import NothingToTrain, check_frozen_layers, choose_training, interpolate, train
-from storage import ModelVersion, Store
+from voiceprint.engine import gate, kept
+from voiceprint.engine.config import Config
+from voiceprint.engine.embedder import Embedder
+from voiceprint.engine.errors import IncompleteVersion, NotEnoughData, TrainingDataErased, UnfinishedVersion, VoiceprintError
+from voiceprint.engine.home import actor
+from voiceprint.engine.jobs import running_job, unfinished
+from voiceprint.engine.losses import LOSSES
+from voiceprint.engine.models import ACTIVE, ModelRegistry, require_weights
+from voiceprint.engine.progress import Progress, report
+from voiceprint.engine.results import RefreshReport
+from voiceprint.engine.training import NothingToTrain, check_frozen_layers, choose_training, interpolate, train
+from voiceprint.storage import ModelVersion, Store
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Callable, Generic, TypeVar
 
-from engine.errors import UnknownName
+from voiceprint.engine.errors import UnknownName
 
 T = TypeVar("T")
 
@@ -25,7 +25,7 @@ class Registry(Generic[T]):
     >>> shapes.get("circle")
     Traceback (most recent call last):
     ...
-    engine.errors.UnknownName: unknown shape 'circle'; valid names: square
+    voiceprint.engine.errors.UnknownName: unknown shape 'circle'; valid names: square
     """
 
     def __init__(self, kind: str):

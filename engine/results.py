@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from engine.index import Hit
-from engine.errors import VoiceprintError
+from voiceprint.engine.index import Hit
+from voiceprint.engine.errors import VoiceprintError
 
 
 @dataclass(frozen=True)

@@ -33,9 +33,9 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from engine.bounds import interval_problem
-from engine.errors import InvalidInput, RefreshBusy, VoiceprintError
-from storage import Store
+from voiceprint.engine.bounds import interval_problem
+from voiceprint.engine.errors import InvalidInput, RefreshBusy, VoiceprintError
+from voiceprint.storage import Store
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +229,7 @@ def run_scheduled_refresh(home: str, db: str, min_new: int | None, why: str) -> 
     Returns what it did ("refreshed: promoted", "not due", "busy", "failed: ...") for the
     log and the tests.
     """
-    from engine import Engine
+    from voiceprint.engine import Engine
 
     try:
         with Engine.open(home=home, db=db) as eng:

@@ -20,16 +20,16 @@ import soundfile as sf
 import torch
 import torchaudio
 
-from engine import audio
-from engine.config import RefreshConfig
-from engine.embedder import pick_device
-from engine.errors import InvalidInput
-from engine.frontends import create_frontend
-from engine.losses import LOSSES, create_loss
-from engine.lowrank import LowRankUpdate
-from engine.progress import Progress, report
-from engine.replay import SpeakerReservoir, herded_sample
-from engine.samplers import ClassBatchSampler, SpeakerBalancedSampler
+from voiceprint.engine import audio
+from voiceprint.engine.config import RefreshConfig
+from voiceprint.engine.embedder import pick_device
+from voiceprint.engine.errors import InvalidInput
+from voiceprint.engine.frontends import create_frontend
+from voiceprint.engine.losses import LOSSES, create_loss
+from voiceprint.engine.lowrank import LowRankUpdate
+from voiceprint.engine.progress import Progress, report
+from voiceprint.engine.replay import SpeakerReservoir, herded_sample
+from voiceprint.engine.samplers import ClassBatchSampler, SpeakerBalancedSampler
 
 log = logging.getLogger(__name__)
 

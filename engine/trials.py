@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.scoring import Cohort, asnorm, centred, normalise_rows
+from voiceprint.engine.scoring import Cohort, asnorm, centred, normalise_rows
 
 # A probe this close to another speaker's profile is the same recording under two names.
 SAME_RECORDING = 0.97

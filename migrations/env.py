@@ -10,7 +10,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection, create_engine, pool
 
-from storage.models import Base, include_object
+from voiceprint.storage.models import Base, include_object
 
 config = context.config
 

@@ -11,4 +11,7 @@ cd "$(dirname "$0")/.."
 if .venv/bin/python -m pip show --quiet voiceprint > /dev/null 2>&1; then
   .venv/bin/python -m pip uninstall --quiet --yes voiceprint
 fi
-.venv/bin/python -m pip install --quiet -e '.[test]'
+# The editable install maps the package `voiceprint` onto the repository root through an
+# import hook, which setuptools announces with a UserWarning box on every install; the
+# advice in it (no folder named voiceprint in the working directory) holds here.
+PYTHONWARNINGS=ignore::UserWarning .venv/bin/python -m pip install --quiet -e '.[test]'

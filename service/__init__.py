@@ -1,6 +1,6 @@
 """The HTTP service: FastAPI routes over one :class:`engine.Engine`, with the job worker
 that runs refreshes and the refresh schedule in the same process (``voiceprint serve``)."""
 
-from service.app import create_app
+from voiceprint.service.app import create_app
 
 __all__ = ["create_app"]

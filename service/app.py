@@ -29,13 +29,13 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine import errors
-from engine.config import Config
-from engine.events import ACCESS, event, logfmt
-from engine.home import load_home_config, resolve_db, resolve_home
-from service.metrics import Metrics
-from service.routes import ApiError, router
-from service.worker import JobWorker, recover_jobs
+from voiceprint.engine import errors
+from voiceprint.engine.config import Config
+from voiceprint.engine.events import ACCESS, event, logfmt
+from voiceprint.engine.home import load_home_config, resolve_db, resolve_home
+from voiceprint.service.metrics import Metrics
+from voiceprint.service.routes import ApiError, router
+from voiceprint.service.worker import JobWorker, recover_jobs
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def create_app(home: str | None = None, db: str | None = None, *, background: bo
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        from engine import Engine
+        from voiceprint.engine import Engine
 
         engine = await run_in_threadpool(lambda: Engine.open(home_path, url, config=config))
         app.state.engine = engine

@@ -19,10 +19,10 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine import errors
-from engine.bounds import MAX_ID
-from engine.results import EnrollmentResult, Identification, ProbeAnswer, Verification, job_dict, utterance_dict
-from service.keys import allows
+from voiceprint.engine import errors
+from voiceprint.engine.bounds import MAX_ID
+from voiceprint.engine.results import EnrollmentResult, Identification, ProbeAnswer, Verification, job_dict, utterance_dict
+from voiceprint.service.keys import allows
 
 router = APIRouter()
 
@@ -356,7 +356,7 @@ def status(request: Request) -> dict:
     """The state of the home (as ``voiceprint status``): active version, new utterances
     since it was trained, held for review, queued / running / last job, calibration,
     scrub, and the stored refresh schedule."""
-    from engine import scheduler
+    from voiceprint.engine import scheduler
 
     return {**_engine(request).status(), "schedule": scheduler.list_schedule(request.app.state.db)}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import socket
 
-from engine.errors import InvalidInput
+from voiceprint.engine.errors import InvalidInput
 
 
 def listen(host: str, port: int) -> socket.socket:

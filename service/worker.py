@@ -16,9 +16,9 @@ import logging
 import threading
 import time
 
-from engine import errors, scheduler
-from engine.scheduler import run_scheduled_refresh
-from service.metrics import Metrics
+from voiceprint.engine import errors, scheduler
+from voiceprint.engine.scheduler import run_scheduled_refresh
+from voiceprint.service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

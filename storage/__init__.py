@@ -1,6 +1,6 @@
 """SQL storage of speakers, utterances, embeddings, centroids and model versions."""
 
-from storage.records import (
+from voiceprint.storage.records import (
     AliasMove,
     ApiKey,
     AuditEntry,
@@ -11,7 +11,7 @@ from storage.records import (
     SpeakerSummary,
     UtteranceRecord,
 )
-from storage.store import Store
+from voiceprint.storage.store import Store
 
 __all__ = [
     "AliasMove",

@@ -27,8 +27,8 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
-from engine.errors import DiskFull, DuplicateUtterance, RefreshBusy, StorageError, UnknownVersion, VersionChanged
-from storage import models as m
+from voiceprint.engine.errors import DiskFull, DuplicateUtterance, RefreshBusy, StorageError, UnknownVersion, VersionChanged
+from voiceprint.storage import models as m
 
 log = logging.getLogger(__name__)
 

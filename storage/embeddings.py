@@ -10,10 +10,10 @@ import numpy as np
 from sqlalchemy import Select, func, insert, select
 from sqlalchemy.orm import Session
 
-from engine.centroids import RunningCentroid
-from storage import db
-from storage import models as m
-from storage.vectors import f32, from_f32, running_centroid, save_centroid
+from voiceprint.engine.centroids import RunningCentroid
+from voiceprint.storage import db
+from voiceprint.storage import models as m
+from voiceprint.storage.vectors import f32, from_f32, running_centroid, save_centroid
 
 
 class Embeddings:

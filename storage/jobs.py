@@ -9,10 +9,10 @@ from typing import Any
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from engine.errors import InvalidInput
-from storage import db, ids
-from storage import models as m
-from storage.records import Job
+from voiceprint.engine.errors import InvalidInput
+from voiceprint.storage import db, ids
+from voiceprint.storage import models as m
+from voiceprint.storage.records import Job
 
 FINISHED_JOB = ("succeeded", "rejected", "failed", "skipped")
 INTERRUPTED = "interrupted: the process running it stopped"  # the error of a job found running, lock free

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from sqlalchemy import func, select
 
-from engine.errors import InvalidInput
-from storage import db, ids
-from storage import models as m
-from storage.records import ApiKey, AuditEntry
+from voiceprint.engine.errors import InvalidInput
+from voiceprint.storage import db, ids
+from voiceprint.storage import models as m
+from voiceprint.storage.records import ApiKey, AuditEntry
 
 
 # Audited actions that change stored profiles after the fact (see Keys.profile_changes).

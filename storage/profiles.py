@@ -9,14 +9,14 @@ import numpy as np
 from sqlalchemy import delete, func, insert, select
 from sqlalchemy.orm import Session
 
-from engine.centroids import RunningCentroid
-from engine.errors import DuplicateUtterance, InvalidInput, StorageError, UnknownSpeaker, UnknownUtterance, VersionChanged
-from storage import db, ids
-from storage import models as m
-from storage.records import Centroid, Enrollment, SpeakerSummary, UtteranceRecord
-from storage.registry import ACTIVE
-from storage.scrub import ERASURE, Scrub
-from storage.vectors import f32, fold, from_f32, running_centroid, save_centroid
+from voiceprint.engine.centroids import RunningCentroid
+from voiceprint.engine.errors import DuplicateUtterance, InvalidInput, StorageError, UnknownSpeaker, UnknownUtterance, VersionChanged
+from voiceprint.storage import db, ids
+from voiceprint.storage import models as m
+from voiceprint.storage.records import Centroid, Enrollment, SpeakerSummary, UtteranceRecord
+from voiceprint.storage.registry import ACTIVE
+from voiceprint.storage.scrub import ERASURE, Scrub
+from voiceprint.storage.vectors import f32, fold, from_f32, running_centroid, save_centroid
 
 
 class Profiles:

@@ -8,11 +8,11 @@ from datetime import datetime
 from sqlalchemy import delete, func, insert, select, text
 from sqlalchemy.orm import Session
 
-from engine.errors import IncompleteVersion, NotInitialised, TrainingDataErased, UnknownVersion
-from storage import db, ids
-from storage import models as m
-from storage.embeddings import missing_embeddings_query
-from storage.records import AliasMove, ModelVersion
+from voiceprint.engine.errors import IncompleteVersion, NotInitialised, TrainingDataErased, UnknownVersion
+from voiceprint.storage import db, ids
+from voiceprint.storage import models as m
+from voiceprint.storage.embeddings import missing_embeddings_query
+from voiceprint.storage.records import AliasMove, ModelVersion
 
 ACTIVE = "active"
 

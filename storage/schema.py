@@ -10,9 +10,9 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.orm import Session
 
-import migrations
-from engine.errors import SchemaOutdated, StorageError
-from storage.db import Database
+from voiceprint import migrations
+from voiceprint.engine.errors import SchemaOutdated, StorageError
+from voiceprint.storage.db import Database
 
 
 class Schema:

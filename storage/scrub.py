@@ -22,9 +22,9 @@ import threading
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from engine.errors import StorageError
-from storage import db
-from storage import models as m
+from voiceprint.engine.errors import StorageError
+from voiceprint.storage import db
+from voiceprint.storage import models as m
 
 log = logging.getLogger(__name__)
 

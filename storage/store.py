@@ -12,15 +12,15 @@ from contextlib import AbstractContextManager
 
 from sqlalchemy import func, select
 
-from storage import models as m
-from storage.db import Database
-from storage.embeddings import Embeddings
-from storage.jobs import Jobs
-from storage.keys import Keys
-from storage.profiles import Profiles
-from storage.registry import Registry
-from storage.schema import Schema
-from storage.scrub import Scrub
+from voiceprint.storage import models as m
+from voiceprint.storage.db import Database
+from voiceprint.storage.embeddings import Embeddings
+from voiceprint.storage.jobs import Jobs
+from voiceprint.storage.keys import Keys
+from voiceprint.storage.profiles import Profiles
+from voiceprint.storage.registry import Registry
+from voiceprint.storage.schema import Schema
+from voiceprint.storage.scrub import Scrub
 
 
 class Store:

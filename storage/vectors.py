@@ -13,8 +13,8 @@ import numpy as np
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session
 
-from engine.centroids import RunningCentroid
-from storage import models as m
+from voiceprint.engine.centroids import RunningCentroid
+from voiceprint.storage import models as m
 
 
 def f32(vector: np.ndarray) -> bytes:

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from engine import Engine, audio, gate
-from engine.config import RefreshConfig
-from engine.embedder import Embedder
-from engine.encoders import create_encoder
-from engine.errors import ConfigError, InvalidInput, TooShort
-from engine.lowrank import LowRankUpdate
-from engine.replay import balanced_shares, herding
-from engine.metrics import eer
-from engine.training import interpolate, train
+from voiceprint.engine import Engine, audio, gate
+from voiceprint.engine.config import RefreshConfig
+from voiceprint.engine.embedder import Embedder
+from voiceprint.engine.encoders import create_encoder
+from voiceprint.engine.errors import ConfigError, InvalidInput, TooShort
+from voiceprint.engine.lowrank import LowRankUpdate
+from voiceprint.engine.replay import balanced_shares, herding
+from voiceprint.engine.metrics import eer
+from voiceprint.engine.training import interpolate, train
 
 
 def write_refresh_config(home: Path, **refresh) -> None:

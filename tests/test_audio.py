@@ -19,9 +19,9 @@ import soundfile as sf
 import torch
 import torchaudio
 
-from engine import audio, kept
-from engine.config import AudioConfig
-from engine.errors import (
+from voiceprint.engine import audio, kept
+from voiceprint.engine.config import AudioConfig
+from voiceprint.engine.errors import (
     EmptyAudio,
     MissingAudio,
     NonFiniteAudio,

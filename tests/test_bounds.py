@@ -11,13 +11,13 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-import cli
-from engine import Engine
-from engine.bounds import MAX_ID, Bounds, flag
-from engine.errors import InvalidInput, UnknownVersion
-from service import create_app
-from storage import ids
-from storage import models as m
+from voiceprint import cli
+from voiceprint.engine import Engine
+from voiceprint.engine.bounds import MAX_ID, Bounds, flag
+from voiceprint.engine.errors import InvalidInput, UnknownVersion
+from voiceprint.service import create_app
+from voiceprint.storage import ids
+from voiceprint.storage import models as m
 
 OUTSIDE = [2**31, 2**63, 2**64, -1, 0]
 BEYOND = [2**31, 2**63, 2**64]  # past INTEGER on PostgreSQL, past 64 bits on SQLite

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.calibration import (
+from voiceprint.engine.calibration import (
     bayes_threshold,
     cllr,
     cross_validated_rate,
@@ -19,9 +19,9 @@ from engine.calibration import (
     tail_fit,
     threshold_at_far,
 )
-from engine.index import CentroidIndex
-from engine.scoring import Cohort
-from engine.trials import leave_one_out_trials
+from voiceprint.engine.index import CentroidIndex
+from voiceprint.engine.scoring import Cohort
+from voiceprint.engine.trials import leave_one_out_trials
 
 SETTINGS = {
     "verify_far": 0.05, "identify_far": 0.05, "consistency_hold_rate": 0.02,
@@ -125,7 +125,7 @@ def test_index_ranks_by_cosine_and_reports_every_scale():
 
 
 def test_cached_profile_statistics_follow_changed_profiles():
-    from engine.recognition import VersionScoring
+    from voiceprint.engine.recognition import VersionScoring
 
     rng = np.random.default_rng(9)
     ids, speakers, vectors = _clusters(rng, speakers=12)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.checkpoints import load_checkpoint, save_checkpoint
-from engine.encoders import create_encoder
-from engine.errors import CheckpointError
+from voiceprint.engine.checkpoints import load_checkpoint, save_checkpoint
+from voiceprint.engine.encoders import create_encoder
+from voiceprint.engine.errors import CheckpointError
 
 
 def test_round_trip(tmp_path):

@@ -21,7 +21,7 @@ import pytest
 import soundfile as sf
 from sqlalchemy import MetaData, create_engine, select as sql_select
 
-import cli
+from voiceprint import cli
 
 pytestmark = pytest.mark.data
 
@@ -131,7 +131,7 @@ def test_enrollment_feedback_and_exact_centroid(home, dev_data, capsys):
     assert all(0.5 < r["similarity_before"] <= 1.0 for r in rows[1:])
     assert all(r["speech_s"] > 1.0 and r["version"] == 1 for r in rows)
 
-    from storage import Store
+    from voiceprint.storage import Store
 
     store = Store(url)
     try:
@@ -310,7 +310,7 @@ def test_acknowledged_enrollments_survive_kill_9(sqlite_home, dev_data):
     acked = [json.loads(_readline(proc)) for _ in range(5)]
     os.kill(proc.pid, signal.SIGKILL)  # mid-stream, while later rows are being processed
     proc.wait()
-    from storage import Store
+    from voiceprint.storage import Store
 
     store = Store(f"sqlite:///{home / 'voiceprint.db'}")
     try:
@@ -390,7 +390,7 @@ def test_verbose_shows_the_engines_log_and_alembic_only_at_vv(tmp_path, dev_data
     assert "INFO alembic.runtime.migration: Running upgrade" in voiceprint("--home", str(tmp_path / "b"), "-vv", "init")
     first, second = [str(p) for p in sorted((dev_data / "vctk-4" / "p225").iterdir())[:2]]
     verbose = voiceprint("--home", str(tmp_path / "a"), "enroll", "ann", first, "-v")
-    assert "INFO engine.audio: loading the silero-vad model" in verbose and "alembic" not in verbose
+    assert "INFO voiceprint.engine.audio: loading the silero-vad model" in verbose and "alembic" not in verbose
     assert "INFO" not in voiceprint("--home", str(tmp_path / "a"), "enroll", "ann", second)
 
 

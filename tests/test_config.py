@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import Config, load_config
-from engine.errors import ConfigError
+from voiceprint.engine.config import Config, load_config
+from voiceprint.engine.errors import ConfigError
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from engine import Engine
-from engine.home import load_home_config
-from engine.errors import Clipped, NotEnoughData, TooNoisy
-from engine.audio import _resample
+from voiceprint.engine import Engine
+from voiceprint.engine.home import load_home_config
+from voiceprint.engine.errors import Clipped, NotEnoughData, TooNoisy
+from voiceprint.engine.audio import _resample
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import csv
 import numpy as np
 import pytest
 
-from engine import Engine
-from engine.drift import GenuineScoreDrift
+from voiceprint.engine import Engine
+from voiceprint.engine.drift import GenuineScoreDrift
 
 
 def detections(detector: GenuineScoreDrift, scores) -> list[int]:

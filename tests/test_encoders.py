@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from engine.embedder import Embedder, window_starts
-from engine.encoders import ENCODERS, create_encoder
-from engine.errors import UnknownName
-from engine.frontends import FRONTENDS, create_frontend
+from voiceprint.engine.embedder import Embedder, window_starts
+from voiceprint.engine.encoders import ENCODERS, create_encoder
+from voiceprint.engine.errors import UnknownName
+from voiceprint.engine.frontends import FRONTENDS, create_frontend
 
 
 @pytest.mark.parametrize("name", ENCODERS.names())

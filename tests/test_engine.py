@@ -12,8 +12,8 @@ import soundfile as sf
 import torch
 import torchaudio
 
-from engine import Engine
-from engine.errors import DuplicateUtterance, InvalidInput, NotInitialised, SchemaOutdated, UnknownSpeaker
+from voiceprint.engine import Engine
+from voiceprint.engine.errors import DuplicateUtterance, InvalidInput, NotInitialised, SchemaOutdated, UnknownSpeaker
 
 pytestmark = pytest.mark.data
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from engine import Engine
-from engine.errors import TrainingDataErased, TooShort
-from engine.refresh import ERASED_MEANWHILE
-from service.metrics import Metrics
-from service.worker import JobWorker
+from voiceprint.engine import Engine
+from voiceprint.engine.errors import TrainingDataErased, TooShort
+from voiceprint.engine.refresh import ERASED_MEANWHILE
+from voiceprint.service.metrics import Metrics
+from voiceprint.service.worker import JobWorker
 
 pytestmark = pytest.mark.data
 

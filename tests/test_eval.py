@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from cli import main
-from engine import Engine
-from engine.manifests import read_manifest, read_trials
-from engine.errors import InvalidInput
+from voiceprint.cli import main
+from voiceprint.engine import Engine
+from voiceprint.engine.manifests import read_manifest, read_trials
+from voiceprint.engine.errors import InvalidInput
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def test_eval_of_an_unknown_version_and_bad_files(home, dev_data, capsys, tmp_pa
 def test_eval_reports_progress_before_the_first_file_is_embedded(home, dev_data, caplog):
     files = read_manifest(dev_data / "vctk-4" / "manifest.csv")
     calls = []
-    with caplog.at_level(logging.INFO, logger="engine.evaluation"), Engine.open(home=home) as eng:
+    with caplog.at_level(logging.INFO, logger="voiceprint.engine.evaluation"), Engine.open(home=home) as eng:
         eng.evaluate(files, on_progress=lambda done, total, what: calls.append((done, total, what)))
     assert calls[0] == (0, 40, "embedding") and calls[-1] == (40, 40, "embedding")
     assert "eval: loading and embedding 40 files" in caplog.text

@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from engine import Engine, manifests
-from engine.errors import DiskFull, NotInitialised, StorageError, TooShort
-from engine.home import CHECKPOINTS, RESERVE, RESERVE_BYTES, Home
-from engine.models import ModelRegistry
-from service import create_app
-from storage import Store
+from voiceprint.engine import Engine, manifests
+from voiceprint.engine.errors import DiskFull, NotInitialised, StorageError, TooShort
+from voiceprint.engine.home import CHECKPOINTS, RESERVE, RESERVE_BYTES, Home
+from voiceprint.engine.models import ModelRegistry
+from voiceprint.service import create_app
+from voiceprint.storage import Store
 
 REPO = Path(__file__).resolve().parents[1]
 DISK = "64m"  # a home of vctk-4 takes ~12 MB, and a refresh ~6 MB more
@@ -124,7 +124,7 @@ def test_init_on_a_full_disk_fails_cleanly_and_leaves_no_home(disk, leave):
 def test_init_on_a_full_disk_from_the_command_line_is_one_line(disk):
     disk.fill(1 << 20)
     proc = subprocess.run(
-        [sys.executable, "-m", "cli", "--home", str(disk.path / "home"), "init"],
+        [sys.executable, "-m", "voiceprint.cli", "--home", str(disk.path / "home"), "init"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 2, proc.stderr
@@ -148,7 +148,7 @@ def test_init_again_completes_one_that_stopped_before_activating(tmp_path):
 
 
 def registry_encoder(home: Home):
-    from engine.encoders import create_encoder
+    from voiceprint.engine.encoders import create_encoder
 
     return create_encoder(home.config.encoder.name, pretrained=True)
 

@@ -30,10 +30,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import MetaData, create_engine, select
 
-import cli
-from engine import Engine
-from service import create_app
-from service.routes import router
+from voiceprint import cli
+from voiceprint.engine import Engine
+from voiceprint.service import create_app
+from voiceprint.service.routes import router
 
 pytestmark = pytest.mark.data
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from engine import Engine
-from engine.errors import TooShort, UnfinishedVersion
-from service import create_app
+from voiceprint.engine import Engine
+from voiceprint.engine.errors import TooShort, UnfinishedVersion
+from voiceprint.service import create_app
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = "[refresh]\nspeakers_per_batch = 4\nholdout_fraction = 0.3\ngate = false\nsteps = {steps}\n"
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.data
 
 def cli(home: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "cli", "--home", str(home), *args], cwd=REPO, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "voiceprint.cli", "--home", str(home), *args], cwd=REPO, capture_output=True, text=True, timeout=600
     )
 
 
@@ -42,7 +42,7 @@ def enroll(eng: Engine, files: dict[str, list[Path]]) -> None:
 
 def start_refresh(home: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "cli", "--home", str(home), "refresh"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [sys.executable, "-m", "voiceprint.cli", "--home", str(home), "refresh"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
 
 

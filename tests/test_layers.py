@@ -9,7 +9,14 @@ parsed with :mod:`ast` (nothing is imported: no module's side effects, no torch 
 3. ``cli.py`` and ``service/`` do not import ``storage`` (except ``cli.cmd_db``, the
    database-administration command), and nothing but ``engine/__init__.py`` imports
    ``engine.engine``;
-4. there are no import cycles among the project's modules.
+4. there are no import cycles among the project's modules;
+5. every import of a project module names the installed package: ``from voiceprint.engine
+   import audio``, never ``from engine import audio`` (that works only from the repository
+   root, and there it loads a second copy of the module). This rule covers ``tests/`` and
+   ``bench/`` too.
+
+The modules are named here as on disk (``engine.audio``); ``voiceprint.`` is taken off
+every import before the rules look at it. The root ``__init__.py`` is ``voiceprint``.
 
 Imports are counted wherever they are written: at module level, inside functions (a lazy
 import is still a dependency) and, for rules 1-3, under ``if TYPE_CHECKING:`` too (knowing
@@ -37,7 +44,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("engine", "storage", "service", "migrations")
-MODULES = ("cli.py",)
+MODULES = ("cli.py", "__init__.py")
+PACKAGE = "voiceprint"  # what pyproject.toml installs the repository root as
+PROJECT_TOPS = frozenset({*PACKAGES, "cli"})  # names that must be written under PACKAGE
 # Orchestration: the engine modules that may talk to storage and to each other. Names,
 # not files: some are still to be written, and a missing one is simply not there.
 ORCHESTRATION = frozenset(
@@ -65,8 +74,8 @@ MAX_LINES = 500
 LONG_FILES_ALLOWED = {
     # The table of ~25 commands (one parser function, read top to bottom) and each
     # command's text rendering; split across files, a command's flags and its output
-    # would live apart. Packaging under one namespace (a cli package, issue 20 item 13)
-    # will split it; until then this ceiling grows only with new commands.
+    # would live apart. DESIGN.md fixes cli.py as one file at the top level, so the
+    # ceiling grows only with new commands.
     "cli.py": 810,
 }
 LENGTH_CHECKED = ("engine", "storage", "service", "migrations", "bench", "cli.py")
@@ -84,6 +93,7 @@ class Import:
     target: str  # dotted name of the module imported (resolved, see resolve())
     functions: tuple[str, ...]  # the enclosing functions, outermost first; () at module level
     type_checking: bool  # under ``if TYPE_CHECKING:``
+    bare: bool = False  # written without the ``voiceprint.`` prefix (rule 5)
 
     def where(self) -> str:
         inside = f" (in {'.'.join(self.functions)})" if self.functions else ""
@@ -91,19 +101,29 @@ class Import:
 
 
 def module_name(path: str) -> tuple[str, bool]:
-    """``engine/encoders/__init__.py`` -> ``("engine.encoders", True)``; ``cli.py`` -> ``("cli", False)``."""
+    """``engine/encoders/__init__.py`` -> ``("engine.encoders", True)``; ``cli.py`` -> ``("cli", False)``;
+    the root ``__init__.py`` -> ``("voiceprint", True)``."""
     parts = list(Path(path).with_suffix("").parts)
     is_package = parts[-1] == "__init__"
     if is_package:
         parts.pop()
-    return ".".join(parts), is_package
+    return ".".join(parts) or PACKAGE, is_package
+
+
+def unprefixed(name: str) -> str:
+    """``voiceprint.engine.audio`` -> ``engine.audio``: the on-disk name the rules use."""
+    return name[len(PACKAGE) + 1 :] if name.startswith(PACKAGE + ".") else name
+
+
+def is_bare(name: str) -> bool:
+    return name.partition(".")[0] in PROJECT_TOPS
 
 
 def resolve(base: str, names: Iterable[str], known: set[str]) -> list[str]:
     """What ``from base import a, b`` imports: ``base.a`` where that is a module, else ``base``."""
     targets = []
     for name in names:
-        sub = f"{base}.{name}" if base else name
+        sub = f"{base}.{name}" if base and base != PACKAGE else name  # ``from voiceprint import cli``: ``cli``
         targets.append(sub if sub in known else base)
     return list(dict.fromkeys(t for t in targets if t))
 
@@ -120,8 +140,8 @@ def parse_imports(source: str, path: str, known: set[str]) -> list[Import]:
     package = importer if is_package else importer.rpartition(".")[0]
     found: list[Import] = []
 
-    def add(node: ast.AST, target: str, functions: tuple[str, ...], type_checking: bool) -> None:
-        found.append(Import(importer, path, node.lineno, target, functions, type_checking))
+    def add(node: ast.AST, target: str, functions: tuple[str, ...], type_checking: bool, bare: bool = False) -> None:
+        found.append(Import(importer, path, node.lineno, unprefixed(target), functions, type_checking, bare))
 
     def absolute(module: str | None, level: int) -> str:
         if level == 0:
@@ -134,11 +154,13 @@ def parse_imports(source: str, path: str, known: set[str]) -> list[Import]:
     def visit(node: ast.AST, functions: tuple[str, ...], type_checking: bool) -> None:
         if isinstance(node, ast.Import):
             for alias in node.names:
-                add(node, alias.name, functions, type_checking)
+                add(node, alias.name, functions, type_checking, is_bare(alias.name))
         elif isinstance(node, ast.ImportFrom):
             base = absolute(node.module, node.level)
+            bare = node.level == 0 and is_bare(base)
+            base = base if base == PACKAGE else unprefixed(base)
             for target in resolve(base, [a.name for a in node.names], known):
-                add(node, target, functions, type_checking)
+                add(node, target, functions, type_checking, bare)
         elif (
             isinstance(node, ast.Call)
             and node.args
@@ -149,7 +171,7 @@ def parse_imports(source: str, path: str, known: set[str]) -> list[Import]:
                 or (isinstance(node.func, ast.Name) and node.func.id in ("import_module", "__import__"))
             )
         ):
-            add(node, node.args[0].value, functions, type_checking)
+            add(node, node.args[0].value, functions, type_checking, is_bare(node.args[0].value))
         if isinstance(node, ast.If) and _is_type_checking(node.test):
             for child in node.body:
                 visit(child, functions, True)
@@ -225,6 +247,14 @@ def facade_violations(imports: Iterable[Import]) -> list[str]:
         if _within(imp.target, FACADE) and imp.importer != FACADE_IMPORTED_BY and imp.importer != FACADE:
             out.append(f"{imp.where()}: {imp.importer} imports {imp.target}; only engine/__init__.py may")
     return out
+
+
+def bare_violations(imports: Iterable[Import]) -> list[str]:
+    return [
+        f"{imp.where()}: {imp.importer} imports {imp.target} without the package; write {PACKAGE}.{imp.target}"
+        for imp in imports
+        if imp.bare
+    ]
 
 
 def import_graph(imports: Iterable[Import]) -> dict[str, dict[str, Import]]:
@@ -395,6 +425,12 @@ def test_no_import_cycles(tree):
     _verdict(cycle_violations(tree.imports))
 
 
+def test_project_imports_name_the_installed_package():
+    files = _files([*PACKAGES, *MODULES, "tests", "bench"])
+    sources = {p.relative_to(ROOT).as_posix(): p.read_text() for p in files}
+    _verdict(bare_violations(collect(sources)))
+
+
 def test_no_source_file_outside_tests_is_long():
     files = _files(LENGTH_CHECKED, SOURCE_SUFFIXES)
     _verdict(long_files({p.relative_to(ROOT).as_posix(): line_count(p.read_text()) for p in files}, allowed=LONG_FILES_ALLOWED))
@@ -421,6 +457,43 @@ def test_module_names():
     assert module_name("engine/encoders/__init__.py") == ("engine.encoders", True)
     assert module_name("engine/__init__.py") == ("engine", True)
     assert module_name("cli.py") == ("cli", False)
+    assert module_name("__init__.py") == ("voiceprint", True)
+
+
+def test_the_package_prefix_is_taken_off_and_bare_project_imports_are_caught():
+    found = imports_of(
+        {
+            "cli": (
+                "from voiceprint.engine import Engine\n"
+                "from voiceprint import migrations, Engine\n"
+                "import voiceprint.storage.db\n"
+                "from engine.errors import NotFound\n"
+                "import cli\n"
+                "import importlib\nm = importlib.import_module('storage.db')\n"
+            ),
+            "engine/__init__": "",
+            "engine/errors": "",
+            "migrations/__init__": "",
+            "storage/db": "",
+            "__init__": "from .engine import Engine\n",
+        }
+    )
+    cli = [(i.line, i.target, i.bare) for i in found if i.importer == "cli" and i.target != "importlib"]
+    assert cli == [
+        (1, "engine", False),
+        (2, "migrations", False),
+        (2, "voiceprint", False),
+        (3, "storage.db", False),
+        (4, "engine.errors", True),
+        (5, "cli", True),
+        (7, "storage.db", True),
+    ]
+    assert [(i.importer, i.target) for i in found if i.path == "__init__.py"] == [("voiceprint", "engine")]
+    assert bare_violations(found) == [
+        "cli.py:4: cli imports engine.errors without the package; write voiceprint.engine.errors",
+        "cli.py:5: cli imports cli without the package; write voiceprint.cli",
+        "cli.py:7: cli imports storage.db without the package; write voiceprint.storage.db",
+    ]
 
 
 def test_imports_are_resolved_to_modules_where_they_are_modules():

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.losses import LOSSES, create_loss
+from voiceprint.engine.losses import LOSSES, create_loss
 
 NAMES = LOSSES.names()
 CLASSES, DIM = 3, 3
@@ -102,7 +102,7 @@ def test_state_dict_round_trip(name):
 
 
 def test_unknown_loss_lists_the_valid_names():
-    from engine.errors import UnknownName
+    from voiceprint.engine.errors import UnknownName
 
     with pytest.raises(UnknownName, match="ge2e-softmax"):
         create_loss("arcface-typo", embedding_dim=DIM)

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.losses import create_loss
-from engine.losses.margins import AAMSoftmax, AMSoftmax, ASoftmax, MarginScheduler
+from voiceprint.engine.losses import create_loss
+from voiceprint.engine.losses.margins import AAMSoftmax, AMSoftmax, ASoftmax, MarginScheduler
 
 NAMES = ["softmax", "a-softmax", "am-softmax", "aam-softmax", "subcenter-aam"]
 MARGIN_NAMES = ["a-softmax", "am-softmax", "aam-softmax", "subcenter-aam"]

@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.losses import create_loss
-from engine.losses.distill import EmbeddingDistillationLoss
-from engine.losses.e2e import E2ELoss
-from engine.losses.ge2e import GE2EContrastLoss, GE2ESoftmaxLoss
-from engine.losses.pairwise import PairwiseBCELoss
-from engine.losses.triplet import TripletLoss
+from voiceprint.engine.losses import create_loss
+from voiceprint.engine.losses.distill import EmbeddingDistillationLoss
+from voiceprint.engine.losses.e2e import E2ELoss
+from voiceprint.engine.losses.ge2e import GE2EContrastLoss, GE2ESoftmaxLoss
+from voiceprint.engine.losses.pairwise import PairwiseBCELoss
+from voiceprint.engine.losses.triplet import TripletLoss
 
 METRIC = ["pairwise-bce", "triplet", "e2e", "ge2e-softmax", "ge2e-contrast"]
 

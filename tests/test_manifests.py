@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.errors import InvalidInput
-from engine.manifests import LabelledFile, Trial, by_speaker, read_manifest, read_trials, stream_rows
+from voiceprint.engine.errors import InvalidInput
+from voiceprint.engine.manifests import LabelledFile, Trial, by_speaker, read_manifest, read_trials, stream_rows
 
 BASE = Path("/streams")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.metrics import d_prime, eer, error_rates, forgetting, min_dcf, top_k_accuracy
+from voiceprint.engine.metrics import d_prime, eer, error_rates, forgetting, min_dcf, top_k_accuracy
 
 
 def test_eer_perfect_separation_is_zero():

@@ -7,9 +7,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, text
 
-from engine.errors import SchemaOutdated
-from storage import Store
-from storage.models import Base, include_object
+from voiceprint.engine.errors import SchemaOutdated
+from voiceprint.storage import Store
+from voiceprint.storage.models import Base, include_object
 
 MODEL_TABLES = {table.name for table in Base.metadata.sorted_tables}
 
@@ -68,7 +68,7 @@ def test_autogenerate_finds_no_difference(store: Store, db_url: str) -> None:
 
 
 def test_autogenerate_ignores_the_scheduler_table(store: Store, db_url: str, tmp_path) -> None:
-    from engine import scheduler
+    from voiceprint.engine import scheduler
 
     scheduler.set_schedule(str(tmp_path), db_url, every="1h")  # APScheduler creates its table
     assert "apscheduler_jobs" in _tables(db_url)
@@ -159,3 +159,37 @@ def test_the_upgrade_to_0005_issues_ids_above_every_version_s_trained_through(tm
     with engine.begin() as connection:
         assert _insert_utterance(connection) == 10
     engine.dispose()
+
+
+def _stored_funcs(url: str) -> list[str]:
+    import pickle
+
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return sorted(pickle.loads(blob)["func"] for (blob,) in connection.execute(text("SELECT job_state FROM apscheduler_jobs")))
+    finally:
+        engine.dispose()
+
+
+def test_a_schedule_stored_before_the_voiceprint_package_survives_the_upgrade(db_url: str, tmp_path) -> None:
+    """0007: APScheduler names the stored job's function by import path, which moved from
+    ``engine.scheduler`` to ``voiceprint.engine.scheduler``; a job it cannot import is
+    dropped with a log line, so the upgrade must rewrite the path or lose the schedule."""
+    from voiceprint.engine import scheduler
+
+    with Store(db_url) as store:
+        store.schema.upgrade()
+    scheduler.set_schedule(str(tmp_path), db_url, every="2h", min_new=50)
+    written = _stored_funcs(db_url)
+    assert written and all(f == "voiceprint.engine.scheduler:run_scheduled_refresh" for f in written)
+
+    with Store(db_url) as store:
+        store.schema.downgrade("0006")  # as an installation from before the package stored it
+    assert _stored_funcs(db_url) == sorted(f.replace("voiceprint.engine.", "engine.") for f in written)
+
+    with Store(db_url) as store:
+        store.schema.upgrade()
+    assert _stored_funcs(db_url) == written
+    listed = scheduler.list_schedule(db_url)  # APScheduler restores (imports) every job
+    assert len(listed) == len(written)

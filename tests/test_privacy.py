@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from sqlalchemy import MetaData, create_engine, select
 
-from engine import Engine
-from engine.errors import PathNotAllowed, UnknownSpeaker
-from storage import Store
+from voiceprint.engine import Engine
+from voiceprint.engine.errors import PathNotAllowed, UnknownSpeaker
+from voiceprint.storage import Store
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -106,7 +106,7 @@ def test_delete_speaker_command_asks_for_confirmation(tmp_path, by_speaker):
         eng.enroll("ann", by_speaker("vctk-4")["p225"][0])
 
     def cli(*argv):
-        return subprocess.run([sys.executable, "-m", "cli", "--home", str(home), *argv],
+        return subprocess.run([sys.executable, "-m", "voiceprint.cli", "--home", str(home), *argv],
                               cwd=REPO, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
 
     refused = cli("delete-speaker", "ann")
@@ -139,7 +139,7 @@ def test_audio_is_read_only_from_the_allowed_folders(tmp_path, by_speaker):
         assert eng.store.counts()["utterances"] == 1
 
     def stream(manifest: Path) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "cli", "--home", str(home), "--json", "stream", str(manifest)],
+        return subprocess.run([sys.executable, "-m", "voiceprint.cli", "--home", str(home), "--json", "stream", str(manifest)],
                               cwd=REPO, capture_output=True, text=True, timeout=300)
 
     # A manifest outside the roots is not read at all.

@@ -15,11 +15,11 @@ import pytest
 import soundfile as sf
 import torch
 
-from engine import Engine, audio, kept
-from engine.embedder import Embedder
-from engine.encoders import create_encoder
-from engine.errors import IncompatibleFeatures
-from engine.training import Crops
+from voiceprint.engine import Engine, audio, kept
+from voiceprint.engine.embedder import Embedder
+from voiceprint.engine.encoders import create_encoder
+from voiceprint.engine.errors import IncompatibleFeatures
+from voiceprint.engine.training import Crops
 
 FRONTEND = "resemblyzer-mel"
 CODEC = f"features-{FRONTEND}"
@@ -117,7 +117,7 @@ def features_home(tmp_path_factory, dev_data, by_speaker):
     )
     out: dict = {"ann": ann, "late": late, "stranger": stranger}
     warnings = _Records()
-    logging.getLogger("engine.training").addHandler(warnings)
+    logging.getLogger("voiceprint.engine.training").addHandler(warnings)
     try:
         with Engine.init(home=home) as eng:
             items = [(s, p, None) for s, paths in voices.items() for p in paths if p not in (late, stranger)]
@@ -139,7 +139,7 @@ def features_home(tmp_path_factory, dev_data, by_speaker):
             out["v1"] = dict(zip(ids.tolist(), vectors))
             out["v1_waveform"] = eng.embedder(eng.active_version()).embed([audio.load(late).samples, audio.load(stranger).samples])
     finally:
-        logging.getLogger("engine.training").removeHandler(warnings)
+        logging.getLogger("voiceprint.engine.training").removeHandler(warnings)
     out["warnings"] = warnings.messages
     out["home"] = home
     return out

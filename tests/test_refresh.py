@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine import Engine
-from engine import audio
-from engine.errors import CheckpointError, InvalidInput, RefreshBusy, TooShort, UnknownVersion, WeightsPruned
-from engine.training import NoiseBank
-from engine.replay import SpeakerReservoir
+from voiceprint.engine import Engine
+from voiceprint.engine import audio
+from voiceprint.engine.errors import CheckpointError, InvalidInput, RefreshBusy, TooShort, UnknownVersion, WeightsPruned
+from voiceprint.engine.training import NoiseBank
+from voiceprint.engine.replay import SpeakerReservoir
 
 REPO = Path(__file__).resolve().parents[1]
 GROUP = 20  # speakers per group
@@ -194,7 +194,7 @@ def test_dry_run_stores_no_version(vctk_home):
 
 
 def test_refresh_reports_each_phase_and_logs_its_start_and_outcome(vctk_home, caplog):
-    from engine.events import parse
+    from voiceprint.engine.events import parse
 
     calls = []
     with caplog.at_level(logging.INFO), Engine.open(home=vctk_home) as eng:
@@ -212,7 +212,7 @@ def test_refresh_reports_each_phase_and_logs_its_start_and_outcome(vctk_home, ca
     assert finished and finished[0]["outcome"] == report.status and finished[0]["parent"] == "1"
     if report.status == "rejected":
         assert finished[0]["why"] == "; ".join(report.reasons)
-    assert any(r.name == "engine.refresh" and "loading the kept data" in r.getMessage() for r in caplog.records)
+    assert any(r.name == "voiceprint.engine.refresh" and "loading the kept data" in r.getMessage() for r in caplog.records)
 
 
 def test_training_progress_counts_toward_the_time_budget_when_it_ends_first(tmp_path, dev_data):
@@ -226,7 +226,7 @@ def test_training_progress_counts_toward_the_time_budget_when_it_ends_first(tmp_
 
 
 def test_prune_deletes_retired_weights_keeps_their_record_and_refuses_a_rollback_to_them(vctk_home, capsys):
-    import cli
+    from voiceprint import cli
 
     write_config(vctk_home, steps=10, **SMALL, lr=0.1)
     with Engine.open(home=vctk_home) as eng:
@@ -408,7 +408,7 @@ def test_enrollments_during_a_refresh_reach_the_new_version(backend, request, tm
     with Engine.init(home=home, db=db) as eng:
         enroll_all(eng, early)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cli", "--home", str(home), *(["--db", db] if db else []), "--json", "refresh"],
+        [sys.executable, "-m", "voiceprint.cli", "--home", str(home), *(["--db", db] if db else []), "--json", "refresh"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     acknowledged, held = [], []
@@ -448,7 +448,7 @@ def test_enrollments_during_a_refresh_reach_the_new_version(backend, request, tm
 def test_a_refresh_killed_midway_leaves_everything_as_it_was(tmp_path, dev_data):
     home, before = make_vctk_home(tmp_path, dev_data, steps=10_000)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cli", "--home", str(home), "refresh"],
+        [sys.executable, "-m", "voiceprint.cli", "--home", str(home), "refresh"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     try:
@@ -477,7 +477,7 @@ def test_a_crash_after_the_candidate_was_stored_is_cleaned_up(tmp_path, dev_data
     home, before = make_vctk_home(tmp_path, dev_data, steps=3)
     crash = f"""
 import os, numpy as np
-from engine import Engine
+from voiceprint.engine import Engine
 eng = Engine.open(home={str(home)!r})
 with eng.store.exclusive("refresh"):
     job, _ = eng.store.jobs.start_job("refresh", "crash test", owner="test:1")
@@ -559,8 +559,8 @@ def test_reservoir_samples_each_speaker_uniformly():
 
 
 def test_gate_metrics_and_decision_by_hand():
-    from engine.config import RefreshConfig
-    from engine.gate import decide, gate_metrics
+    from voiceprint.engine.config import RefreshConfig
+    from voiceprint.engine.gate import decide, gate_metrics
 
     # Two speakers on orthogonal axes: rows 0-2 are "a", 3-5 are "b"; rows 2 and 5 are held out.
     a, b = np.eye(4)[0], np.eye(4)[1]
@@ -590,9 +590,9 @@ def test_gate_metrics_and_decision_by_hand():
 def test_replay_size_zero_trains_on_new_data_only():
     from datetime import UTC, datetime
 
-    from engine.config import RefreshConfig
-    from engine.training import choose_training
-    from storage import UtteranceRecord
+    from voiceprint.engine.config import RefreshConfig
+    from voiceprint.engine.training import choose_training
+    from voiceprint.storage import UtteranceRecord
 
     now = datetime.now(UTC)
     utts = [UtteranceRecord(i, f"s{i % 3}", "x", f"{i:064x}", 2.0, 2.0, {}, now) for i in range(1, 31)]

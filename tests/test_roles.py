@@ -13,10 +13,10 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 
-from engine import Engine
-from engine.errors import InvalidInput
-from service import create_app
-from storage import Store
+from voiceprint.engine import Engine
+from voiceprint.engine.errors import InvalidInput
+from voiceprint.service import create_app
+from voiceprint.storage import Store
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,7 +114,7 @@ def test_names_a_url_path_cannot_carry_are_refused_everywhere(vctk_home, by_spea
     clip = by_speaker("vctk-4")[sorted(by_speaker("vctk-4"))[0]][-1]
     with Engine.open(home, db) as eng, pytest.raises(InvalidInput):
         eng.enroll(name, clip)
-    out = subprocess.run([sys.executable, "-m", "cli", "--home", str(home), "--db", db, "enroll", name, str(clip)],
+    out = subprocess.run([sys.executable, "-m", "voiceprint.cli", "--home", str(home), "--db", db, "enroll", name, str(clip)],
                          cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
 
@@ -191,7 +191,7 @@ def test_eval_reads_its_lists_only_inside_the_audio_roots(tmp_path, dev_data):
     trials = outside / "trials.txt"
     trials.write_text(f"x {sorted((dev_data / 'vctk-4').rglob('*.flac'))[0]} target\n")
     inside_manifest = dev_data / "vctk-4" / "manifest.csv"
-    base = [sys.executable, "-m", "cli", "--home", str(home), "--db", f"sqlite:///{home / 'v.db'}"]
+    base = [sys.executable, "-m", "voiceprint.cli", "--home", str(home), "--db", f"sqlite:///{home / 'v.db'}"]
     assert subprocess.run(base + ["init"], cwd=REPO, capture_output=True).returncode == 0
     for extra in ([str(manifest)], [str(inside_manifest), "--trials", str(trials)]):
         out = subprocess.run(base + ["eval", *extra], cwd=REPO, capture_output=True, text=True)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.samplers import ClassBatchSampler, SpeakerBalancedSampler
+from voiceprint.engine.samplers import ClassBatchSampler, SpeakerBalancedSampler
 
 # Seven speakers with 2..8 utterances, interleaved so that indices of one speaker are not contiguous.
 COUNTS = {f"spk{k}": k + 2 for k in range(7)}

@@ -14,18 +14,18 @@ from pathlib import Path
 
 import pytest
 
-from engine import Engine, scheduler
-from engine.errors import InvalidInput
-from service.metrics import Metrics
-from service.worker import JobWorker
-from storage import Store
+from voiceprint.engine import Engine, scheduler
+from voiceprint.engine.errors import InvalidInput
+from voiceprint.service.metrics import Metrics
+from voiceprint.service.worker import JobWorker
+from voiceprint.storage import Store
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_REFRESH = "[refresh]\nsteps = 2\nspeakers_per_batch = 4\nholdout_fraction = 0.3\n"
 
 
 def cli(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cli", *argv], cwd=REPO, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "voiceprint.cli", *argv], cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
 def vctk_items(dev_data: Path, per_speaker: int) -> list:
@@ -190,7 +190,7 @@ def test_serve_runs_the_schedule_until_sigterm(tmp_path, dev_data):
     with Engine.init(home=home) as eng:
         eng.enroll_many(vctk_items(dev_data, 10))
     assert cli("--home", str(home), "schedule", "--min-new", "1", "--check-every", "1s").returncode == 0
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "--home", str(home), "serve", "--port", "0"], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "voiceprint.cli", "--home", str(home), "serve", "--port", "0"], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 180

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.scoring import Cohort, asnorm, top_k_stats
+from voiceprint.engine.scoring import Cohort, asnorm, top_k_stats
 
 
 def _brute_stats(scores: np.ndarray, k: int) -> tuple[float, float]:

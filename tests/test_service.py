@@ -22,9 +22,9 @@ import pytest
 import soundfile as sf
 from sqlalchemy import create_engine
 
-from engine import Engine
-from service import create_app
-from storage import Store
+from voiceprint.engine import Engine
+from voiceprint.service import create_app
+from voiceprint.storage import Store
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_REFRESH = "[refresh]\nsteps = 400\nspeakers_per_batch = 4\nholdout_fraction = 0.3\n"
@@ -48,7 +48,7 @@ class Server:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log, "a")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cli", "--home", str(self.home), "--db", self.db, "serve", "--port", "0"],
+            [sys.executable, "-m", "voiceprint.cli", "--home", str(self.home), "--db", self.db, "serve", "--port", "0"],
             cwd=REPO, stdout=log, stderr=log, text=True,
         )
         deadline = time.monotonic() + timeout
@@ -197,7 +197,7 @@ def test_keys_and_roles_guard_every_route(tmp_path, by_speaker, servers):
 
 
 def test_the_log_has_one_line_per_request_by_route_template_and_the_lifecycle_events(tmp_path, by_speaker, servers):
-    from engine.events import parse
+    from voiceprint.engine.events import parse
 
     home, db, keys = make_home(tmp_path, config="[scoring]\nmin_calibration_speakers = 2\n")
     server = servers(home, db, keys)
@@ -286,7 +286,7 @@ def test_cli_creates_lists_and_revokes_keys(tmp_path, db_url):
     home, db, _ = make_home(tmp_path, db_url)
 
     def cli(*argv):
-        return subprocess.run([sys.executable, "-m", "cli", "--home", str(home), "--db", db, "--json", *argv],
+        return subprocess.run([sys.executable, "-m", "voiceprint.cli", "--home", str(home), "--db", db, "--json", *argv],
                               cwd=REPO, capture_output=True, text=True, timeout=300)
 
     created = cli("keys", "create", "--role", "enroll", "--note", "kiosk")

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from sqlalchemy.engine import make_url
 
-from engine.centroids import RunningCentroid
-from engine.errors import (
+from voiceprint.engine.centroids import RunningCentroid
+from voiceprint.engine.errors import (
     DuplicateUtterance,
     IncompleteVersion,
     InvalidInput,
@@ -26,7 +26,7 @@ from engine.errors import (
     UnknownVersion,
     VersionChanged,
 )
-from storage import Store
+from voiceprint.storage import Store
 
 DIM = 256
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.streaming import pipelined
+from voiceprint.engine.streaming import pipelined
 
 
 def record_batches(sizes: list[int]):
@@ -120,10 +120,10 @@ def bad_paths(tmp_path, by_speaker) -> dict[str, str]:
 
 @pytest.mark.data
 def test_bad_rows_fail_alone_and_the_rows_batched_with_them_are_stored(tmp_path, dev_data, by_speaker, bad_paths):
-    from engine import Engine
-    from engine.config import AudioConfig, Config
-    from engine.errors import MissingAudio, PathNotAllowed
-    from engine.manifests import stream_rows
+    from voiceprint.engine import Engine
+    from voiceprint.engine.config import AudioConfig, Config
+    from voiceprint.engine.errors import MissingAudio, PathNotAllowed
+    from voiceprint.engine.manifests import stream_rows
 
     voices = by_speaker("librispeech-test-other")
     ann, bob = sorted(voices)[:2]
@@ -151,8 +151,8 @@ def test_bad_rows_fail_alone_and_the_rows_batched_with_them_are_stored(tmp_path,
 
 @pytest.mark.data
 def test_enroll_of_a_fifo_or_directory_is_refused_without_hanging(tmp_path):
-    from engine import Engine
-    from engine.errors import MissingAudio
+    from voiceprint.engine import Engine
+    from voiceprint.engine.errors import MissingAudio
 
     os.mkfifo(tmp_path / "pipe.flac")
     with Engine.init(home=tmp_path / "home") as eng:

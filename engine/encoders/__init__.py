@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from engine.registry import ENCODERS
+from voiceprint.engine.registry import ENCODERS
 
 
 def create_encoder(name: str, *, pretrained: bool = False) -> nn.Module:
@@ -33,4 +33,4 @@ def reference_scores(name: str) -> dict | None:
 
 
 # Importing the architecture modules registers them.
-from engine.encoders import ge2e_lstm  # noqa: E402,F401
+from voiceprint.engine.encoders import ge2e_lstm  # noqa: E402,F401

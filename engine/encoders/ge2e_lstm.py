@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine.registry import ENCODERS
-from engine.errors import CheckpointError
+from voiceprint.engine.registry import ENCODERS
+from voiceprint.engine.errors import CheckpointError
 
 
 def resemblyzer_weights_path() -> Path:

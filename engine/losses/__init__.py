@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from engine.registry import LOSSES
+from voiceprint.engine.registry import LOSSES
 
 
 def create_loss(name: str, *, embedding_dim: int, num_classes: int = 0, **hyper) -> nn.Module:
@@ -31,4 +31,4 @@ def create_loss(name: str, *, embedding_dim: int, num_classes: int = 0, **hyper)
 
 
 # Importing the family modules registers them.
-from engine.losses import distill, e2e, ge2e, margins, pairwise, softmax, triplet  # noqa: E402,F401
+from voiceprint.engine.losses import distill, e2e, ge2e, margins, pairwise, softmax, triplet  # noqa: E402,F401

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.registry import LOSSES
+from voiceprint.engine.registry import LOSSES
 
 METRICS = ("cosine", "mse")
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.registry import LOSSES
+from voiceprint.engine.registry import LOSSES
 
 W_FLOOR = 1e-6  # smallest value the scale w can take, so that it is positive by construction
 

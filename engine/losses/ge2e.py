@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from engine.registry import LOSSES
-from engine.losses.e2e import LearnableCosineScore, check_metric_batch
+from voiceprint.engine.registry import LOSSES
+from voiceprint.engine.losses.e2e import LearnableCosineScore, check_metric_batch
 
 
 class _GE2E(LearnableCosineScore):

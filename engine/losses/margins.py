@@ -17,8 +17,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from engine.registry import LOSSES
-from engine.losses.softmax import GrowingHead
+from voiceprint.engine.registry import LOSSES
+from voiceprint.engine.losses.softmax import GrowingHead
 
 # Keeps sqrt(1 - cos^2) away from 0, where its gradient is infinite.
 _EPS = 1e-7

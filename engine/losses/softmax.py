@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.registry import LOSSES
+from voiceprint.engine.registry import LOSSES
 
 
 class GrowingHead(nn.Module):

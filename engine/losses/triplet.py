@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.registry import LOSSES
-from engine.losses.e2e import check_metric_batch
+from voiceprint.engine.registry import LOSSES
+from voiceprint.engine.losses.e2e import check_metric_batch
 
 MINING = ("batch-hard", "semi-hard")
 
