@@ -112,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="*", type=Path)
     p.add_argument("--list", dest="probe_list", metavar="FILE", help=probes)
 
+    p = command("diarize", cmd_diarize, "who spoke when in a recording: segments named by enrolled speaker, or unknown-1, unknown-2, ...")
+    p.add_argument("file", type=Path)
+    p.add_argument("--speakers", type=flag(COUNT), help="the number of speakers, when it is known")
+    p.add_argument("--rttm", type=Path, metavar="FILE", help="also write the segments as RTTM")
+
     p = command("speakers", cmd_speakers, "list enrolled speakers, or one speaker's utterances (ids for accept / remove-utterance)")
     p.add_argument("speaker", nargs="?", help="list this speaker's utterances: id, status, speech seconds, when enrolled")
     command("versions", cmd_versions, "list model versions with their status, gate metrics and why any was rejected")
@@ -579,6 +584,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     lines += [f"  note: {note}" for note in report.notes]
     lines += [f"  plot written to {args.plot}"] if args.plot else []
     answer(args, {"ok": True, **report.to_dict(), "plot": str(args.plot) if args.plot else None}, lines)
+    return EXIT_OK
+
+
+def cmd_diarize(args: argparse.Namespace) -> int:
+    with open_engine(args) as eng, closing(ProgressBars(args)) as bars:
+        result = eng.diarize(args.file, speakers=args.speakers, on_progress=bars)
+    if args.rttm:
+        args.rttm.write_text(result.rttm())
+    lines = [f"{s.start:9.2f} {s.end:9.2f}  {s.speaker:<30} {'-' if s.score is None else f'{s.score:.3f}'}" for s in result.segments]
+    found = ", ".join(f"{s.speaker} {s.speech_s:.1f} s" for s in result.speakers)
+    notes = [f"{len(result.speakers)} speakers in {result.speech_s:.1f} s of speech ({result.duration_s:.1f} s): {found}; "
+             f"matched by {result.backend} (model version {result.version})", *result.notes]
+    notes += [f"RTTM written to {args.rttm}"] if args.rttm else []
+    answer(args, {"ok": True, **asdict(result), "rttm": str(args.rttm) if args.rttm else None}, lines, notes)
     return EXIT_OK
 
 

@@ -129,7 +129,7 @@ def load(source: Source, config: AudioConfig = AudioConfig(), *, name: str | Non
         ``TooLong``, ``NonFiniteAudio``, ``NoSpeech``, ``TooShort``).
     """
     decoded = _decode(source, name, config)
-    return _keep_speech(decoded, _speech_probabilities([decoded.samples])[0], config)
+    return _keep_speech(decoded, speech_probabilities([decoded.samples])[0], config)
 
 
 def load_many(
@@ -168,7 +168,7 @@ def load_many(
         except AudioError as exc:
             results.append(exc)
     pending = [i for i, r in enumerate(results) if isinstance(r, _Decoded)]
-    probabilities = _speech_probabilities([results[i].samples for i in pending])
+    probabilities = speech_probabilities([results[i].samples for i in pending])
     for i, probs in zip(pending, probabilities):
         try:
             results[i] = _keep_speech(results[i], probs, config)
@@ -214,7 +214,7 @@ def _decode_bytes(data: bytes, label: str, config: AudioConfig) -> _Decoded:
 
     mono = frames.mean(axis=1, dtype=np.float32) if frames.shape[1] > 1 else frames[:, 0]
     return _Decoded(
-        samples=_resample(mono, rate),
+        samples=resample(mono, rate),
         source=label,
         content_sha256=hashlib.sha256(data).hexdigest(),
         duration_s=duration_s,
@@ -300,7 +300,8 @@ def _reason(exc: sf.SoundFileError) -> str:
     return getattr(exc, "error_string", None) or str(exc)
 
 
-def _resample(samples: np.ndarray, rate: int) -> np.ndarray:
+def resample(samples: np.ndarray, rate: int) -> np.ndarray:
+    """Mono float32 samples at ``rate`` -> 16 kHz."""
     if rate == SAMPLE_RATE:
         return np.ascontiguousarray(samples)
     with torch.inference_mode():
@@ -317,14 +318,7 @@ def _resampler(rate: int) -> torchaudio.transforms.Resample:
 def _keep_speech(decoded: _Decoded, probs: np.ndarray, config: AudioConfig) -> Speech:
     """Cut the speech out of a decoded input and normalise its level."""
     label = decoded.source
-    segments = _silero().get_speech_timestamps_from_probs(
-        probs.tolist(),
-        sampling_rate=SAMPLE_RATE,
-        threshold=config.vad_threshold,
-        min_silence_duration_ms=_VAD_MIN_SILENCE_MS,
-        speech_pad_ms=_VAD_PAD_MS,
-        audio_length_samples=len(decoded.samples),
-    )
+    segments = speech_segments(probs, len(decoded.samples), config)
     if not segments:
         raise NoSpeech(f"{label}: no speech found")
     speech = np.concatenate([decoded.samples[s["start"]:s["end"]] for s in segments])
@@ -335,11 +329,7 @@ def _keep_speech(decoded: _Decoded, probs: np.ndarray, config: AudioConfig) -> S
     if rms == 0.0:
         raise NoSpeech(f"{label}: the speech found is digital silence")
     rms_dbfs = 20.0 * math.log10(rms)
-    # Quiet speech is raised to the target level, louder speech is left alone: the GE2E
-    # encoder reads power (not log) mel features, and this is the rule its training data
-    # went through. Levelling loud speech down as well cost 4 points of top-1 accuracy.
-    gain = 10.0 ** ((config.target_dbfs - rms_dbfs) / 20.0)
-    gain = max(1.0, min(gain, _PEAK_CEILING / float(np.max(np.abs(speech))))) if gain > 1.0 else 1.0
+    gain = level_gain(speech, rms_dbfs, config)
     quality = Quality(
         duration_s=decoded.duration_s,
         speech_s=speech_s,
@@ -356,6 +346,17 @@ def _keep_speech(decoded: _Decoded, probs: np.ndarray, config: AudioConfig) -> S
         source=label,
         content_sha256=decoded.content_sha256,
     )
+
+
+def level_gain(speech: np.ndarray, rms_dbfs: float, config: AudioConfig) -> float:
+    """The gain that brings quiet speech to ``config.target_dbfs`` (never past the peak ceiling).
+
+    Louder speech is left alone (gain 1): the GE2E encoder reads power (not log) mel
+    features, and this is the rule its training data went through. Levelling loud speech
+    down as well cost 4 points of top-1 accuracy.
+    """
+    gain = 10.0 ** ((config.target_dbfs - rms_dbfs) / 20.0)
+    return max(1.0, min(gain, _PEAK_CEILING / float(np.max(np.abs(speech))))) if gain > 1.0 else 1.0
 
 
 def estimate_snr_db(samples: np.ndarray, segments: list[dict]) -> float:
@@ -388,7 +389,15 @@ def estimate_snr_db(samples: np.ndarray, segments: list[dict]) -> float:
     return float(min(max(snr, -20.0), 100.0))
 
 
-def _speech_probabilities(signals: Sequence[np.ndarray]) -> list[np.ndarray]:
+def speech_segments(probs: np.ndarray, n_samples: int, config: AudioConfig) -> list[dict]:
+    """Speech as ``[{"start": sample, "end": sample}, ...]`` from :func:`speech_probabilities`."""
+    return _silero().get_speech_timestamps_from_probs(
+        probs.tolist(), sampling_rate=SAMPLE_RATE, threshold=config.vad_threshold,
+        min_silence_duration_ms=_VAD_MIN_SILENCE_MS, speech_pad_ms=_VAD_PAD_MS, audio_length_samples=n_samples,
+    )
+
+
+def speech_probabilities(signals: Sequence[np.ndarray]) -> list[np.ndarray]:
     """Silero-vad speech probability per 512-sample chunk of each 16 kHz signal.
 
     The model is causal, so zero padding after a signal does not change its own chunks'

@@ -113,6 +113,21 @@ class ScoringConfig(Section):
 
 
 @dataclass(frozen=True)
+class DiarizationConfig(Section):
+    """Who spoke when in long recordings (README, "Diarization")."""
+
+    max_duration_s: float = key(14400.0, above=0, at_most=86400)  # longer recordings are refused from the header
+    window_step_s: float = key(0.5, at_least=0.1, at_most=5)  # one embedding window (1.6 s for GE2E) every this many seconds of speech
+    clustering: str = "ahc"  # ahc (agglomerative, stops at a distance) or spectral (eigengap count)
+    # Cosine distance at which agglomerative clustering stops merging windows into one
+    # speaker, when the number of speakers is not given (measured: bench/conversations.py)
+    threshold: float = key(0.4, above=0, below=2)
+    join_gap_s: float = key(0.5, at_least=0, at_most=10)  # a pause up to this long stays inside one speaker's segment
+    min_speaker_s: float = key(2.0, at_least=0, at_most=600)  # a cluster with less speech joins its nearest neighbour
+    max_speakers: int = key(20, at_least=1, at_most=1000)  # the most --speakers and the spectral estimate may give
+
+
+@dataclass(frozen=True)
 class EnrollmentConfig(Section):
     """What an enrollment must pass to join a profile (README, "Enrollment feedback")."""
 
@@ -228,6 +243,7 @@ class Config:
     audio: AudioConfig = field(default_factory=AudioConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    diarization: DiarizationConfig = field(default_factory=DiarizationConfig)
     enrollment: EnrollmentConfig = field(default_factory=EnrollmentConfig)
     refresh: RefreshConfig = field(default_factory=RefreshConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)

@@ -82,6 +82,11 @@ class Embedder:
     def dim(self) -> int:
         return self.encoder.embedding_dim
 
+    @property
+    def window_s(self) -> float:
+        """Seconds of audio one window reads: a clip this long is embedded as one window."""
+        return self.window_frames * self.frontend.hop_length / self.frontend.sample_rate
+
     @torch.inference_mode()
     def features(self, waveform: np.ndarray) -> np.ndarray:
         """The encoder input of one utterance, ``[frames, dims]`` float32, for keeping instead

@@ -16,6 +16,7 @@ from pathlib import Path
 from voiceprint.engine import access, evaluation, health, jobs
 from voiceprint.engine.audio import Source
 from voiceprint.engine.config import Config
+from voiceprint.engine.diarizer import Diarizer
 from voiceprint.engine.enrollment import Enroller, Item
 from voiceprint.engine.errors import AudioError, DiskFull, InvalidInput, NotEnoughData, NotInitialised, UnknownSpeaker, VoiceprintError
 from voiceprint.engine.events import event
@@ -28,7 +29,7 @@ from voiceprint.engine.names import normalise_speaker_name
 from voiceprint.engine.progress import Progress
 from voiceprint.engine.recognition import Recognizer
 from voiceprint.engine.refresh import Refresher
-from voiceprint.engine.results import EnrollmentResult, Identification, Outcome, RefreshReport, Verification, job_dict
+from voiceprint.engine.results import Diarization, EnrollmentResult, Identification, Outcome, RefreshReport, Verification, job_dict
 from voiceprint.storage import ApiKey, Job, ModelVersion, SpeakerSummary, Store, UtteranceRecord
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class Engine:
         self._home, self.store = home, store
         self.models = ModelRegistry(home, store)
         self.recognizer = Recognizer(store, self.models, home.config)
+        self.diarizer = Diarizer(self.models, self.recognizer, home.config)
         self.enroller = Enroller(store, self.models, home.config, self.recognizer.consistency_threshold, self.request_refresh)
         self.refresher = Refresher(store, self.models, home.config, self.calibrate)
 
@@ -252,6 +254,14 @@ class Engine:
         """Score one utterance against a claimed speaker (1:1); ``disclose=False``: the
         decision alone, an unknown name rejected like any other (see :class:`Recognizer`)."""
         return self.recognizer.verify(speaker, source, name=name, disclose=disclose)
+
+    def diarize(
+        self, source: Source, *, speakers: int | None = None, name: str | None = None, on_progress=None
+    ) -> Diarization:
+        """Who spoke when in one recording: segments named by enrolled speaker, or
+        ``unknown-1``, ``unknown-2``, ... (see :class:`~voiceprint.engine.diarizer.Diarizer`).
+        ``speakers``: the number of speakers, when it is known. Stores nothing."""
+        return self.diarizer.diarize(source, speakers=speakers, name=name, on_progress=on_progress)
 
     def calibrate(self, version: int | None = None):
         """Fit a version's (default: the active one's) calibration; see :class:`Recognizer`."""

@@ -320,9 +320,16 @@ class Recognizer:
         """
         if top < 1:
             raise InvalidInput("--top must be at least 1")
-        cfg = self.config.scoring
         version = self.models.active()
         utt, embedding = self._embed_probe(source, name, version)
+        return self.identify_embedding(embedding, version, top=top, source=utt.source, speech_s=utt.quality.speech_s)
+
+    def identify_embedding(
+        self, embedding: np.ndarray, version: ModelVersion, *, top: int = 5, source: str = "", speech_s: float = 0.0
+    ) -> Identification:
+        """:meth:`identify` for an embedding made by ``version``'s encoder (a diarization
+        cluster's centroid), with the same open-set decision."""
+        cfg = self.config.scoring
         scoring = self.scoring(version.number)
         backend, switched = scoring.backend(cfg.backend, cfg.min_cohort)
         index = self.index(version.number, scoring)
@@ -340,10 +347,7 @@ class Recognizer:
         else:
             decision = hits[0].speaker
         notes = tuple(n for n in (switched, basis if threshold is not None else "") if n)
-        return Identification(
-            utt.source, version.number, utt.quality.speech_s, hits[:top], decision,
-            threshold, backend, reason, notes,
-        )
+        return Identification(source, version.number, speech_s, hits[:top], decision, threshold, backend, reason, notes)
 
     def verify(self, speaker: str, source: Source, *, name: str | None = None, disclose: bool = True) -> Verification:
         """Score one utterance against a claimed speaker (1:1).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from voiceprint.engine import diarization
 from voiceprint.engine.index import Hit
 from voiceprint.engine.errors import VoiceprintError
 
@@ -36,6 +37,44 @@ class Identification:
     backend: str = "cosine"  # the back-end that decided (cosine until the version is calibrated)
     reason: str = ""  # why "unknown": below the threshold, or too close to the second best
     notes: tuple[str, ...] = ()  # what the operator should know: another back-end decided, or no calibration yet
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One stretch of a recording given to one speaker."""
+
+    start: float  # seconds from the start of the recording
+    end: float
+    speaker: str  # an enrolled name, or unknown-1, unknown-2, ...
+    score: float | None  # the speaker's match score on the deciding back-end (None: unknown)
+
+
+@dataclass(frozen=True)
+class SpeakerFound:
+    speaker: str
+    enrolled: bool
+    speech_s: float
+    score: float | None  # best enrolled candidate's score on the deciding back-end
+    candidate: str | None  # that candidate (for an unknown speaker: who it was nearest to)
+
+
+@dataclass(frozen=True)
+class Diarization:
+    """Who spoke when in one recording (``Engine.diarize``)."""
+
+    source: str
+    version: int
+    duration_s: float
+    speech_s: float
+    segments: tuple[Segment, ...]
+    speakers: tuple[SpeakerFound, ...]
+    backend: str  # the back-end that matched clusters to enrolled speakers
+    threshold: float | None
+    clustering: str
+    notes: tuple[str, ...] = ()
+
+    def rttm(self) -> str:
+        return diarization.rttm([(s.start, s.end, s.speaker) for s in self.segments], self.source.rsplit("/", 1)[-1].rsplit(".", 1)[0])
 
 
 @dataclass(frozen=True)

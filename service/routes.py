@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from voiceprint.engine import errors
 from voiceprint.engine.bounds import MAX_ID
-from voiceprint.engine.results import EnrollmentResult, Identification, ProbeAnswer, Verification, job_dict, utterance_dict
+from voiceprint.engine.results import Diarization, EnrollmentResult, Identification, ProbeAnswer, Verification, job_dict, utterance_dict
 from voiceprint.service.keys import allows
 
 router = APIRouter()
@@ -235,6 +235,19 @@ async def identify(request: Request, top: int | None = None) -> Identification:
     result = await infer(request, _engine(request).identify, data, top=top, name=name)
     request.app.state.metrics.decisions.labels("identify", "known" if result.decision else "unknown").inc()
     return result
+
+
+@router.post(
+    "/v1/diarize", tags=["recognition"], response_model=Diarization,
+    openapi_extra=AUDIO_BODY, responses=ERRORS, dependencies=[require("query")],
+)
+async def diarize(request: Request, speakers: int | None = None) -> Diarization:
+    """Who spoke when in one recording: segments named by enrolled speaker, or
+    ``unknown-1``, ``unknown-2``, ... when no enrolled profile matches (the identify
+    decision, with its threshold). ``speakers``: the number of speakers, when known.
+    The upload is bounded by ``[service] max_request_bytes``; stores nothing."""
+    data, name = await audio_body(request)
+    return await infer(request, _engine(request).diarize, data, speakers=speakers, name=name)
 
 
 def _top(request: Request, top: int | None) -> int:

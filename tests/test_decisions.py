@@ -12,7 +12,7 @@ import soundfile as sf
 from voiceprint.engine import Engine
 from voiceprint.engine.home import load_home_config
 from voiceprint.engine.errors import Clipped, NotEnoughData, TooNoisy
-from voiceprint.engine.audio import _resample
+from voiceprint.engine.audio import resample
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +165,7 @@ def test_clipped_and_noisy_audio_is_refused_unless_forced(tmp_path, dev_data, by
     chainsaw = sorted((dev_data / "esc10-noise" / "008_-_Chainsaw").glob("*.ogg"))[0]  # steady noise
     noise, noise_rate = sf.read(chainsaw, dtype="float32")
     noise = noise.mean(axis=1) if noise.ndim > 1 else noise
-    noise = np.resize(_resample(noise, noise_rate), speech.shape)
+    noise = np.resize(resample(noise, noise_rate), speech.shape)
     noisy = speech + 2 * noise * np.sqrt(np.mean(speech**2) / np.mean(noise**2))  # -6 dB SNR
     noisy /= np.abs(noisy).max() * 1.1
     with Engine.init(home=tmp_path) as eng:

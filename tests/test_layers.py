@@ -62,6 +62,7 @@ ORCHESTRATION = frozenset(
         "engine.scheduler",
         "engine.access",
         "engine.health",
+        "engine.diarizer",
     }
 )
 STORAGE_MAY_IMPORT = frozenset({"engine.errors", "engine.centroids"})
@@ -76,7 +77,7 @@ LONG_FILES_ALLOWED = {
     # command's text rendering; split across files, a command's flags and its output
     # would live apart. DESIGN.md fixes cli.py as one file at the top level, so the
     # ceiling grows only with new commands.
-    "cli.py": 810,
+    "cli.py": 830,
 }
 LENGTH_CHECKED = ("engine", "storage", "service", "migrations", "bench", "cli.py")
 SOURCE_SUFFIXES = (".py",)
