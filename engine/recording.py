@@ -60,17 +60,18 @@ def open_recording(source: Source, config: AudioConfig, max_duration_s: float, *
     else:
         path = audio.check_root(source, config.roots)
         try:
-            if not stat.S_ISREG(os.stat(path).st_mode):
-                raise MissingAudio(f"{label}: not a regular file")
-            if os.path.getsize(path) == 0:
-                raise EmptyAudio(f"{label}: is empty (0 bytes)")
-            handle = open(path, "rb")
+            # Only regular files: a named pipe or a device would block or never end.
+            mode = os.stat(path).st_mode
         except OSError as exc:
             raise MissingAudio(f"{label}: cannot be read ({exc.strerror or exc})") from None
+        if not stat.S_ISREG(mode):
+            raise MissingAudio(f"{label}: not a regular file")
+        if os.path.getsize(path) == 0:
+            raise EmptyAudio(f"{label}: is empty (0 bytes)")
+        handle = str(path)  # libsndfile opens and closes it itself
     try:
         sound = sf.SoundFile(handle)
-    except (sf.SoundFileError, RuntimeError) as exc:
-        handle.close()
+    except (sf.SoundFileError, RuntimeError, OSError) as exc:
         raise UndecodableAudio(f"{label}: not a readable audio file ({getattr(exc, 'error_string', None) or exc})") from None
     info = RecordingInfo(label, sound.frames / sound.samplerate, sound.samplerate, sound.channels)
     if sound.frames == 0:
