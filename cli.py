@@ -1,4 +1,4 @@
-"""voiceprint's command line: a thin layer over :class:`engine.Engine`.
+"""voiceprint's command line: a thin layer over :class:`voiceprint.engine.Engine`.
 
 Exit codes: 0 success (or "accept" for verify), 1 a negative outcome (verify rejected,
 or some rows of an enroll/stream failed while the others were stored), 2 an error

@@ -2,7 +2,7 @@
 
 The first step of every utterance's path: decode (soundfile: WAV, FLAC, OGG, MP3),
 downmix to mono, resample to 16 kHz, keep only the speech that silero-vad finds, and
-normalise its level. Bad input raises one of the :class:`engine.errors.AudioError`
+normalise its level. Bad input raises one of the :class:`voiceprint.engine.errors.AudioError`
 subclasses, with a one-line message that names the source.
 
 The VAD does not use ``silero_vad.get_speech_timestamps``: that loops in Python over

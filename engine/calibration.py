@@ -2,9 +2,9 @@
 
 One recipe, fitted on leave-one-out trials of the stored enrollments (each probe is a
 stored utterance, scored against every profile, its own speaker's profile rebuilt
-without it; see :mod:`engine.trials`):
+without it; see :mod:`voiceprint.engine.trials`):
 
-1. **Duplicate identities** (:func:`engine.trials.likely_duplicates`). Two profiles
+1. **Duplicate identities** (:func:`voiceprint.engine.trials.likely_duplicates`). Two profiles
    that hold the same recording, or whose speakers' utterances score against each
    other the way a typical speaker's own do, are reported, and their cross trials are
    left out. Left in, one such pair is the highest "non-target" score and can set

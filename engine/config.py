@@ -25,7 +25,7 @@ REPLAY_SELECTIONS = ("reservoir", "herding")
 
 
 def key(default: float, **bounds: float) -> Any:
-    """A numeric key, its default and its range (the keywords of :class:`engine.bounds.Bounds`)."""
+    """A numeric key, its default and its range (the keywords of :class:`voiceprint.engine.bounds.Bounds`)."""
     return field(default=default, metadata={"bounds": Bounds(**bounds)})
 
 

@@ -1,9 +1,9 @@
 """The Engine facade: one object for the CLI, the service and the tests.
 
 It resolves the home once, opens the store, and passes both to the collaborators that
-do the work: the model registry (:mod:`engine.models`), the enroller
-(:mod:`engine.enrollment`), the recognizer (:mod:`engine.recognition`) and the refresher
-(:mod:`engine.refresh`). Every method here is a delegation or a read of the store.
+do the work: the model registry (:mod:`voiceprint.engine.models`), the enroller
+(:mod:`voiceprint.engine.enrollment`), the recognizer (:mod:`voiceprint.engine.recognition`) and the refresher
+(:mod:`voiceprint.engine.refresh`). Every method here is a delegation or a read of the store.
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ class Engine:
     def prune(self, *, dry_run: bool = False) -> dict:
         """Delete the weights of rejected and retired versions, keeping their rows and
         metrics (see :meth:`ModelRegistry.prune`); ``{"versions", "freed_bytes", "dry_run"}``.
-        Rolling back to a pruned version then raises :class:`~engine.errors.WeightsPruned`."""
+        Rolling back to a pruned version then raises :class:`~voiceprint.engine.errors.WeightsPruned`."""
         result = self.models.prune(dry_run=dry_run)
         if not dry_run:
             event("pruned", versions=",".join(str(v["version"]) for v in result["versions"]) or None,
@@ -222,7 +222,7 @@ class Engine:
 
     def speaker_utterances(self, speaker: str, *, status: str | None = None) -> list[UtteranceRecord]:
         """One enrolled speaker's utterances, oldest first (``status`` as in :meth:`utterances`,
-        default both); :class:`~engine.errors.UnknownSpeaker` for a name not enrolled."""
+        default both); :class:`~voiceprint.engine.errors.UnknownSpeaker` for a name not enrolled."""
         self.speaker(speaker)
         return self.utterances(speaker, status=status)
 
@@ -300,7 +300,7 @@ class Engine:
 
     def refresh(self, *, dry_run: bool = False, reason: str = "manual", on_progress: Progress | None = None) -> RefreshReport:
         """Fine-tune a candidate from the active version, gate it, promote or reject it.
-        Raises :class:`~engine.errors.RefreshBusy` when another process holds the lock."""
+        Raises :class:`~voiceprint.engine.errors.RefreshBusy` when another process holds the lock."""
         return self.refresher.refresh(dry_run=dry_run, reason=reason, on_progress=on_progress)
 
     def rollback(
@@ -338,7 +338,7 @@ class Engine:
 
     def readiness(self) -> dict:
         """Whether enrollment and identification can work now: database, active checkpoint,
-        disk space, each reported on its own (:mod:`engine.health`)."""
+        disk space, each reported on its own (:mod:`voiceprint.engine.health`)."""
         return health.readiness(self.models)
 
     def status(self) -> dict:

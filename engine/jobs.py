@@ -57,7 +57,7 @@ class RunningJob:
 
 @contextmanager
 def running_job(store: Store, kind: str, reason: str, *, dry_run: bool = False) -> Iterator[RunningJob]:
-    """Run a ``kind`` job under the lock; :class:`~engine.errors.RefreshBusy` if it is taken.
+    """Run a ``kind`` job under the lock; :class:`~voiceprint.engine.errors.RefreshBusy` if it is taken.
     ``dry_run`` jobs take only queued dry-run requests, other jobs only the others.
 
     Any exception from the body (KeyboardInterrupt too: a job must not stay "running"

@@ -11,7 +11,7 @@ Three shapes of input name audio files and who speaks in them:
 - a *list of probes* (``path_lines``): one audio path a line (``voiceprint identify
   --list``), read as the lines arrive.
 
-Pure: the standard library and :mod:`engine.errors` only, so the CLI, the evaluation, the
+Pure: the standard library and :mod:`voiceprint.engine.errors` only, so the CLI, the evaluation, the
 benchmarks and the tests all read the same files the same way.
 """
 
@@ -136,7 +136,7 @@ def stream_rows(stream: TextIO, base: Path) -> Iterator[tuple[int, tuple[str, Pa
     ignored. Relative paths are resolved against the stream file's folder (the working
     folder for stdin).
 
-    A malformed row is yielded as an :class:`~engine.errors.InvalidInput` in place of its
+    A malformed row is yielded as an :class:`~voiceprint.engine.errors.InvalidInput` in place of its
     values, so the caller can report it and go on (a row holding U+FFFD, which a stream
     opened with ``errors="replace"`` reads for bytes that are not UTF-8, is one); a header
     without the two columns raises.
@@ -178,7 +178,7 @@ def path_lines(stream: TextIO, base: Path) -> Iterator[tuple[str, Path | Invalid
     Blank lines are skipped; a relative path is resolved against ``base`` (the list's
     folder, the working folder for stdin). A line holding U+FFFD (bytes that were not
     UTF-8, read by a stream opened with ``errors="replace"``) names no file anyone can
-    open: it is yielded as an :class:`~engine.errors.InvalidInput` in its place.
+    open: it is yielded as an :class:`~voiceprint.engine.errors.InvalidInput` in its place.
 
     >>> import io
     >>> [(text, str(p)) for text, p in path_lines(io.StringIO("a.flac\\n\\n /x/b.wav \\n"), Path("/data"))]

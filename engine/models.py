@@ -86,7 +86,7 @@ class ModelRegistry:
         notes stay (``metrics["pruned"]`` records when and how much). Never the active
         version, a candidate, nor the root version (the pretrained weights every lineage
         starts from). Holds the refresh lock, so no refresh or rollback is using a version
-        meanwhile (:class:`~engine.errors.RefreshBusy` if one runs). Returns what was (with
+        meanwhile (:class:`~voiceprint.engine.errors.RefreshBusy` if one runs). Returns what was (with
         ``dry_run``: would be) deleted and the bytes freed."""
         with self.store.exclusive(LOCK):
             found = {v.number: self.home.checkpoint_path(v.checkpoint) for v in self.all()}

@@ -3,10 +3,10 @@
 A refresh, step by step (every step is undone by simply not reaching the last one):
 
 1. Snapshot the stored utterances. A fixed slice of each speaker's utterances is held
-   out for the gate (:mod:`engine.gate`): never trained on.
+   out for the gate (:mod:`voiceprint.engine.gate`): never trained on.
 2. Training data: the utterances new since the parent (active) version was trained, plus
-   a speaker-balanced replay sample of older ones (:mod:`engine.replay`).
-3. Train a copy of the parent (:mod:`engine.training`).
+   a speaker-balanced replay sample of older ones (:mod:`voiceprint.engine.replay`).
+3. Train a copy of the parent (:mod:`voiceprint.engine.training`).
 4. Embed every utterance of the snapshot under the candidate and run the gate. With
    ``[refresh] interpolate``, mixes of parent and tuned weights are embedded too, and
    the one the unseen speakers score best under becomes the candidate.
@@ -64,7 +64,7 @@ class Refresher:
     def refresh(self, *, dry_run: bool = False, reason: str = "manual", on_progress: Progress | None = None) -> RefreshReport:
         """Build a candidate from the active version, gate it, and promote or reject it.
 
-        Holds the database-wide refresh lock throughout (:class:`~engine.errors.RefreshBusy`
+        Holds the database-wide refresh lock throughout (:class:`~voiceprint.engine.errors.RefreshBusy`
         if taken). Any failure marks the job failed and leaves the active version as it was.
         """
         LOSSES.get(self.config.refresh.loss)  # an unknown loss fails before any work

@@ -14,10 +14,10 @@ Three back-ends, chosen by ``[scoring] backend``:
 ``asnorm+calibrated``
     AS-norm followed by an affine map to a log-likelihood ratio fitted by logistic
     regression on target / non-target trials built leave-one-out from the stored
-    enrollments (:mod:`engine.calibration`). An LLR means the same thing everywhere, so
+    enrollments (:mod:`voiceprint.engine.calibration`). An LLR means the same thing everywhere, so
     a decision can come from a cost (p_target, C_miss, C_fa) and not only from a rate.
 
-Thresholds and the LLR map are fitted in :mod:`engine.calibration`; this module scores.
+Thresholds and the LLR map are fitted in :mod:`voiceprint.engine.calibration`; this module scores.
 """
 
 from __future__ import annotations

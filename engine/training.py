@@ -4,7 +4,7 @@ Speaker-balanced mini-batches of random 1.6 s crops of kept utterances (speech, 
 features), the configured loss from the registry, and two pulls toward the frozen parent
 so that embeddings stay compatible with what it knew: distillation of its embeddings on
 replayed crops, and optionally L2-SP on its weights. With ``lora_rank`` only low-rank
-updates of the weight matrices learn (:mod:`engine.lowrank`). :func:`interpolate` mixes
+updates of the weight matrices learn (:mod:`voiceprint.engine.lowrank`). :func:`interpolate` mixes
 parent and tuned weights afterwards (WiSE-FT).
 """
 
@@ -143,7 +143,7 @@ def train(
     on_progress: Progress | None = None,
 ) -> tuple[torch.nn.Module, dict]:
     """Fine-tune a copy of ``parent`` on ``kept`` utterances (decoded kept data, see
-    :mod:`engine.kept`); returns the candidate (on CPU, eval mode) and training stats."""
+    :mod:`voiceprint.engine.kept`); returns the candidate (on CPU, eval mode) and training stats."""
     device = pick_device(device_name)
     torch.manual_seed(cfg.seed)
     teacher = copy.deepcopy(parent).to(device).eval().requires_grad_(False)

@@ -103,7 +103,7 @@ def leave_one_out_trials(
     (the probe's whole speaker out of the cohort): a speaker enrolled after the fit is
     not in the cohort either, and its impostor scores come out higher that way, so the
     thresholds are set on the harder case. ``centre`` (the version's domain centre, see
-    :func:`engine.scoring.centred`) is subtracted before scoring, as at search time; the
+    :func:`voiceprint.engine.scoring.centred`) is subtracted before scoring, as at search time; the
     enrollment consistency trials stay on uncentred cosines, which is what the
     enrollment check computes.
     """

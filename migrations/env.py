@@ -1,6 +1,6 @@
 """Alembic environment.
 
-There is no alembic.ini: :class:`storage.schema.Schema` builds the Config in code and passes
+There is no alembic.ini: :class:`voiceprint.storage.schema.Schema` builds the Config in code and passes
 its own connection in ``config.attributes["connection"]``, so migrations run inside the
 store's transaction, with its SQLite pragmas (foreign keys, WAL, busy timeout).
 """

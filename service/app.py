@@ -1,8 +1,8 @@
-"""The HTTP API's app factory: one :class:`engine.Engine` per process, its job worker,
+"""The HTTP API's app factory: one :class:`voiceprint.engine.Engine` per process, its job worker,
 the size limits, the request metrics and the error handlers.
 
-The routes are in :mod:`service.routes`, the worker that runs refreshes in
-:mod:`service.worker`. Several processes may share one PostgreSQL database: enrollments
+The routes are in :mod:`voiceprint.service.routes`, the worker that runs refreshes in
+:mod:`voiceprint.service.worker`. Several processes may share one PostgreSQL database: enrollments
 lock their speaker's row, and a refresh holds a database-wide lock, so only one process
 refreshes at a time.
 

@@ -1,7 +1,7 @@
 """Roles of the service's API keys: which routes a key may call.
 
 Keys themselves (made, shown once, stored as a digest, checked) belong to the engine:
-see :meth:`engine.Engine.create_key` and :meth:`engine.Engine.authenticate`.
+see :meth:`voiceprint.engine.Engine.create_key` and :meth:`voiceprint.engine.Engine.authenticate`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The HTTP routes: each one is a thin call into the app's :class:`engine.Engine`.
+"""The HTTP routes: each one is a thin call into the app's :class:`voiceprint.engine.Engine`.
 
 Speech work (decoding, VAD, the encoder) runs in Starlette's thread pool (:func:`infer`),
 so the event loop keeps accepting requests while it runs; plain ``def`` routes (database

@@ -66,7 +66,7 @@ class JobWorker:
                 schedule.stop()
 
     def due(self) -> tuple[int | None, str] | None:
-        """``(min_new, why)`` for :func:`~engine.scheduler.run_scheduled_refresh` when a
+        """``(min_new, why)`` for :func:`~voiceprint.engine.scheduler.run_scheduled_refresh` when a
         refresh is due now: a request is queued, or the stored ``--min-new`` is reached."""
         if self.engine.queued_refresh():
             return None, "requested over HTTP"

@@ -41,7 +41,7 @@ _INSERTS = {"postgresql": postgresql_insert, "sqlite": sqlite_insert}
 class Database:
     """SQLite (the embedded default) or PostgreSQL, opened for the repositories.
 
-    ``url`` and ``echo`` are :class:`storage.Store`'s; so are the errors raised.
+    ``url`` and ``echo`` are :class:`voiceprint.storage.Store`'s; so are the errors raised.
     """
 
     def __init__(self, url: str, *, echo: bool = False):
@@ -196,7 +196,7 @@ class Database:
 
     def truncate_wal(self, *, wait_ms: int = 0) -> bool:
         """Copy the write-ahead log into the database and empty it, so that page images
-        from before a delete do not linger in it (see :mod:`storage.scrub`).
+        from before a delete do not linger in it (see :mod:`voiceprint.storage.scrub`).
 
         The checkpoint cannot pass a reader that still holds an older snapshot (nor a
         writer); it waits at most ``wait_ms`` for them, then returns False, the log left

@@ -303,13 +303,13 @@ class Profiles:
         On SQLite the freed pages are zeroed (``secure_delete``) and the write-ahead log is
         truncated, so the bytes leave the database files too; a reader holding an older
         snapshot delays that (``files_scrubbed`` False, ``scrub`` "pending", retried: see
-        :mod:`storage.scrub`).
+        :mod:`voiceprint.storage.scrub`).
 
         Returns the counts; ``trained_into``, versions whose training may have seen the
         speaker's utterances (their weights are not changed by an erasure); and
         ``running_refresh``, the refresh jobs running meanwhile, which may have loaded
         them: such a refresh does not promote a candidate trained on them, it deletes its
-        weights (see :meth:`storage.registry.Registry.set_alias`, ``require_trained``).
+        weights (see :meth:`voiceprint.storage.registry.Registry.set_alias`, ``require_trained``).
 
         Raises
         ------

@@ -1,4 +1,4 @@
-"""Plain, frozen values returned by the repositories of :class:`storage.Store`.
+"""Plain, frozen values returned by the repositories of :class:`voiceprint.storage.Store`.
 
 Callers never see ORM rows or sessions: these records stay valid after the session
 that produced them is closed, and cannot be changed by accident.

@@ -108,7 +108,7 @@ class Registry:
         With ``require_complete`` the move happens only if every utterance has an
         embedding under ``version``; otherwise :class:`IncompleteVersion` is raised and
         nothing changes. The check runs after the alias row is locked, and enrollments
-        hold a share lock on that row (see :meth:`storage.profiles.Profiles.enroll`), so
+        hold a share lock on that row (see :meth:`voiceprint.storage.profiles.Profiles.enroll`), so
         no enrollment can slip in between the check and the move.
 
         ``require_trained`` (``{utterance id: content sha256}``, what ``version`` was

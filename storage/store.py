@@ -1,8 +1,8 @@
 """The only code that talks SQL, composed.
 
-:class:`Store` opens one :class:`~storage.db.Database` (SQLite, the embedded default, or
+:class:`Store` opens one :class:`~voiceprint.storage.db.Database` (SQLite, the embedded default, or
 PostgreSQL) and hands it to small repositories, one per concern; each returns the frozen
-records of :mod:`storage.records`, and runs every public method in one managed session
+records of :mod:`voiceprint.storage.records`, and runs every public method in one managed session
 that commits, rolls back and closes, and turns SQLAlchemy errors into the project's own.
 """
 
@@ -90,7 +90,7 @@ class Store:
     def exclusive(self, name: str) -> AbstractContextManager[None]:
         """Hold the lock ``name`` across every process using this database, or raise
         :class:`RefreshBusy` at once if another holder has it (see
-        :meth:`storage.db.Database.exclusive`)."""
+        :meth:`voiceprint.storage.db.Database.exclusive`)."""
         return self._db.exclusive(name)
 
     def counts(self) -> dict[str, int]:
