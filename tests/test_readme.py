@@ -1,6 +1,7 @@
 """The README's code blocks are run or checked here, so they cannot drift from the code:
 the configuration example is the defaults, key for key; the Python example runs; the
-quick start's session transcript is what the commands print; the walk-through runs in
+quick start's session transcript and the diarization example are what the commands
+print; the walk-through runs in
 order on real speech; the curl calls of "The HTTP service" get their answers from a real
 server; every other command line shown parses, and every benchmark flag shown exists."""
 
@@ -229,3 +230,33 @@ def test_the_http_services_curl_calls_get_their_answers(tmp_path, dev_data, caps
     enrolled, identified = answers
     assert enrolled["feedback"] == "OK" and enrolled["speaker"] == "alice", enrolled
     assert identified["candidates"][0]["speaker"] == "alice" and "decision" in identified, identified
+
+
+def test_the_diarization_example_is_what_diarize_prints(tmp_path, dev_data, capsys, monkeypatch):
+    """The example of "Diarization: who spoke when", run again from the simulation it names."""
+    import numpy as np
+
+    from voiceprint import cli
+
+    monkeypatch.setenv("VOICEPRINT_DEV_DATA", str(dev_data))
+    monkeypatch.syspath_prepend(str(README.parent / "bench"))
+    from conversations import _pools, simulate
+
+    enroll, talk = _pools("vctk-4")
+    conv = simulate({s: talk[s] for s in ("p225", "p226", "p227")}, turns=9, rng=np.random.default_rng(5))
+    recording = tmp_path / "conv.wav"
+    soundfile.write(recording, conv.samples, 16000)
+    g = ["--home", str(tmp_path / "home")]
+    assert cli.main([*g, "init"]) == 0
+    assert cli.main([*g, "enroll", "p225", *map(str, enroll["p225"])]) == 0
+    assert cli.main([*g, "enroll", "p226", *map(str, enroll["p226"])]) == 0
+    capsys.readouterr()
+    assert cli.main([*g, "diarize", str(recording)]) == 0
+    out, err = capsys.readouterr()
+    printed = out.splitlines() + err.splitlines()
+    text = README.read_text()
+    shown = re.compile(r"```\n(.*?)```", re.S).search(text, text.index("On a conversation of three vctk-4 speakers")).group(1)
+    assert len(shown.splitlines()) >= 4
+    for line in shown.splitlines():
+        if line != "    ...":
+            assert line in printed, (line, printed)
