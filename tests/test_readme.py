@@ -1,9 +1,9 @@
 """The README's code blocks are run or checked here, so they cannot drift from the code:
 the configuration example is the defaults, key for key; the Python example runs; the
 quick start's session transcript and the diarization example are what the commands
-print; the walk-through runs in
-order on real speech; the curl calls of "The HTTP service" get their answers from a real
-server; every other command line shown parses, and every benchmark flag shown exists."""
+print; the walk-through runs in order on real speech; the curl calls of "The HTTP
+service" get their answers from a real server; every other command line shown parses,
+and every benchmark flag shown exists."""
 
 from __future__ import annotations
 
