@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+", type=Path)
     p.add_argument("--force", action="store_true", help=force)
 
-    p = command("stream", cmd_stream, "enroll rows (speaker,path) from a CSV/JSON-lines file or stdin as they arrive")
+    p = command("stream", cmd_stream, "enroll rows (speaker,path) from a CSV/JSON-lines file or stdin as they arrive; "
+                "a row without a speaker is stored unlabeled (see clusters)")
     p.add_argument("source", help="file, or - for stdin")
     p.add_argument("--force", action="store_true", help=force)
 
@@ -116,6 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", type=Path)
     p.add_argument("--speakers", type=flag(COUNT), help="the number of speakers, when it is known")
     p.add_argument("--rttm", type=Path, metavar="FILE", help="also write the segments as RTTM")
+
+    command("clusters", cmd_clusters, "unlabeled utterances grouped into likely speakers; new ones proposed, with how sure")
+    p = command("name-cluster", cmd_name_cluster, "enroll a cluster's utterances under a name (the normal enrollment checks apply)")
+    p.add_argument("cluster", type=identifier, help="cluster number (see `voiceprint clusters`)")
+    p.add_argument("speaker")
+    p.add_argument("--force", action="store_true", help=force)
+    p = command("delete-cluster", cmd_delete_cluster, "erase a cluster's unlabeled utterances (kept speech and embeddings)")
+    p.add_argument("cluster", type=identifier, help="cluster number (see `voiceprint clusters`)")
+    p.add_argument("--yes", action="store_true", help="do it without asking")
 
     p = command("speakers", cmd_speakers, "list enrolled speakers, or one speaker's utterances (ids for accept / remove-utterance)")
     p.add_argument("speaker", nargs="?", help="list this speaker's utterances: id, status, speech seconds, when enrolled")
@@ -294,6 +304,8 @@ def report_row(args: argparse.Namespace, result, *, source: str, row: int | None
 
 
 def enrollment_line(result) -> str:
+    if result.feedback == "UNLABELED":
+        return f"unlabeled: {result.source}  speech {result.speech_s:.2f} s  stored as unlabeled utterance {result.utterance_id}"
     before = "new speaker" if result.similarity_before is None else f"cos-before {result.similarity_before:.3f}"
     if result.feedback != "OK":
         return (
@@ -341,7 +353,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
         if stream is not sys.stdin:
             stream.close()
     if not args.json:
-        print(f"{total - failed} of {total} rows enrolled", file=sys.stderr)
+        print(f"{total - failed} of {total} rows stored", file=sys.stderr)
     return outcome(failed, total)
 
 
@@ -392,12 +404,8 @@ def _speaker_utterances(args: argparse.Namespace) -> int:
 
 
 def cmd_delete_speaker(args: argparse.Namespace) -> int:
-    if not args.yes:
-        if not sys.stdin.isatty():
-            raise InvalidInput("delete-speaker erases data for good: pass --yes")
-        if input(f"erase everything stored about {args.speaker!r}? [y/N] ").strip().lower() not in ("y", "yes"):
-            print("nothing erased", file=sys.stderr)
-            return EXIT_NEGATIVE
+    if not args.yes and not confirmed(f"erase everything stored about {args.speaker!r}?", "delete-speaker"):
+        return EXIT_NEGATIVE
     with open_engine(args) as eng:
         result = eng.erase_speaker(args.speaker)
     line = (
@@ -414,6 +422,55 @@ def cmd_delete_speaker(args: argparse.Namespace) -> int:
         result["scrub"] == "pending")
     answer(args, {"ok": True, **result}, [line], trained)
     return EXIT_OK
+
+
+def cmd_clusters(args: argparse.Namespace) -> int:
+    with open_engine(args) as eng, closing(ProgressBars(args)) as bars:
+        found = eng.clusters(on_progress=bars)
+    lines = [f"{'cluster':>8}  {'status':<9} {'utts':>5} {'speech s':>8} {'cohesion':>8} {'stable':>6}  "
+             "nearest enrolled: utterances identified as them; centroid score / threshold"]
+    for c in found:
+        near = "-" if c.candidate is None else (
+            f"{c.candidate}: {c.recognised:.0%}; {_maybe(c.score)} / {_maybe(c.threshold)} {c.backend}")
+        lines.append(f"{c.number:>8}  {c.status:<9} {len(c.utterances):>5} {c.speech_s:>8.1f} {c.cohesion:>8.3f} "
+                     f"{c.stability:>6.0%}  {near}")
+    proposed = sum(c.status == "proposed" for c in found)
+    answer(args, [asdict(c) for c in found], lines,
+           [f"{len(found)} clusters, {proposed} proposed as new speakers (voiceprint name-cluster N NAME)"])
+    return EXIT_OK
+
+
+def cmd_name_cluster(args: argparse.Namespace) -> int:
+    with open_engine(args) as eng:
+        doc = eng.name_cluster(args.cluster, args.speaker, force=args.force)
+        recalibrate(eng, args)
+    lines = [f"cluster {doc['cluster']} -> {doc['speaker']}: {len(doc['enrolled'])} enrolled, "
+             f"{len(doc['held'])} held for review, {len(doc['refused'])} refused (still unlabeled)"]
+    lines += [f"  unlabeled {r['unlabeled']}: {r['message']} ({r['error']})" for r in doc["refused"]]
+    answer(args, doc, lines)
+    return outcome(len(doc["refused"]), len(doc["enrolled"]) + len(doc["held"]) + len(doc["refused"]))
+
+
+def cmd_delete_cluster(args: argparse.Namespace) -> int:
+    if not args.yes and not confirmed(f"erase the unlabeled utterances of cluster {args.cluster}?", "delete-cluster"):
+        return EXIT_NEGATIVE
+    with open_engine(args) as eng:
+        doc = eng.delete_cluster(args.cluster)
+    notes = ["a reader holds erased bytes in the database files: scrubbed once it ends (voiceprint status)"] * (
+        doc["scrub"] == "pending")
+    answer(args, {"ok": True, **doc}, [f"erased cluster {doc['cluster']}: {doc['unlabeled_utterances']} utterance(s), "
+                                       f"{doc['embeddings']} embedding(s)"], notes)
+    return EXIT_OK
+
+
+def confirmed(question: str, command: str) -> bool:
+    """Ask on a terminal before erasing; elsewhere --yes is required."""
+    if not sys.stdin.isatty():
+        raise InvalidInput(f"{command} erases data for good: pass --yes")
+    if input(f"{question} [y/N] ").strip().lower() in ("y", "yes"):
+        return True
+    print("nothing erased", file=sys.stderr)
+    return False
 
 
 # -- recognition ---------------------------------------------------------------------
@@ -718,6 +775,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"active version      {status['active_version']}",
         f"new utterances      {status['pending_utterances']} (enrolled since the active version was trained)",
         f"held for review     {status['held_for_review']} (voiceprint pending)",
+        f"unlabeled           {status['unlabeled_utterances']} (voiceprint clusters)",
         "calibration         none yet (see decisions)" if cal is None else
         f"calibration         {cal['created_at'][:19]} on {cal['speakers_then']} speakers "
         f"({cal['speakers_now']} enrolled now{'; calibrate again' if decisions['recalibrate'] else ''})"

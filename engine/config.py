@@ -128,6 +128,17 @@ class DiarizationConfig(Section):
 
 
 @dataclass(frozen=True)
+class UnlabeledConfig(Section):
+    """Utterances without a speaker, grouped into proposed new speakers (README, "New speakers in the unlabeled stream")."""
+
+    # Cosine distance at which agglomerative clustering stops merging utterances into one
+    # speaker (measured: bench/discovery.py)
+    threshold: float = key(0.2, above=0, below=2)
+    min_utterances: int = key(3, at_least=1, at_most=1_000_000)  # a cluster needs this many to be proposed
+    min_speech_s: float = key(8.0, at_least=0, at_most=86400)  # ... and this much speech
+
+
+@dataclass(frozen=True)
 class EnrollmentConfig(Section):
     """What an enrollment must pass to join a profile (README, "Enrollment feedback")."""
 
@@ -223,6 +234,10 @@ class ServiceConfig(Section):
     host: str = "127.0.0.1"
     port: int = key(8080, at_least=0, at_most=65535)  # 0: a free one (serve prints it)
     max_request_bytes: int = key(16 * 1024 * 1024, at_least=1, at_most=2**31)  # larger bodies get 413 before being read
+    # POST /v1/diarize/jobs: a long recording streamed to disk, up to this many bytes (413 past it)
+    max_upload_bytes: int = key(2 * 1024**3, at_least=1, at_most=2**40)
+    # PyTorch threads of the thread that runs diarization jobs, one job at a time
+    diarize_threads: int = key(1, at_least=1, at_most=1024)
     # Longer uploads get 413 (the smaller of this and [audio] max_duration_s)
     max_audio_s: float = key(300.0, above=0, at_most=14400)
     # How often the service looks for queued refresh requests
@@ -244,6 +259,7 @@ class Config:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     diarization: DiarizationConfig = field(default_factory=DiarizationConfig)
+    unlabeled: UnlabeledConfig = field(default_factory=UnlabeledConfig)
     enrollment: EnrollmentConfig = field(default_factory=EnrollmentConfig)
     refresh: RefreshConfig = field(default_factory=RefreshConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)

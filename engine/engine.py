@@ -2,8 +2,9 @@
 
 It resolves the home once, opens the store, and passes both to the collaborators that
 do the work: the model registry (:mod:`voiceprint.engine.models`), the enroller
-(:mod:`voiceprint.engine.enrollment`), the recognizer (:mod:`voiceprint.engine.recognition`) and the refresher
-(:mod:`voiceprint.engine.refresh`). Every method here is a delegation or a read of the store.
+(:mod:`voiceprint.engine.enrollment`), the recognizer (:mod:`voiceprint.engine.recognition`), the
+diarizer, the discovery of new speakers in unlabeled speech (:mod:`voiceprint.engine.discovery`) and
+the refresher (:mod:`voiceprint.engine.refresh`). Every method here is a delegation or a read of the store.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from pathlib import Path
 from voiceprint.engine import access, evaluation, health, jobs
 from voiceprint.engine.audio import Source
 from voiceprint.engine.config import Config
+from voiceprint.engine.diarize_jobs import DiarizationJobs
 from voiceprint.engine.diarizer import Diarizer
+from voiceprint.engine.discovery import Discovery
 from voiceprint.engine.enrollment import Enroller, Item
 from voiceprint.engine.errors import AudioError, DiskFull, InvalidInput, NotEnoughData, NotInitialised, UnknownSpeaker, VoiceprintError
 from voiceprint.engine.events import event
@@ -29,8 +32,10 @@ from voiceprint.engine.names import normalise_speaker_name
 from voiceprint.engine.progress import Progress
 from voiceprint.engine.recognition import Recognizer
 from voiceprint.engine.refresh import Refresher
-from voiceprint.engine.results import Diarization, EnrollmentResult, Identification, Outcome, RefreshReport, Verification, job_dict
-from voiceprint.storage import ApiKey, Job, ModelVersion, SpeakerSummary, Store, UtteranceRecord
+from voiceprint.engine.results import (
+    Cluster, Diarization, EnrollmentResult, Identification, Outcome, RefreshReport, UnlabeledResult, Verification, job_dict,
+)
+from voiceprint.storage import ApiKey, DiarizationJob, Job, ModelVersion, SpeakerSummary, Store, UnlabeledRecord, UtteranceRecord
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +78,8 @@ class Engine:
         self.diarizer = Diarizer(self.models, self.recognizer, home.config)
         self.enroller = Enroller(store, self.models, home.config, self.recognizer.consistency_threshold, self.request_refresh)
         self.refresher = Refresher(store, self.models, home.config, self.calibrate)
+        self.discovery = Discovery(store, self.models, self.recognizer, self.enroller, home.config)
+        self.diarization_jobs = DiarizationJobs(store, self.diarizer, home.config)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -184,7 +191,9 @@ class Engine:
         return self.enroller.enroll_many(items, force=force, by=by)
 
     def enroll_stream(self, items: Iterable[Item | VoiceprintError], *, force: bool = False, **options) -> Iterator[Outcome]:
-        """Enroll items as they arrive; each result is yielded once its transaction commits."""
+        """Enroll ``(speaker, source, name)`` items as they arrive; each result is yielded
+        once its transaction commits. An item whose speaker is None is kept unlabeled
+        (an :class:`~voiceprint.engine.results.UnlabeledResult`; see :meth:`clusters`)."""
         return self.enroller.enroll_stream(items, force=force, **options)
 
     def accept_utterance(self, utterance_id: int) -> dict:
@@ -262,6 +271,65 @@ class Engine:
         ``unknown-1``, ``unknown-2``, ... (see :class:`~voiceprint.engine.diarizer.Diarizer`).
         ``speakers``: the number of speakers, when it is known. Stores nothing."""
         return self.diarizer.diarize(source, speakers=speakers, name=name, on_progress=on_progress)
+
+    @property
+    def uploads(self) -> Path:
+        """The home's folder for long uploads waiting to be diarized (private to the owner)."""
+        folder = self.home / "uploads"
+        folder.mkdir(mode=0o700, exist_ok=True)
+        return folder
+
+    def new_upload(self) -> Path:
+        """A fresh path in :attr:`uploads` for a long upload to be written to, then passed
+        to :meth:`submit_diarization`."""
+        return DiarizationJobs.partial_path(self.uploads)
+
+    def submit_diarization(self, upload: Path, *, speakers: int | None = None, name: str = "upload") -> tuple[DiarizationJob, Path]:
+        """Queue a job for an upload written to :attr:`uploads` (see
+        :mod:`voiceprint.engine.diarize_jobs`); the header is checked now, and a refused
+        upload is deleted. Returns the job and the upload's new path, for :meth:`run_diarization_job`."""
+        return self.diarization_jobs.submit(upload, speakers=speakers, name=name)
+
+    def run_diarization_job(self, job_id: int, upload: Path) -> DiarizationJob:
+        """Diarize a queued job's upload, recording progress and the result; deletes the upload."""
+        return self.diarization_jobs.run(job_id, upload)
+
+    def diarization_job(self, job_id: int) -> DiarizationJob:
+        return self.diarization_jobs.get(job_id)
+
+    def recover_diarization_jobs(self) -> list[int]:
+        """Fail the diarization jobs of stopped servers on this host and delete their uploads."""
+        return self.diarization_jobs.recover(self.uploads)
+
+    # -- the unlabeled stream ----------------------------------------------------------
+
+    def add_unlabeled(self, source: Source, *, name: str | None = None) -> UnlabeledResult:
+        """Keep and embed an utterance whose speaker is not known (in no profile); the
+        quality checks of an enrollment apply. Rows of :meth:`enroll_stream` whose speaker
+        is None take the same path."""
+        result = self.enroller.enroll_many([(None, source, name)])[0]
+        if isinstance(result, VoiceprintError):
+            raise result
+        return result
+
+    def unlabeled(self) -> list[UnlabeledRecord]:
+        """Every utterance stored without a speaker, by id."""
+        return self.store.unlabeled.records()
+
+    def clusters(self, *, on_progress=None) -> list[Cluster]:
+        """The unlabeled utterances grouped into likely speakers, each ``proposed`` (a new
+        speaker), ``known`` (sounds like an enrolled one) or ``small``
+        (see :class:`~voiceprint.engine.discovery.Discovery`)."""
+        return self.discovery.clusters(on_progress=on_progress)
+
+    def name_cluster(self, number: int, speaker: str, *, force: bool = False, by: str | None = None) -> dict:
+        """Enroll cluster ``number``'s utterances under ``speaker`` through the normal
+        enrollment path; what each became (enrolled, held, refused)."""
+        return self.discovery.name_cluster(number, speaker, force=force, by=by)
+
+    def delete_cluster(self, number: int, *, by: str | None = None) -> dict:
+        """Erase cluster ``number``'s utterances: kept speech and every embedding."""
+        return self.discovery.delete_cluster(number, by=by)
 
     def calibrate(self, version: int | None = None):
         """Fit a version's (default: the active one's) calibration; see :class:`Recognizer`."""
@@ -354,6 +422,7 @@ class Engine:
             "running_job": job_dict(running[0]) if running else None,
             "last_job": job_dict(finished[0]) if finished else None,
             "held_for_review": len(self.utterances(status="pending")),
+            "unlabeled_utterances": self.store.unlabeled.count(),
             "calibration": self.recognizer.calibration_status(active.number),
             "decisions": self.recognizer.decision_status(active.number),
             "scrub": self.scrub_files(),

@@ -3,6 +3,11 @@
 prepare (name, decode, VAD, quality) -> embed under the active version -> commit
 (utterance, kept data, embedding and centroid in one transaction, held for review when
 it does not sound like the profile) -> feed the drift detector.
+
+An item without a speaker takes the same path up to the commit, which stores it
+unlabeled instead (``store.unlabeled``: kept and embedded, in no profile). A named
+cluster of those comes back through :meth:`Enroller.enroll_unlabeled`: the quality
+check again, an embedding under the active version, the same commit.
 """
 
 from __future__ import annotations
@@ -11,17 +16,19 @@ import logging
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from voiceprint.engine import audio, kept
 from voiceprint.engine.audio import Source
 from voiceprint.engine.config import Config
 from voiceprint.engine.drift import GenuineScoreDrift
-from voiceprint.engine.errors import Clipped, InvalidInput, TooNoisy, VersionChanged, VoiceprintError
+from voiceprint.engine.errors import Clipped, InvalidInput, TooNoisy, UnknownUtterance, VersionChanged, VoiceprintError
 from voiceprint.engine.home import actor
 from voiceprint.engine.models import ModelRegistry
 from voiceprint.engine.names import check_speaker_name
-from voiceprint.engine.results import EnrollmentResult, Outcome
+from voiceprint.engine.results import EnrollmentResult, Outcome, UnlabeledResult
 from voiceprint.engine.streaming import pipelined
 from voiceprint.storage import ModelVersion, Store
 
@@ -30,8 +37,8 @@ log = logging.getLogger(__name__)
 STREAM_BATCH = 64  # utterances prepared and embedded together when they are already waiting
 COMMIT_ATTEMPTS = 3  # re-embeddings when a refresh or rollback moves "active" meanwhile
 
-Item = tuple[str, Source, str | None]  # speaker, audio, display name (defaults to the path)
-Prepared = tuple[str, audio.Speech] | VoiceprintError
+Item = tuple[str | None, Source, str | None]  # speaker (None: unlabeled), audio, display name (defaults to the path)
+Prepared = tuple[str | None, audio.Speech] | VoiceprintError
 
 
 class Enroller:
@@ -79,28 +86,28 @@ class Enroller:
         for i, item in enumerate(items):
             if not isinstance(item, VoiceprintError):
                 try:
-                    speakers[i] = check_speaker_name(item[0])
+                    speakers[i] = None if item[0] is None else check_speaker_name(item[0])
                 except InvalidInput as exc:
                     prepared[i] = exc
         todo = list(speakers)
         loaded = audio.load_many([items[i][1] for i in todo], self.config.audio, names=[items[i][2] for i in todo])
         for i, speech in zip(todo, loaded):
             if not isinstance(speech, VoiceprintError) and not force:
-                speech = self._quality_problem(speech) or speech
+                speech = self._quality_problem(speech.quality, speech.source) or speech
             prepared[i] = speech if isinstance(speech, VoiceprintError) else (speakers[i], speech)
         return prepared
 
-    def _quality_problem(self, speech: audio.Speech) -> VoiceprintError | None:
+    def _quality_problem(self, q: audio.Quality, source: str) -> VoiceprintError | None:
         """CLIPPED or TOO_NOISY for speech that would blur a profile, else None."""
-        cfg, q = self.config.enrollment, speech.quality
+        cfg = self.config.enrollment
         if q.clipping_ratio > cfg.max_clipping_ratio:
             return Clipped(
-                f"{speech.source}: {q.clipping_ratio:.1%} of the samples are clipped "
+                f"{source}: {q.clipping_ratio:.1%} of the samples are clipped "
                 f"(at most {cfg.max_clipping_ratio:.1%}); record at a lower level"
             )
         if q.snr_db < cfg.min_snr_db:
             return TooNoisy(
-                f"{speech.source}: estimated SNR {q.snr_db:.1f} dB, at least {cfg.min_snr_db:g} dB needed; "
+                f"{source}: estimated SNR {q.snr_db:.1f} dB, at least {cfg.min_snr_db:g} dB needed; "
                 "record somewhere quieter"
             )
         return None
@@ -116,10 +123,55 @@ class Enroller:
             forced_by = (by or actor()) if force else None
             for (i, (speaker, speech)), embedding in zip(ready, embeddings):
                 try:
-                    results[i] = self._commit(speaker, speech, embedding, version, cut=cut, forced_by=forced_by)
+                    if speaker is None:
+                        results[i] = self._store_unlabeled(speech, embedding, version)
+                    else:
+                        results[i] = self._commit(speaker, speech, embedding, version, cut=cut, forced_by=forced_by)
                 except VoiceprintError as exc:
                     results[i] = exc
         return results
+
+    def _store_unlabeled(self, utt: audio.Speech, embedding: np.ndarray, version: ModelVersion) -> UnlabeledResult:
+        """Keep and embed an utterance that came without a speaker (in no profile)."""
+        for _ in range(COMMIT_ATTEMPTS):
+            try:
+                return self._store_unlabeled_under(utt, embedding, version)
+            except VersionChanged:  # as in _commit: embedded again under the new active version
+                version = self.models.active()
+                embedding = self.models.embedder(version).embed([utt.samples])[0]
+        return self._store_unlabeled_under(utt, embedding, version)
+
+    def _store_unlabeled_under(self, utt: audio.Speech, embedding: np.ndarray, version: ModelVersion) -> UnlabeledResult:
+        data, codec, rate = kept.encode(utt.samples, self.models.embedder(version), self.config.privacy.keep)
+        stored = self.store.unlabeled.add(
+            version=version.number, source=utt.source, content_sha256=utt.content_sha256,
+            duration_s=utt.quality.duration_s, speech_s=utt.quality.speech_s, quality=utt.quality.to_dict(),
+            audio=data, codec=codec, sample_rate=rate, embedding=embedding,
+        )
+        return UnlabeledResult(stored.id, utt.source, version.number, utt.quality.speech_s, utt.quality.to_dict())
+
+    def enroll_unlabeled(self, speaker: str, utterance_id: int, *, force: bool = False, by: str | None = None) -> Outcome:
+        """Enroll a stored unlabeled utterance under ``speaker`` (a named cluster's member)
+        by the normal path: the quality check on what was measured when it arrived, an
+        embedding under the active version, the commit with its consistency and duplicate
+        checks, which also deletes the unlabeled row. A refused one stays unlabeled and
+        comes back as the error."""
+        try:
+            speaker = check_speaker_name(speaker)
+            record = self.store.unlabeled.records([utterance_id])
+            if not record:
+                raise UnknownUtterance(f"no unlabeled utterance {utterance_id}")
+            record, version = record[0], self.models.active()
+            quality = audio.Quality(**record.quality)
+            problem = None if force else self._quality_problem(quality, record.source)
+            if problem is not None:
+                return problem
+            stored = self.store.unlabeled.kept([utterance_id])[utterance_id]
+            utt = _Kept(record.source, record.content_sha256, quality, stored, utterance_id)
+            return self._commit(speaker, utt, utt.embed(self.models.embedder(version)), version,
+                                cut=self._cut(version.number, force), forced_by=(by or actor()) if force else None)
+        except VoiceprintError as exc:
+            return exc
 
     def _cut(self, version: int, force: bool) -> float | None:
         """The consistency cosine for enrollments under ``version``; None: no check."""
@@ -138,16 +190,20 @@ class Enroller:
                 # A refresh or rollback moved "active" after this utterance was embedded:
                 # embed it again under the new version so that version holds it too.
                 version = self.models.active()
-                embedding = self.models.embedder(version).embed([utt.samples])[0]
+                embedder = self.models.embedder(version)
+                embedding = utt.embed(embedder) if isinstance(utt, _Kept) else embedder.embed([utt.samples])[0]
                 cut = self._cut(version.number, forced_by is not None)
         return self._commit_under(speaker, utt, embedding, version, cut=cut, forced_by=forced_by)
 
     def _commit_under(
-        self, speaker: str, utt: audio.Speech, embedding: np.ndarray, version: ModelVersion, *,
+        self, speaker: str, utt: audio.Speech | _Kept, embedding: np.ndarray, version: ModelVersion, *,
         cut: float | None, forced_by: str | None,
     ) -> EnrollmentResult:
         cfg = self.config.enrollment
-        data, codec, rate = kept.encode(utt.samples, self.models.embedder(version), self.config.privacy.keep)
+        if isinstance(utt, _Kept):  # a named cluster's member: what was kept moves as it is
+            data, codec, rate = utt.stored
+        else:
+            data, codec, rate = kept.encode(utt.samples, self.models.embedder(version), self.config.privacy.keep)
         stored = self.store.profiles.enroll(
             speaker=speaker,
             version=version.number,
@@ -165,6 +221,7 @@ class Enroller:
             consistency_min_count=cfg.consistency_min_count,
             forced_by=forced_by,
             duplicate_cut=cfg.duplicate_cosine or None,
+            unlabeled_id=utt.unlabeled_id if isinstance(utt, _Kept) else None,
         )
         if stored.similarity_before is not None:
             # Held utterances count too: many of them at once (a new microphone, a broken
@@ -209,3 +266,19 @@ class Enroller:
             extra[active.number] = kept.embed(embedder, [data])[0]
         record = self.store.profiles.accept_utterance(utterance_id, extra, actor=actor())
         return {"utterance": record.id, "speaker": record.speaker, "status": record.status}
+
+
+@dataclass(frozen=True, eq=False)
+class _Kept:
+    """A stored unlabeled utterance on its way into a profile: what was kept of it
+    (speech or features, as ``[privacy] keep`` was when it arrived) stands in for the
+    decoded speech of a new enrollment."""
+
+    source: str
+    content_sha256: str
+    quality: audio.Quality
+    stored: tuple[bytes, str, int]  # (data, codec, sample_rate)
+    unlabeled_id: int
+
+    def embed(self, embedder) -> np.ndarray:
+        return kept.embed(embedder, [kept.decode(*self.stored, frontend=embedder.encoder.frontend)])[0]

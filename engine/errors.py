@@ -148,6 +148,12 @@ class UnknownUtterance(InvalidInput):
     code = "unknown_utterance"
 
 
+class UnknownCluster(InvalidInput):
+    """No cluster of unlabeled utterances has this number now (HTTP 404)."""
+
+    code = "unknown_cluster"
+
+
 class RefreshBusy(VoiceprintError):
     """Another process holds the refresh lock (a refresh or rollback is running)."""
 

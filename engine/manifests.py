@@ -126,15 +126,19 @@ def by_speaker(path: Path) -> dict[str, list[Path]]:
     return out
 
 
-def stream_rows(stream: TextIO, base: Path) -> Iterator[tuple[int, tuple[str, Path, None] | InvalidInput, str]]:
+def stream_rows(stream: TextIO, base: Path) -> Iterator[tuple[int, tuple[str | None, Path, None] | InvalidInput, str]]:
     """Parse rows as they arrive: ``(row number, (speaker, path, None) or an error, source)``.
 
     The first non-empty line decides the format: ``{`` starts JSON lines with keys
-    ``speaker`` and ``path``; anything else is a CSV header naming ``speaker`` and
-    ``path`` columns (others ignored, e.g. a dataset manifest), the rows parsed as CSV
-    (a quoted field may hold commas and newlines). A leading UTF-8 byte-order mark is
-    ignored. Relative paths are resolved against the stream file's folder (the working
-    folder for stdin).
+    ``speaker`` and ``path``; anything else is a CSV header naming a ``path`` column and
+    usually a ``speaker`` column (others ignored, e.g. a dataset manifest), the rows
+    parsed as CSV (a quoted field may hold commas and newlines). A leading UTF-8
+    byte-order mark is ignored. Relative paths are resolved against the stream file's
+    folder (the working folder for stdin).
+
+    A row without a speaker (no ``speaker`` key or JSON null; an empty cell or no such
+    column) has speaker None: its utterance is stored unlabeled
+    (:mod:`voiceprint.engine.discovery`).
 
     A malformed row is yielded as an :class:`~voiceprint.engine.errors.InvalidInput` in place of its
     values, so the caller can report it and go on (a row holding U+FFFD, which a stream
@@ -151,6 +155,8 @@ def stream_rows(stream: TextIO, base: Path) -> Iterator[tuple[int, tuple[str, Pa
     >>> number, error, source = next(rows)
     >>> number, error.code, source
     (2, 'invalid_input', 'bob')
+    >>> next(stream_rows(io.StringIO('{"path": "c.flac"}'), Path("/data")))[1][0] is None
+    True
     """
     # readline() rather than iterating the file: iteration reads ahead in blocks and
     # would hold back rows that have already arrived on a pipe.
@@ -168,7 +174,9 @@ def stream_rows(stream: TextIO, base: Path) -> Iterator[tuple[int, tuple[str, Pa
             yield number, InvalidInput(f"malformed row: {problem}"), text.strip()[:80]
             continue
         path = Path(fields["path"])
-        yield number, (str(fields["speaker"]), path if path.is_absolute() else base / path, None), fields["path"]
+        speaker = fields.get("speaker")
+        speaker = None if speaker is None or speaker == "" else str(speaker)
+        yield number, (speaker, path if path.is_absolute() else base / path, None), fields["path"]
 
 
 def path_lines(stream: TextIO, base: Path) -> Iterator[tuple[str, Path | InvalidInput]]:
@@ -201,14 +209,13 @@ Row = tuple[dict | str, str]  # the row's fields (or why it has none), and its t
 
 
 def _problem(fields: dict) -> str | None:
-    """Why a row's fields name no speaker and path, or None."""
-    for key in ("speaker", "path"):
-        if key not in fields:
-            return f"no {key!r}"
-    speaker, path = fields["speaker"], fields["path"]
-    # A JSON null or list would become the speaker "None" or "[...]": not a name anyone meant.
-    if not isinstance(path, str) or isinstance(speaker, bool) or not isinstance(speaker, (str, int, float)):
-        return "speaker must be a string or a number, path a string"
+    """Why a row's fields name no path (and a speaker or none), or None."""
+    if "path" not in fields:
+        return "no 'path'"
+    speaker, path = fields.get("speaker"), fields["path"]
+    # A JSON list would become the speaker "[...]": not a name anyone meant (null: no speaker).
+    if not isinstance(path, str) or isinstance(speaker, bool) or not isinstance(speaker, (str, int, float, type(None))):
+        return "speaker must be a string, a number or null, path a string"
     if REPLACED in f"{speaker}{path}":
         return "not valid UTF-8"  # the bytes are gone: neither the name nor the file is known
     return None
@@ -235,8 +242,8 @@ def _csv_rows(lines: Iterator[str]) -> Iterator[Row]:
         header = [h.strip().lower() for h in next(reader)]
     except csv.Error as exc:
         raise InvalidInput(f"stream header is not CSV: {exc}") from None
-    if "speaker" not in header or "path" not in header:
-        raise InvalidInput(f"stream header {header} must name 'speaker' and 'path' columns")
+    if "path" not in header:
+        raise InvalidInput(f"stream header {header} must name a 'path' column (and 'speaker', unless no row has one)")
     while True:
         try:
             values = next(reader)

@@ -329,25 +329,34 @@ class Recognizer:
     ) -> Identification:
         """:meth:`identify` for an embedding made by ``version``'s encoder (a diarization
         cluster's centroid), with the same open-set decision."""
+        return self.identify_embeddings(np.asarray(embedding)[None, :], version, top=top, source=source, speech_s=speech_s)[0]
+
+    def identify_embeddings(
+        self, embeddings: np.ndarray, version: ModelVersion, *, top: int = 5, source: str = "", speech_s: float = 0.0
+    ) -> list[Identification]:
+        """:meth:`identify_embedding` for each row of ``embeddings``, the profiles read once."""
         cfg = self.config.scoring
         scoring = self.scoring(version.number)
         backend, switched = scoring.backend(cfg.backend, cfg.min_cohort)
         index = self.index(version.number, scoring)
-        hits = tuple(index.search(scoring.centred(embedding), max(top, 2)))
         threshold, basis = self.threshold(scoring, backend, "identify", len(index))
-        decision, reason = None, ""
-        if not hits:
-            reason = "no speaker is enrolled"
-        elif threshold is None:
-            reason = basis
-        elif hits[0].on(backend) < threshold:
-            reason = "best score below the threshold"
-        elif cfg.identify_margin > 0 and len(hits) > 1 and hits[0].on(backend) - hits[1].on(backend) < cfg.identify_margin:
-            reason = "best and second best too close"
-        else:
-            decision = hits[0].speaker
         notes = tuple(n for n in (switched, basis if threshold is not None else "") if n)
-        return Identification(source, version.number, speech_s, hits[:top], decision, threshold, backend, reason, notes)
+        answers = []
+        for embedding in embeddings:
+            hits = tuple(index.search(scoring.centred(embedding), max(top, 2)))
+            decision, reason = None, ""
+            if not hits:
+                reason = "no speaker is enrolled"
+            elif threshold is None:
+                reason = basis
+            elif hits[0].on(backend) < threshold:
+                reason = "best score below the threshold"
+            elif cfg.identify_margin > 0 and len(hits) > 1 and hits[0].on(backend) - hits[1].on(backend) < cfg.identify_margin:
+                reason = "best and second best too close"
+            else:
+                decision = hits[0].speaker
+            answers.append(Identification(source, version.number, speech_s, hits[:top], decision, threshold, backend, reason, notes))
+        return answers
 
     def verify(self, speaker: str, source: Source, *, name: str | None = None, disclose: bool = True) -> Verification:
         """Score one utterance against a claimed speaker (1:1).

@@ -27,6 +27,36 @@ class EnrollmentResult:
 
 
 @dataclass(frozen=True)
+class UnlabeledResult:
+    """An utterance stored without a speaker: kept and embedded, in no profile, until a
+    cluster holding it is named (``voiceprint clusters``)."""
+
+    utterance_id: int  # in the unlabeled utterances' own numbering
+    source: str
+    version: int
+    speech_s: float
+    quality: dict
+    feedback: str = "UNLABELED"
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """A group of unlabeled utterances that sound like one person (``Engine.clusters``)."""
+
+    number: int  # the id of its first utterance: it stays while later ones join
+    utterances: tuple[int, ...]  # unlabeled utterance ids, ascending
+    speech_s: float
+    cohesion: float  # mean cosine of its utterances to their centroid: how alike they sound
+    stability: float  # share of them that stay together at a stricter threshold (1.0: none split off)
+    status: str  # "proposed" (a new speaker), "known" (sounds like an enrolled one), "small" (too little yet)
+    candidate: str | None  # the enrolled speaker most of its utterances are identified as, else the nearest one
+    recognised: float  # share of its utterances the identify decision gives to that speaker (over 0.5: "known")
+    score: float | None  # the centroid's score against that speaker, on the deciding back-end
+    threshold: float | None  # the identify threshold on that back-end: below it, "not enrolled"
+    backend: str = "cosine"
+
+
+@dataclass(frozen=True)
 class Identification:
     source: str
     version: int
@@ -120,7 +150,7 @@ class RefreshReport:
         return asdict(self)
 
 
-Outcome = EnrollmentResult | VoiceprintError
+Outcome = EnrollmentResult | UnlabeledResult | VoiceprintError
 
 
 def utterance_dict(utterance) -> dict:
@@ -141,3 +171,13 @@ def job_dict(job) -> dict:
     for key in ("requested_at", "started_at", "finished_at"):
         out[key] = out[key].isoformat() if out[key] else None
     return out
+
+
+def diarization_job_dict(job) -> dict:
+    """A diarization job as JSON-ready values (timestamps in ISO 8601, progress as a pair)."""
+    return {
+        "id": job.id, "status": job.status, "source": job.source, "speakers": job.speakers,
+        "progress": {"done": job.done, "total": job.total}, "result": job.result or None,
+        **{key: (getattr(job, key).isoformat() if getattr(job, key) else None)
+           for key in ("requested_at", "started_at", "finished_at")},
+    }

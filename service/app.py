@@ -34,7 +34,8 @@ from voiceprint.engine.config import Config
 from voiceprint.engine.events import ACCESS, event, logfmt
 from voiceprint.engine.home import load_home_config, resolve_db, resolve_home
 from voiceprint.service.metrics import Metrics
-from voiceprint.service.routes import ApiError, router
+from voiceprint.service.routes import DIARIZE_JOBS, ApiError, router
+from voiceprint.service.uploads import DiarizationRunner
 from voiceprint.service.worker import JobWorker, recover_jobs
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ STATUS_OF: tuple[tuple[type[errors.VoiceprintError], int], ...] = (
     (errors.UnknownSpeaker, 404),
     (errors.UnknownVersion, 404),
     (errors.UnknownUtterance, 404),
+    (errors.UnknownCluster, 404),
     (errors.DuplicateUtterance, 409),
     (errors.RefreshBusy, 409),
     (errors.UnfinishedVersion, 409),
@@ -73,10 +75,11 @@ class SizeLimits:
     """Refuse headers over :data:`MAX_HEADER_BYTES` (431) and bodies over ``max_bytes``
     (413): at once when Content-Length says so, else as soon as a streamed (chunked)
     body passes the limit. uvicorn's own header limit only applies to headers that
-    arrive in pieces."""
+    arrive in pieces. ``larger`` names paths with a limit of their own (the long
+    uploads, which go to disk, not memory)."""
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: Any, max_bytes: int, larger: dict[str, int] | None = None) -> None:
+        self.app, self.max_bytes, self.larger = app, max_bytes, larger or {}
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -84,9 +87,10 @@ class SizeLimits:
         if sum(len(k) + len(v) for k, v in scope["headers"]) > MAX_HEADER_BYTES:
             response = _error(431, "headers_too_large", f"request headers are limited to {MAX_HEADER_BYTES} bytes")
             return await response(scope, receive, send)
+        most = self.larger.get(scope.get("path", ""), self.max_bytes)
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            response = _error(413, "request_too_large", f"request bodies are limited to {self.max_bytes} bytes")
+        if declared is not None and (not declared.isdigit() or int(declared) > most):
+            response = _error(413, "request_too_large", f"request bodies are limited to {most} bytes")
             return await response(scope, receive, send)
         seen = 0
 
@@ -94,8 +98,8 @@ class SizeLimits:
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise ApiError(413, "request_too_large", f"request bodies are limited to {self.max_bytes} bytes")
+            if seen > most:
+                raise ApiError(413, "request_too_large", f"request bodies are limited to {most} bytes")
             return message
 
         await self.app(scope, limited, send)
@@ -109,11 +113,16 @@ def status_of(exc: errors.VoiceprintError) -> int:
     return next(status for cls, status in STATUS_OF if isinstance(exc, cls))
 
 
-def service_config(config: Config) -> Config:
+def service_config(config: Config, home: Path) -> Config:
     """The engine's configuration as the service runs it: the upload limit
-    (``[service] max_audio_s``) tightens the engine's own audio limit."""
+    (``[service] max_audio_s``) tightens the engine's own audio limit, and the home's
+    ``uploads`` folder (long uploads for diarization, written by the service itself) is
+    one of the ``[audio] roots`` when any are set."""
     limit = min(config.audio.max_duration_s, config.service.max_audio_s)
-    return dataclasses.replace(config, audio=dataclasses.replace(config.audio, max_duration_s=limit))
+    roots = config.audio.roots
+    if roots.strip():
+        roots = os.pathsep.join([roots, str(home / "uploads")])
+    return dataclasses.replace(config, audio=dataclasses.replace(config.audio, max_duration_s=limit, roots=roots))
 
 
 def create_app(home: str | None = None, db: str | None = None, *, background: bool = True) -> FastAPI:
@@ -125,7 +134,7 @@ def create_app(home: str | None = None, db: str | None = None, *, background: bo
     """
     home_path = resolve_home(home)
     url = resolve_db(db, home_path)
-    config = service_config(load_home_config(home_path))
+    config = service_config(load_home_config(home_path), home_path)
     metrics = Metrics()
 
     @asynccontextmanager
@@ -140,10 +149,14 @@ def create_app(home: str | None = None, db: str | None = None, *, background: bo
         if worker is not None:
             await run_in_threadpool(recover_jobs, engine)
             worker.start()
+        await run_in_threadpool(engine.recover_diarization_jobs)
+        runner = app.state.diarize = DiarizationRunner(engine, config.service.diarize_threads)
+        runner.start()
         event("server_started", pid=os.getpid(), active_version=engine.active_version().number, job_worker=worker is not None)
         try:
             yield
         finally:
+            runner.stop()
             if worker is not None:
                 worker.stop()
             engine.close()
@@ -159,7 +172,8 @@ def create_app(home: str | None = None, db: str | None = None, *, background: bo
     )
     app.state.metrics = metrics
     app.state.db = url  # the unmasked URL, for the stored schedule that GET /v1/status lists
-    app.add_middleware(SizeLimits, max_bytes=config.service.max_request_bytes)
+    app.add_middleware(SizeLimits, max_bytes=config.service.max_request_bytes,
+                       larger={DIARIZE_JOBS: config.service.max_upload_bytes})
     _add_error_handlers(app)
     _add_request_metrics(app, metrics)
     app.include_router(router)

@@ -21,8 +21,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from voiceprint.engine import errors
 from voiceprint.engine.bounds import MAX_ID
-from voiceprint.engine.results import Diarization, EnrollmentResult, Identification, ProbeAnswer, Verification, job_dict, utterance_dict
+from voiceprint.engine.results import (
+    Cluster, Diarization, EnrollmentResult, Identification, ProbeAnswer, UnlabeledResult, Verification, diarization_job_dict,
+    job_dict, utterance_dict,
+)
 from voiceprint.service.keys import allows
+from voiceprint.service.uploads import receive_upload
 
 router = APIRouter()
 
@@ -221,6 +225,46 @@ def remove_utterance(request: Request, utterance_id: Id) -> dict:
 
 
 @router.post(
+    "/v1/unlabeled", tags=["unlabeled"], status_code=201, response_model=UnlabeledResult,
+    openapi_extra=AUDIO_BODY, responses=ERRORS, dependencies=[require("enroll")],
+)
+async def add_unlabeled(request: Request) -> UnlabeledResult:
+    """Store one utterance whose speaker is not known: kept and embedded, in no profile,
+    until a cluster holding it is named. The quality checks of an enrollment apply (422,
+    nothing stored); the same bytes twice are a 409."""
+    data, name = await audio_body(request)
+    result = await infer(request, _engine(request).add_unlabeled, data, name=name)
+    request.app.state.metrics.enrollments.labels(result.feedback).inc()
+    return result
+
+
+@router.get("/v1/clusters", tags=["unlabeled"], response_model=list[Cluster], responses=ERRORS, dependencies=[require("enroll")])
+async def clusters(request: Request) -> list[Cluster]:
+    """The unlabeled utterances grouped into likely speakers by the active version, each
+    ``proposed`` (a new speaker), ``known`` (decided for an enrolled speaker, ``candidate``)
+    or ``small`` (too few utterances or too little speech yet)."""
+    return await infer(request, _engine(request).clusters)
+
+
+@router.post("/v1/clusters/{number}/name", tags=["unlabeled"], responses=ERRORS, dependencies=[require("enroll")])
+async def name_cluster(request: Request, number: Id, speaker: str, force: bool = False) -> dict:
+    """Enroll cluster ``number``'s utterances under ``speaker`` by the normal enrollment
+    path; says which were enrolled, held for review, or refused (those stay unlabeled).
+    404 when no cluster has that number now. ``force`` needs an admin key, as for enroll."""
+    key = request.state.key
+    if force and not allows(key, "admin"):
+        raise ApiError(403, "forbidden", f"force=true needs an admin key; this key has the {key.role} role")
+    return await infer(request, _engine(request).name_cluster, number, speaker, force=force, by=f"key:{key.id}")
+
+
+@router.delete("/v1/clusters/{number}", tags=["unlabeled"], responses=ERRORS, dependencies=[require("admin")])
+def delete_cluster(request: Request, number: Id) -> dict:
+    """Erase cluster ``number``'s utterances (kept speech and embeddings); counts, and
+    whether the SQLite files are scrubbed yet (as for a speaker's erasure)."""
+    return _engine(request).delete_cluster(number, by=f"key:{request.state.key.id}")
+
+
+@router.post(
     "/v1/identify", tags=["recognition"], response_model=Identification,
     openapi_extra=AUDIO_BODY, responses=ERRORS, dependencies=[require("query")],
 )
@@ -248,6 +292,43 @@ async def diarize(request: Request, speakers: int | None = None) -> Diarization:
     The upload is bounded by ``[service] max_request_bytes``; stores nothing."""
     data, name = await audio_body(request)
     return await infer(request, _engine(request).diarize, data, speakers=speakers, name=name)
+
+
+DIARIZE_JOBS = "/v1/diarize/jobs"
+RAW_AUDIO_BODY = {"requestBody": {"required": True, "description": "an audio file (WAV, FLAC, OGG, MP3) as the raw body",
+                                  "content": {"audio/*": AUDIO_BODY["requestBody"]["content"]["audio/*"]}}}
+
+
+@router.post(DIARIZE_JOBS, tags=["recognition"], status_code=202, openapi_extra=RAW_AUDIO_BODY, responses=ERRORS,
+             dependencies=[require("query")])
+async def submit_diarization(request: Request, speakers: int | None = None) -> dict:
+    """Diarize a long recording in the background: the raw body (up to ``[service]
+    max_upload_bytes``, 2 GiB, and ``[diarization] max_duration_s``) is written to the
+    server's disk as it arrives, its header checked (422 and nothing kept when it is not
+    audio or too long), and the job queued: 202 with its id. Follow it with
+    ``GET /v1/diarize/jobs/{id}``; the upload is deleted when the job ends."""
+    engine = _engine(request)
+    partial = engine.new_upload()
+    try:
+        await receive_upload(request, partial)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    job, upload = await run_in_threadpool(engine.submit_diarization, partial, speakers=speakers, name="upload")
+    request.app.state.diarize.submit(job.id, upload)
+    return diarization_job_dict(job)
+
+
+@router.get(DIARIZE_JOBS + "/{job_id}", tags=["recognition"], responses=ERRORS, dependencies=[require("query")])
+def diarization_job(request: Request, job_id: Id) -> dict:
+    """A diarization job: ``queued``, ``running`` (``progress``: minutes of the recording
+    embedded, of all), ``succeeded`` (``result``: the answer of ``POST /v1/diarize``) or
+    ``failed`` (``result``: ``error`` and ``message``; ``interrupted`` when its server
+    stopped). 404 for no such job."""
+    try:
+        return diarization_job_dict(_engine(request).diarization_job(job_id))
+    except errors.InvalidInput as exc:
+        raise ApiError(404, "unknown_job", str(exc)) from None
 
 
 def _top(request: Request, top: int | None) -> int:

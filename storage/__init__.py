@@ -5,10 +5,12 @@ from voiceprint.storage.records import (
     ApiKey,
     AuditEntry,
     Centroid,
+    DiarizationJob,
     Enrollment,
     Job,
     ModelVersion,
     SpeakerSummary,
+    UnlabeledRecord,
     UtteranceRecord,
 )
 from voiceprint.storage.store import Store
@@ -18,10 +20,12 @@ __all__ = [
     "ApiKey",
     "AuditEntry",
     "Centroid",
+    "DiarizationJob",
     "Enrollment",
     "Job",
     "ModelVersion",
     "SpeakerSummary",
     "Store",
+    "UnlabeledRecord",
     "UtteranceRecord",
 ]

@@ -31,6 +31,7 @@ VERSION_STATUSES = ("candidate", "active", "rejected", "retired")
 JOB_STATUSES = ("queued", "running", "succeeded", "rejected", "failed", "skipped")
 # "pending": stored for review but outside its speaker's centroid (it did not sound like them).
 UTTERANCE_STATUSES = ("enrolled", "pending")
+DIARIZATION_STATUSES = ("queued", "running", "succeeded", "failed")
 # Service roles: admin does everything; enroll adds and reads profiles; query identifies and verifies.
 KEY_ROLES = ("admin", "enroll", "query")
 
@@ -134,6 +135,38 @@ class UtteranceAudio(Base):
     data: Mapped[bytes]
 
 
+class UnlabeledUtterance(Base):
+    """An utterance that arrived without a speaker: embedded and kept like an enrolled
+    one (same ``[privacy] keep``), but in no centroid and never trained on, until a
+    cluster of them is named (``engine/discovery.py``). A table of its own, so nothing
+    that reads profiles or training data can pick one up by mistake."""
+
+    __tablename__ = "unlabeled_utterances"
+    __table_args__ = ({"sqlite_autoincrement": True},)  # ids never reused: a cluster is numbered by its first one
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    source: Mapped[str]
+    content_sha256: Mapped[str] = mapped_column(String(64), unique=True)  # of the original input bytes
+    duration_s: Mapped[float]
+    speech_s: Mapped[float]
+    quality: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime]
+    codec: Mapped[str]  # what is kept, as utterance_audio keeps it
+    sample_rate: Mapped[int]
+    data: Mapped[bytes] = mapped_column(deferred=True)  # listing never loads it
+
+
+class UnlabeledEmbedding(Base):
+    __tablename__ = "unlabeled_embeddings"
+
+    utterance_id: Mapped[int] = mapped_column(
+        ForeignKey("unlabeled_utterances.id", ondelete="CASCADE"), primary_key=True
+    )
+    version: Mapped[int] = mapped_column(ForeignKey("model_versions.number"), primary_key=True)
+    vector: Mapped[bytes]  # float32 little-endian
+    created_at: Mapped[datetime]
+
+
 class ModelVersion(Base):
     __tablename__ = "model_versions"
     __table_args__ = (
@@ -228,6 +261,32 @@ class Job(Base):
     owner: Mapped[str | None]  # host:pid of the process running it
     version: Mapped[int | None] = mapped_column(ForeignKey("model_versions.number"))
     result: Mapped[dict[str, Any]]
+    requested_at: Mapped[datetime]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+
+class DiarizationJob(Base):
+    """A long recording uploaded for diarization (``POST /v1/diarize/jobs``), run by the
+    server process that received it (``owner``), whose disk holds the upload until the
+    job ends. Apart from ``jobs``: those change the active version under one lock, these
+    only read."""
+
+    __tablename__ = "diarization_jobs"
+    __table_args__ = (
+        CheckConstraint(
+            "status IN (" + ", ".join(f"'{s}'" for s in DIARIZATION_STATUSES) + ")", name="status"
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    status: Mapped[str] = mapped_column(index=True)
+    owner: Mapped[str]  # host:pid of the server holding the upload
+    source: Mapped[str]  # the upload's name (a form's file name, or "upload")
+    speakers: Mapped[int | None]  # the number of speakers, when the client gave it
+    done: Mapped[int] = mapped_column(server_default="0")  # progress: blocks embedded
+    total: Mapped[int] = mapped_column(server_default="0")
+    result: Mapped[dict[str, Any]]  # the Diarization, or {"error", "message"}
     requested_at: Mapped[datetime]
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]

@@ -10,12 +10,13 @@ from sqlalchemy import delete, func, insert, select
 from sqlalchemy.orm import Session
 
 from voiceprint.engine.centroids import RunningCentroid
-from voiceprint.engine.errors import DuplicateUtterance, InvalidInput, StorageError, UnknownSpeaker, UnknownUtterance, VersionChanged
+from voiceprint.engine.errors import DuplicateUtterance, InvalidInput, StorageError, UnknownSpeaker, UnknownUtterance
 from voiceprint.storage import db, ids
 from voiceprint.storage import models as m
 from voiceprint.storage.records import Centroid, Enrollment, SpeakerSummary, UtteranceRecord
-from voiceprint.storage.registry import ACTIVE
+from voiceprint.storage.registry import ACTIVE, require_active
 from voiceprint.storage.scrub import ERASURE, Scrub
+from voiceprint.storage.unlabeled import take_unlabeled
 from voiceprint.storage.vectors import f32, fold, from_f32, running_centroid, save_centroid
 
 
@@ -46,6 +47,7 @@ class Profiles:
         consistency_min_count: int = 1,
         forced_by: str | None = None,
         duplicate_cut: float | None = None,
+        unlabeled_id: int | None = None,
     ) -> Enrollment:
         """Store one utterance of ``speaker`` and fold its embedding into the centroid.
 
@@ -61,6 +63,10 @@ class Profiles:
         ``duplicate_cut``: an embedding this close (cosine) to one of the speaker's stored
         utterances at ``version``, held ones included, is the same recording in another
         encoding, refused like identical bytes.
+
+        ``unlabeled_id``: the utterance was stored unlabeled under this id (a named
+        cluster's member); that row and its embeddings are deleted in this transaction, so
+        the utterance moves exactly once (:class:`UnknownUtterance` if it is gone).
 
         With ``expect_active``, ``version`` must still be the active version when the
         transaction runs, else :class:`VersionChanged` is raised and nothing is stored:
@@ -99,7 +105,9 @@ class Profiles:
         doing = f"enroll {source!r} for speaker {speaker!r}"
         with self._db.version_checked(version), self._db.session(doing, write=True) as s:
             if expect_active:
-                _require_active(s, version)
+                require_active(s, version)
+            if unlabeled_id is not None:
+                take_unlabeled(s, unlabeled_id)
             now = db.now()
             speaker_id = _locked_speaker(s, speaker, now)
             if duplicate_cut is not None:
@@ -339,16 +347,6 @@ class Profiles:
             # or roll back with the erasure it records.
             s.add(m.AuditEntry(action=ERASURE, actor=actor, detail=counts, at=db.now()))
         return {**counts, "trained_into": trained_into, "running_refresh": running, **self._scrub.after_erasure()}
-
-
-def _require_active(s: Session, version: int) -> None:
-    # A share lock: enrollments run side by side, but an alias move waits for them, and
-    # they wait for it (see Registry.set_alias(require_complete=True)).
-    active = s.execute(
-        select(m.Alias.version).where(m.Alias.name == ACTIVE).with_for_update(read=True)
-    ).scalar()
-    if active != version:
-        raise VersionChanged(f"the active version is now {active}, not {version}")
 
 
 def _locked_speaker(s: Session, speaker: str, now: datetime) -> int:

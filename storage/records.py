@@ -36,6 +36,36 @@ class UtteranceRecord:
 
 
 @dataclass(frozen=True)
+class DiarizationJob:
+    """A long upload being diarized in the background (``POST /v1/diarize/jobs``)."""
+
+    id: int
+    status: str  # queued / running / succeeded / failed
+    owner: str  # host:pid of the server that holds the upload and runs it
+    source: str
+    speakers: int | None
+    done: int  # progress: blocks of the recording embedded, of total
+    total: int
+    result: dict[str, Any]  # the diarization once succeeded; error and message once failed
+    requested_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True)
+class UnlabeledRecord:
+    """An utterance stored without a speaker (no audio loaded)."""
+
+    id: int
+    source: str
+    content_sha256: str
+    duration_s: float
+    speech_s: float
+    quality: dict[str, Any]
+    created_at: datetime
+
+
+@dataclass(frozen=True)
 class ModelVersion:
     number: int
     parent: int | None

@@ -8,7 +8,7 @@ from datetime import datetime
 from sqlalchemy import delete, func, insert, select, text
 from sqlalchemy.orm import Session
 
-from voiceprint.engine.errors import IncompleteVersion, NotInitialised, TrainingDataErased, UnknownVersion
+from voiceprint.engine.errors import IncompleteVersion, NotInitialised, TrainingDataErased, UnknownVersion, VersionChanged
 from voiceprint.storage import db, ids
 from voiceprint.storage import models as m
 from voiceprint.storage.embeddings import missing_embeddings_query
@@ -259,3 +259,15 @@ def _version_record(row: m.ModelVersion, active_number: int | None) -> ModelVers
         active=row.number == active_number,
         trained_through=row.trained_through,
     )
+
+
+def require_active(s: Session, version: int) -> None:
+    """:class:`VersionChanged` unless ``version`` is the active one, checked inside a
+    writing transaction (enrollments, unlabeled utterances)."""
+    # A share lock: enrollments run side by side, but an alias move waits for them, and
+    # they wait for it (see Registry.set_alias(require_complete=True)).
+    active = s.execute(
+        select(m.Alias.version).where(m.Alias.name == ACTIVE).with_for_update(read=True)
+    ).scalar()
+    if active != version:
+        raise VersionChanged(f"the active version is now {active}, not {version}")

@@ -29,6 +29,8 @@ from voiceprint.storage import models as m
 log = logging.getLogger(__name__)
 
 ERASURE, SCRUBBED = "erase_speaker", "scrub_files"  # audit log actions
+UNLABELED_ERASURE = "erase_unlabeled"  # unlabeled utterances deleted (storage/unlabeled.py)
+ERASURES = (ERASURE, UNLABELED_ERASURE)  # what leaves erased bytes in the files
 ERASURE_WAIT_MS = 1_000  # readers are short (one identify): an erasure waits that long for them
 
 
@@ -67,7 +69,7 @@ class Scrub:
             return {"scrub": "server", "pending_since": None}
         with self._db.session("read the state of the file scrub") as s:
             since = s.scalar(
-                select(func.min(m.AuditEntry.at)).where(m.AuditEntry.action == ERASURE, m.AuditEntry.id > _covered(s))
+                select(func.min(m.AuditEntry.at)).where(m.AuditEntry.action.in_(ERASURES), m.AuditEntry.id > _covered(s))
             )
         return {"scrub": "pending" if since else "done", "pending_since": since.isoformat() if since else None}
 
@@ -95,7 +97,7 @@ class Scrub:
             # Read before the checkpoint: an erasure committed after this read may not be
             # covered, so it stays pending (a needless retry at worst, never a false "done").
             with self._db.session("read the erasures to scrub") as s:
-                newest = s.scalar(select(func.max(m.AuditEntry.id)).where(m.AuditEntry.action == ERASURE)) or 0
+                newest = s.scalar(select(func.max(m.AuditEntry.id)).where(m.AuditEntry.action.in_(ERASURES))) or 0
             if not self._db.truncate_wal(wait_ms=wait_ms):
                 self._pending_here = True
                 return False

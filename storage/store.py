@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 
 from voiceprint.storage import models as m
 from voiceprint.storage.db import Database
+from voiceprint.storage.diarizations import DiarizationJobs
 from voiceprint.storage.embeddings import Embeddings
 from voiceprint.storage.jobs import Jobs
 from voiceprint.storage.keys import Keys
@@ -21,6 +22,7 @@ from voiceprint.storage.profiles import Profiles
 from voiceprint.storage.registry import Registry
 from voiceprint.storage.schema import Schema
 from voiceprint.storage.scrub import Scrub
+from voiceprint.storage.unlabeled import Unlabeled
 
 
 class Store:
@@ -49,6 +51,10 @@ class Store:
         Refresh and rollback jobs, and the scheduler's job store.
     keys : Keys
         API keys and the audit log.
+    diarizations : DiarizationJobs
+        Long uploads diarized in the background, their progress and results.
+    unlabeled : Unlabeled
+        Utterances stored without a speaker, their embeddings, their erasure.
     scrub : Scrub
         Whether erased data is also gone from the SQLite files, and the retried checkpoint.
 
@@ -67,6 +73,8 @@ class Store:
         self.embeddings = Embeddings(self._db)
         self.jobs = Jobs(self._db)
         self.keys = Keys(self._db)
+        self.unlabeled = Unlabeled(self._db, self.scrub)
+        self.diarizations = DiarizationJobs(self._db)
 
     @property
     def url(self) -> str:

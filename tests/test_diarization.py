@@ -4,8 +4,11 @@ simulated conversations of real speech (bench/conversations.py builds them from 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -221,3 +224,84 @@ def test_diarize_over_http_for_query_keys_with_the_cli_s_answer(two_enrolled, vc
     doc = answered.json()
     assert [(s["start"], s["end"], s["speaker"]) for s in doc["segments"]] == [(s.start, s.end, s.speaker) for s in direct.segments]
     assert {s["speaker"] for s in doc["speakers"]} == {"p225", "p226", "unknown-1"}
+
+
+# --- long uploads as jobs ---------------------------------------------------------------
+
+
+def test_a_long_upload_is_diarized_as_a_job_with_the_answer_of_the_direct_route(two_enrolled, vctk, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from voiceprint.service import create_app
+
+    _, path = _conversation(vctk, ["p225", "p226", "p228"], tmp_path)
+    with Engine.open(home=two_enrolled) as eng:
+        keys = {role: eng.create_key(role, by="test")[1] for role in ("query", "enroll")}
+        uploads = eng.uploads
+    query = {"X-API-Key": keys["query"]}
+    db = f"sqlite:///{two_enrolled / 'voiceprint.db'}"
+    with TestClient(create_app(str(two_enrolled), db, background=False)) as client:
+        assert client.post("/v1/diarize/jobs", content=path.read_bytes(), headers={"X-API-Key": keys["enroll"]}).status_code == 403
+        submitted = client.post("/v1/diarize/jobs", content=path.read_bytes(), headers=query, params={"speakers": 3})
+        assert submitted.status_code == 202, submitted.text
+        job_id = submitted.json()["id"]
+        for _ in range(600):
+            job = client.get(f"/v1/diarize/jobs/{job_id}", headers=query).json()
+            if job["status"] in ("succeeded", "failed"):
+                break
+            time.sleep(0.2)
+        assert job["status"] == "succeeded", job
+        assert job["progress"]["done"] == job["progress"]["total"] >= 1
+        direct = client.post("/v1/diarize", content=path.read_bytes(), headers=query, params={"speakers": 3}).json()
+        assert job["result"]["segments"] == direct["segments"] and job["result"]["speakers"] == direct["speakers"]
+        assert list(uploads.iterdir()) == []  # the upload is deleted once the job ends
+
+        refused = client.post("/v1/diarize/jobs", content=b"not audio at all" * 100, headers=query)
+        assert refused.status_code == 422 and refused.json()["error"] == "undecodable_audio"
+        assert client.get(f"/v1/diarize/jobs/{job_id + 1}", headers=query).status_code == 404
+        assert list(uploads.iterdir()) == []
+
+
+def test_an_upload_over_the_limit_is_refused_and_nothing_is_kept(two_enrolled, vctk, tmp_path, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from voiceprint.service import create_app
+
+    _, path = _conversation(vctk, ["p225", "p226"], tmp_path, turns=4)
+    monkeypatch.setenv("VOICEPRINT_SERVICE__MAX_UPLOAD_BYTES", "100000")
+    with Engine.open(home=two_enrolled) as eng:
+        key = eng.create_key("query", by="test")[1]
+        uploads = eng.uploads
+        jobs_before = eng.store.counts()["diarization_jobs"]
+
+    def chunks():  # no Content-Length: the limit is met while the body streams
+        data = path.read_bytes()
+        for begin in range(0, len(data), 16384):
+            yield data[begin : begin + 16384]
+
+    with TestClient(create_app(str(two_enrolled), f"sqlite:///{two_enrolled / 'voiceprint.db'}", background=False)) as client:
+        declared = client.post("/v1/diarize/jobs", content=path.read_bytes(), headers={"X-API-Key": key})
+        assert declared.status_code == 413, declared.text
+        streamed = client.post("/v1/diarize/jobs", content=chunks(), headers={"X-API-Key": key})
+        assert streamed.status_code == 413, streamed.text
+    assert list(uploads.iterdir()) == []
+    with Engine.open(home=two_enrolled) as eng:
+        assert eng.store.counts()["diarization_jobs"] == jobs_before
+
+
+def test_jobs_of_a_stopped_server_fail_and_their_uploads_are_deleted(two_enrolled, tmp_path):
+    stopped = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = stopped.stdout.strip()
+    host = socket.gethostname()
+    with Engine.open(home=two_enrolled) as eng:
+        orphan = eng.store.diarizations.submit(owner=f"{host}:{dead}", source="upload", speakers=None)
+        elsewhere = eng.store.diarizations.submit(owner=f"another-host:{dead}", source="upload", speakers=None)
+        left = [eng.uploads / f"job-{orphan.id}.upload", eng.uploads / f"{host}@{dead}@abc.partial"]
+        kept = [eng.uploads / f"job-{elsewhere.id}.upload", eng.uploads / f"{host}@{os.getpid()}@def.partial"]
+        for path in left + kept:
+            path.write_bytes(b"RIFF")
+        assert eng.recover_diarization_jobs() == [orphan.id]
+        failed = eng.diarization_job(orphan.id)
+        assert failed.status == "failed" and failed.result["error"] == "interrupted"
+        assert eng.diarization_job(elsewhere.id).status == "queued"  # another host's: not known here
+        assert sorted(eng.uploads.iterdir()) == sorted(kept)

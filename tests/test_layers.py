@@ -63,6 +63,8 @@ ORCHESTRATION = frozenset(
         "engine.access",
         "engine.health",
         "engine.diarizer",
+        "engine.discovery",
+        "engine.diarize_jobs",
     }
 )
 STORAGE_MAY_IMPORT = frozenset({"engine.errors", "engine.centroids"})
@@ -77,7 +79,7 @@ LONG_FILES_ALLOWED = {
     # command's text rendering; split across files, a command's flags and its output
     # would live apart. DESIGN.md fixes cli.py as one file at the top level, so the
     # ceiling grows only with new commands.
-    "cli.py": 830,
+    "cli.py": 880,
 }
 LENGTH_CHECKED = ("engine", "storage", "service", "migrations", "bench", "cli.py")
 SOURCE_SUFFIXES = (".py",)

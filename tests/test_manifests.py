@@ -49,9 +49,18 @@ def test_csv_stream_a_malformed_row_is_reported_in_place_and_the_rest_still_come
     assert rows[2][1] == ("carl, jr", BASE / "3.flac", None)  # CSV quoting holds a comma
 
 
-def test_csv_stream_header_without_speaker_and_path_is_an_error():
-    with pytest.raises(InvalidInput, match="must name 'speaker' and 'path'"):
+def test_csv_stream_header_without_path_is_an_error():
+    with pytest.raises(InvalidInput, match="must name a 'path' column"):
         parse("who,file\nann,1.flac\n")
+
+
+def test_rows_without_a_speaker_are_unlabeled():
+    """An empty cell, no speaker column, no key or JSON null: speaker None (stored unlabeled)."""
+    assert parse("speaker,path\n,1.flac\nann,2.flac\n") == [
+        (1, (None, BASE / "1.flac", None), "1.flac"), (2, ("ann", BASE / "2.flac", None), "2.flac")]
+    assert parse("path\n1.flac\n") == [(1, (None, BASE / "1.flac", None), "1.flac")]
+    assert [row[1] for row in parse('{"path": "1.flac"}\n{"speaker": null, "path": "2.flac"}\n')] == [
+        (None, BASE / "1.flac", None), (None, BASE / "2.flac", None)]
 
 
 def test_json_lines_stream_rows_and_their_malformed_rows():
@@ -150,9 +159,9 @@ def test_a_file_with_a_byte_order_mark_streams(tmp_path):
         assert [row[1] for row in stream_rows(fh, tmp_path)] == [("ann", tmp_path / "1.flac", None)]
 
 
-def test_json_null_or_list_is_not_a_speaker():
-    rows = parse('{"speaker": null, "path": "1.flac"}\n{"speaker": ["a"], "path": "2.flac"}\n{"speaker": "c", "path": 3}\n')
-    assert all(isinstance(error, InvalidInput) for _, error, _ in rows)
+def test_a_json_list_is_not_a_speaker_nor_a_number_a_path():
+    rows = parse('{"speaker": ["a"], "path": "2.flac"}\n{"speaker": "c", "path": 3}\n{"speaker": true, "path": "4.flac"}\n')
+    assert len(rows) == 3 and all(isinstance(error, InvalidInput) for _, error, _ in rows)
 
 
 def test_undecodable_bytes_make_their_row_malformed_not_the_stream():

@@ -36,6 +36,9 @@ def test_models_define_the_expected_tables() -> None:
         "calibrations",
         "api_keys",
         "audit_log",
+        "unlabeled_utterances",
+        "unlabeled_embeddings",
+        "diarization_jobs",
     }
 
 
