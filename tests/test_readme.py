@@ -260,3 +260,32 @@ def test_the_diarization_example_is_what_diarize_prints(tmp_path, dev_data, caps
     for line in shown.splitlines():
         if line != "    ...":
             assert line in printed, (line, printed)
+
+
+def test_the_clusters_example_is_what_the_commands_print(tmp_path, dev_data, capsys):
+    """The transcript of "New speakers in the unlabeled stream", run again as its text
+    describes it: five LibriSpeech speakers (sorted by name) enrolled with their first
+    three files, then nine rows without a speaker."""
+    from voiceprint import cli
+
+    libri = dev_data / "librispeech-test-other"
+    files: dict[str, list[str]] = {}
+    for line in (libri / "manifest.csv").read_text().splitlines()[1:]:
+        path, speaker = line.split(",")[:2]
+        files.setdefault(speaker, []).append(str(libri / path))
+    names = sorted(files)
+    rows = [f"{s},{p}" for s in names[:5] for p in files[s][:3]]
+    rows += [f",{p}" for p in files[names[5]][:5] + files[names[6]][:2] + files[names[0]][3:5]]
+    (tmp_path / "calls.csv").write_text("speaker,path\n" + "\n".join(rows) + "\n")
+    g = ["--home", str(tmp_path / "home")]
+    assert cli.main([*g, "init"]) == 0
+    assert cli.main([*g, "stream", str(tmp_path / "calls.csv")]) == 0
+    capsys.readouterr()
+    text = README.read_text()
+    shown = re.compile(r"```\n(.*?)```", re.S).search(text, text.index("then nine rows without a")).group(1).splitlines()
+    commands = [i for i, line in enumerate(shown) if line.startswith("$ voiceprint ")]
+    assert len(commands) == 2, shown
+    for begin, end in zip(commands, commands[1:] + [len(shown)]):
+        assert cli.main([*g, *shlex.split(shown[begin].removeprefix("$ voiceprint "))]) == 0
+        out, err = capsys.readouterr()
+        assert shown[begin + 1 : end] == out.splitlines() + err.splitlines(), (shown[begin], out, err)
