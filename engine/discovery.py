@@ -38,13 +38,14 @@ from voiceprint.engine.errors import UnknownCluster, VoiceprintError
 from voiceprint.engine.home import actor
 from voiceprint.engine.models import ModelRegistry
 from voiceprint.engine.recognition import Recognizer
-from voiceprint.engine.results import Cluster, EnrollmentResult
+from voiceprint.engine.results import Cluster, EnrollmentResult, Identification
 from voiceprint.storage import ModelVersion, Store
 
 log = logging.getLogger(__name__)
 
 CATCH_UP_BATCH = 64  # unlabeled utterances embedded together under a newly active version
 STRICTER = 0.8  # the stability check clusters again at this fraction of the threshold
+NEAREST = 5  # enrolled speakers looked up per cluster centroid (its candidate is among them)
 
 
 class Discovery:
@@ -73,30 +74,26 @@ class Discovery:
         # is calibrated for single utterances, and a cluster's centroid, an average of
         # many, scores higher against everyone (a new voice near an enrolled one passes).
         decided = [answer.decision for answer in self.recognizer.identify_embeddings(unit, version, top=1)]
-        found = []
-        for k in range(int(labels.max()) + 1):
-            members = np.flatnonzero(labels == k)
-            stability = np.bincount(strict[members]).max() / len(members)
-            found.append(self._judge(version, [ids[i] for i in members], unit[members], [decided[i] for i in members],
-                                     speech, float(stability)))
-        return found
+        groups = [np.flatnonzero(labels == k) for k in range(int(labels.max()) + 1)]
+        centroids = np.stack([_unit(unit[members].mean(axis=0)) for members in groups])
+        nearest = self.recognizer.identify_embeddings(centroids, version, top=NEAREST)
+        return [
+            self._judge([ids[i] for i in members], unit[members], centroids[k], [decided[i] for i in members], nearest[k],
+                        speech, float(np.bincount(strict[members]).max() / len(members)))
+            for k, members in enumerate(groups)
+        ]
 
     def _judge(
-        self, version: ModelVersion, members: list[int], vectors: np.ndarray, decided: list[str | None],
-        speech: dict[int, float], stability: float,
+        self, members: list[int], vectors: np.ndarray, centroid: np.ndarray, decided: list[str | None],
+        answer: Identification, speech: dict[int, float], stability: float,
     ) -> Cluster:
         cfg = self.config.unlabeled
-        centroid = vectors.mean(axis=0)
-        centroid = (centroid / max(float(np.linalg.norm(centroid)), 1e-12)).astype(np.float32)
-        answer = self.recognizer.identify_embedding(centroid, version, top=1)
-        best = answer.candidates[0] if answer.candidates else None
         votes = Counter(d for d in decided if d is not None)
         # The speaker most of its utterances are identified as; else the nearest to its centroid.
-        candidate = votes.most_common(1)[0][0] if votes else best.speaker if best is not None else None
+        candidate = votes.most_common(1)[0][0] if votes else answer.candidates[0].speaker if answer.candidates else None
         recognised = votes.get(candidate, 0) / len(members)
-        if candidate is not None and best is not None and candidate != best.speaker:
-            best = next((h for h in self.recognizer.identify_embedding(centroid, version, top=len(votes) + 5).candidates
-                         if h.speaker == candidate), best)
+        hit = next((h for h in answer.candidates if h.speaker == candidate), None)
+        score = None if hit is None else hit.on(answer.backend)
         seconds = float(sum(speech.get(i, 0.0) for i in members))
         if recognised > 0.5:
             status = "known"
@@ -104,7 +101,6 @@ class Discovery:
             status = "small"
         else:
             status = "proposed"
-        score = best.on(answer.backend) if best is not None else None
         return Cluster(
             number=members[0], utterances=tuple(members), speech_s=round(seconds, 3),
             cohesion=round(float(np.mean(vectors @ centroid)), 4), stability=round(stability, 4), status=status,
@@ -157,3 +153,7 @@ class Discovery:
             if on_progress is not None:
                 on_progress(min(begin + CATCH_UP_BATCH, len(missing)), len(missing), "embedding unlabeled utterances")
         log.info("embedded %d unlabeled utterances under version %d", len(missing), version.number)
+
+
+def _unit(vector: np.ndarray) -> np.ndarray:
+    return (vector / max(float(np.linalg.norm(vector)), 1e-12)).astype(np.float32)
