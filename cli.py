@@ -403,6 +403,9 @@ def _speaker_utterances(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+SCRUB_PENDING = "a reader holds erased bytes in the database files: scrubbed once it ends (voiceprint status)"
+
+
 def cmd_delete_speaker(args: argparse.Namespace) -> int:
     if not args.yes and not confirmed(f"erase everything stored about {args.speaker!r}?", "delete-speaker"):
         return EXIT_NEGATIVE
@@ -418,8 +421,7 @@ def cmd_delete_speaker(args: argparse.Namespace) -> int:
     ]
     trained += [f"refresh job(s) {result['running_refresh']} running: none promotes weights trained on this audio"] * bool(
         result["running_refresh"])
-    trained += ["a reader holds erased bytes in the database files: scrubbed once it ends (voiceprint status)"] * (
-        result["scrub"] == "pending")
+    trained += [SCRUB_PENDING] * (result["scrub"] == "pending")
     answer(args, {"ok": True, **result}, [line], trained)
     return EXIT_OK
 
@@ -456,8 +458,7 @@ def cmd_delete_cluster(args: argparse.Namespace) -> int:
         return EXIT_NEGATIVE
     with open_engine(args) as eng:
         doc = eng.delete_cluster(args.cluster)
-    notes = ["a reader holds erased bytes in the database files: scrubbed once it ends (voiceprint status)"] * (
-        doc["scrub"] == "pending")
+    notes = [SCRUB_PENDING] * (doc["scrub"] == "pending")
     answer(args, {"ok": True, **doc}, [f"erased cluster {doc['cluster']}: {doc['unlabeled_utterances']} utterance(s), "
                                        f"{doc['embeddings']} embedding(s)"], notes)
     return EXIT_OK

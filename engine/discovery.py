@@ -63,7 +63,7 @@ class Discovery:
         ids, x = self.store.unlabeled.embeddings(version.number)
         if not ids:
             return []
-        speech = {r.id: r.speech_s for r in self.store.unlabeled.records(ids)}
+        speech = {r.id: r.speech_s for r in self.store.unlabeled.records()}  # no IN list of every id
         threshold = self.config.unlabeled.threshold
         labels = diarization.cluster(x, threshold=threshold)
         # The same utterances grouped at a stricter threshold: a cluster that falls apart

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Iterator, Sequence
-
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -133,13 +132,7 @@ class Enroller:
 
     def _store_unlabeled(self, utt: audio.Speech, embedding: np.ndarray, version: ModelVersion) -> UnlabeledResult:
         """Keep and embed an utterance that came without a speaker (in no profile)."""
-        for _ in range(COMMIT_ATTEMPTS):
-            try:
-                return self._store_unlabeled_under(utt, embedding, version)
-            except VersionChanged:  # as in _commit: embedded again under the new active version
-                version = self.models.active()
-                embedding = self.models.embedder(version).embed([utt.samples])[0]
-        return self._store_unlabeled_under(utt, embedding, version)
+        return self._under_active(utt, embedding, version, self._store_unlabeled_under)
 
     def _store_unlabeled_under(self, utt: audio.Speech, embedding: np.ndarray, version: ModelVersion) -> UnlabeledResult:
         data, codec, rate = kept.encode(utt.samples, self.models.embedder(version), self.config.privacy.keep)
@@ -180,20 +173,29 @@ class Enroller:
         return self._consistency_cut(version)
 
     def _commit(
-        self, speaker: str, utt: audio.Speech, embedding: np.ndarray, version: ModelVersion, *,
+        self, speaker: str, utt: audio.Speech | _Kept, embedding: np.ndarray, version: ModelVersion, *,
         cut: float | None, forced_by: str | None,
     ) -> EnrollmentResult:
+        def write(utt, embedding, under: ModelVersion) -> EnrollmentResult:
+            # The batch's cut belongs to its version; a retry under another reads that one's.
+            here = cut if under.number == version.number else self._cut(under.number, forced_by is not None)
+            return self._commit_under(speaker, utt, embedding, under, cut=here, forced_by=forced_by)
+
+        return self._under_active(utt, embedding, version, write)
+
+    def _under_active(self, utt: audio.Speech | _Kept, embedding: np.ndarray, version: ModelVersion, write: Callable):
+        """``write(utt, embedding, version)``, which stores under ``version`` only while it
+        is active; when a refresh or rollback moved "active" after the utterance was
+        embedded, it is embedded again under the new version (so that version holds it
+        too) and written again, up to COMMIT_ATTEMPTS times."""
         for _ in range(COMMIT_ATTEMPTS):
             try:
-                return self._commit_under(speaker, utt, embedding, version, cut=cut, forced_by=forced_by)
+                return write(utt, embedding, version)
             except VersionChanged:
-                # A refresh or rollback moved "active" after this utterance was embedded:
-                # embed it again under the new version so that version holds it too.
                 version = self.models.active()
                 embedder = self.models.embedder(version)
                 embedding = utt.embed(embedder) if isinstance(utt, _Kept) else embedder.embed([utt.samples])[0]
-                cut = self._cut(version.number, forced_by is not None)
-        return self._commit_under(speaker, utt, embedding, version, cut=cut, forced_by=forced_by)
+        return write(utt, embedding, version)
 
     def _commit_under(
         self, speaker: str, utt: audio.Speech | _Kept, embedding: np.ndarray, version: ModelVersion, *,

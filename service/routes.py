@@ -108,6 +108,12 @@ async def audio_body(request: Request) -> tuple[bytes, str]:
     return await request.body(), "upload"
 
 
+def _force_needs_admin(key, force: bool) -> None:
+    """``force`` skips the consistency check, the one guard against a poisoned profile."""
+    if force and not allows(key, "admin"):
+        raise ApiError(403, "forbidden", f"force=true needs an admin key; this key has the {key.role} role")
+
+
 def _engine(request: Request):
     return request.app.state.engine
 
@@ -162,8 +168,7 @@ async def enroll(request: Request, speaker: str, force: bool = False) -> Enrollm
     admin key and is written to the audit log.
     """
     key = request.state.key
-    if force and not allows(key, "admin"):
-        raise ApiError(403, "forbidden", f"force=true needs an admin key; this key has the {key.role} role")
+    _force_needs_admin(key, force)
     data, name = await audio_body(request)
     outcomes = request.app.state.metrics.enrollments
     try:
@@ -252,8 +257,7 @@ async def name_cluster(request: Request, number: Id, speaker: str, force: bool =
     path; says which were enrolled, held for review, or refused (those stay unlabeled).
     404 when no cluster has that number now. ``force`` needs an admin key, as for enroll."""
     key = request.state.key
-    if force and not allows(key, "admin"):
-        raise ApiError(403, "forbidden", f"force=true needs an admin key; this key has the {key.role} role")
+    _force_needs_admin(key, force)
     return await infer(request, _engine(request).name_cluster, number, speaker, force=force, by=f"key:{key.id}")
 
 
