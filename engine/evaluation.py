@@ -231,8 +231,27 @@ def _notes(refused: Counter, rates: Counter, config: Config) -> list[str]:
     return notes
 
 
-def plot(report: EvalReport, path: Path) -> None:
-    """DET curve (normal-deviate axes) and score histograms, as a PNG."""
+# Both DET axes run from 0.1 % to 50 %: where operating points are read. Past 50 % a
+# system is worse than chance on that axis; under 0.1 % few test sets hold enough trials.
+DET_RANGE = (0.001, 0.5)
+DET_TICKS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
+
+
+def det_marks(report: EvalReport) -> dict[str, tuple[float, float]]:
+    """The points a DET plot marks, as (false-accept rate, miss rate) on the report's trials:
+    the EER, and the operating point of each threshold the version decides with."""
+    target, nontarget = report.scores["target"], report.scores["nontarget"]
+    m = report.metrics
+    marks = {f"EER {m['eer']:.2%}": (m["eer"], m["eer"])}
+    for task in ("verify", "identify"):
+        cut = m[f"{task}_threshold"]
+        marks[f"{task} threshold {cut:.3f}"] = (float(np.mean(nontarget >= cut)), float(np.mean(target < cut)))
+    return marks
+
+
+def figure(report: EvalReport):
+    """The DET curve (normal-deviate axes over :data:`DET_RANGE`, the EER and the thresholds'
+    operating points marked) beside the score histograms, as a matplotlib Figure."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
@@ -241,22 +260,40 @@ def plot(report: EvalReport, path: Path) -> None:
 
     target, nontarget = report.scores["target"], report.scores["nontarget"]
     _, miss, fa = error_rates(target, nontarget)
-    clip = lambda x: np.clip(x, 1e-4, 1 - 1e-4)  # noqa: E731 - the probit of 0 or 1 is infinite
+    low, high = norm.ppf(DET_RANGE)
+    # A rate of 0 or 1 has no probit: such points sit just outside the axes, which cut them off.
+    probit = lambda x: norm.ppf(np.clip(x, DET_RANGE[0] / 2, 1 - DET_RANGE[0] / 2))  # noqa: E731
     fig, (det, hist) = plt.subplots(1, 2, figsize=(11, 4.5))
-    det.plot(norm.ppf(clip(fa)), norm.ppf(clip(miss)))
-    ticks = [0.001, 0.01, 0.05, 0.2, 0.5]
-    det.set_xticks(norm.ppf(ticks), [f"{t:.1%}" for t in ticks])
-    det.set_yticks(norm.ppf(ticks), [f"{t:.1%}" for t in ticks])
+    det.plot(probit(fa), probit(miss), label="DET")
+    for (label, (x, y)), marker in zip(det_marks(report).items(), ("o", "s", "^")):
+        shown = np.clip(probit(np.array([x, y])), low, high)  # a point off the axes is drawn on its edge
+        off = " (off the axes)" if not (DET_RANGE[0] <= x <= DET_RANGE[1] and DET_RANGE[0] <= y <= DET_RANGE[1]) else ""
+        det.plot(*shown, marker=marker, linestyle="none", markersize=8,
+                 label=f"{label}: FA {x:.2%}, miss {y:.2%}{off}")
+    det.set_xlim(low, high)
+    det.set_ylim(low, high)
+    det.set_xticks(norm.ppf(DET_TICKS), [f"{t * 100:g}%" for t in DET_TICKS])
+    det.set_yticks(norm.ppf(DET_TICKS), [f"{t * 100:g}%" for t in DET_TICKS])
     det.set_xlabel("false-accept rate")
     det.set_ylabel("miss rate")
-    det.set_title(f"DET, version {report.version}: EER {report.metrics['eer']:.2%}")
+    det.set_title(f"DET, version {report.version}")
     det.grid(True, alpha=0.3)
+    det.legend(fontsize=7, loc="lower left")  # a DET curve runs from upper left to lower right
     bins = np.linspace(min(target.min(), nontarget.min()), max(target.max(), nontarget.max()), 50)
     hist.hist(nontarget, bins=bins, density=True, alpha=0.6, label=f"non-target ({len(nontarget)})")
     hist.hist(target, bins=bins, density=True, alpha=0.6, label=f"target ({len(target)})")
     hist.axvline(report.metrics["verify_threshold"], color="k", linestyle="--", label="verify threshold")
+    hist.axvline(report.metrics["identify_threshold"], color="k", linestyle=":", label="identify threshold")
     hist.set_xlabel("cosine score")
-    hist.legend()
+    hist.legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot(report: EvalReport, path: Path) -> None:
+    """:func:`figure`, written as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(report)
     fig.savefig(path, dpi=120)
     plt.close(fig)

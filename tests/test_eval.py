@@ -110,3 +110,29 @@ def test_eval_reports_progress_before_the_first_file_is_embedded(home, dev_data,
         eng.evaluate(files, on_progress=lambda done, total, what: calls.append((done, total, what)))
     assert calls[0] == (0, 40, "embedding") and calls[-1] == (40, 40, "embedding")
     assert "eval: loading and embedding 40 files" in caplog.text
+
+
+def test_the_det_plot_reads_as_the_field_reads_it(home, dev_data):
+    """Normal-deviate axes clipped to 0.1-50 % on both sides (not the far corners), the
+    EER and the operating point of each current threshold marked where the trials put them."""
+    from scipy.stats import norm
+
+    from voiceprint.engine.evaluation import DET_RANGE, det_marks, figure
+
+    files = read_manifest(dev_data / "speechocean762-train" / "manifest.csv")
+    speakers = sorted({f.speaker for f in files})[:30]  # enough errors for an EER above 0
+    with Engine.open(home=home) as eng:
+        report = eng.evaluate([f for f in files if f.speaker in speakers])
+    m = report.metrics
+    assert 0 < m["eer"] < 0.5
+    marks = det_marks(report)
+    assert marks[f"EER {m['eer']:.2%}"] == (m["eer"], m["eer"])
+    verify = marks[f"verify threshold {m['verify_threshold']:.3f}"]
+    assert verify == pytest.approx((m["false_accept_rate"], m["miss_rate"]), abs=1e-4)
+    fig = figure(report)
+    det = fig.axes[0]
+    assert det.get_xlim() == det.get_ylim() == pytest.approx(tuple(norm.ppf(DET_RANGE)))
+    labels = [line.get_label() for line in det.get_lines()]
+    assert len(labels) == 4 and all(any(label.startswith(k) for label in labels) for k in marks)
+    eer_point = det.get_lines()[1].get_xydata()[0]
+    assert eer_point == pytest.approx([norm.ppf(m["eer"])] * 2)
