@@ -164,6 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="address to listen on (default [service] host, 127.0.0.1)")
     p.add_argument("--port", type=flag_for("service", "port"), help="port (default [service] port, 8080; 0 picks a free one and prints it)")
 
+    p = command("listen", cmd_listen, "stream a file, or a microphone's raw PCM on stdin, to a server's live routes")
+    p.add_argument("task", choices=["enroll", "identify", "verify"])
+    p.add_argument("what", nargs="+", metavar="[SPEAKER] SOURCE", help="the speaker (enroll, verify), then a file or - (16-bit PCM on stdin)")
+    p.add_argument("--url", default="ws://127.0.0.1:8080", help="the server (default ws://127.0.0.1:8080)")
+    p.add_argument("--key", default=os.environ.get("VOICEPRINT_KEY"), help="API key (default $VOICEPRINT_KEY)")
+    p.add_argument("--rate", type=flag(COUNT), default=16000, help="sample rate of stdin's PCM (default 16000)")
+    p.add_argument("--pace", type=float, default=1.0, help="1: real time (default), 0: as fast as the socket takes it")
+    p.add_argument("--top", type=flag(COUNT), default=5, help="identify: candidates in each answer (default 5)")
+    p.add_argument("--force", action="store_true", help="enroll: " + force + " (admin key)")
+
     p = command("keys", cmd_keys, "create, list or revoke the service's API keys")
     p.add_argument("action", choices=["create", "list", "revoke"])
     p.add_argument("--role", choices=["admin", "enroll", "query"], help="create: what the key may do")
@@ -827,6 +837,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve(create_app(home, db), sock, verbose=args.verbose)
     print("voiceprint serve: stopped", file=sys.stderr)
     return EXIT_OK
+
+
+def cmd_listen(args: argparse.Namespace) -> int:
+    from voiceprint.service.listen import main_of
+
+    *speaker, args.source = args.what
+    if len(speaker) != (args.task != "identify"):
+        raise InvalidInput(f"listen {args.task} takes {'SOURCE' if args.task == 'identify' else 'SPEAKER SOURCE'}")
+    args.speaker = speaker[0] if speaker else None
+    if not args.key:
+        raise InvalidInput("listen needs an API key: --key, or $VOICEPRINT_KEY (kept out of the shell history)")
+    try:
+        final, _ = main_of(args)
+    except ConnectionError as exc:
+        raise InvalidInput(str(exc)) from None
+    result = final.get("result")
+    if result is None:
+        return EXIT_ERROR
+    return EXIT_NEGATIVE if result.get("accepted") is False or result.get("decision", "") is None else EXIT_OK
 
 
 def cmd_keys(args: argparse.Namespace) -> int:

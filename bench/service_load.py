@@ -2,14 +2,16 @@
 per second and their latency, on SQLite and on PostgreSQL.
 
     .venv/bin/python bench/service_load.py [--clients 1 8] [--enrollments 400] [--identifies 400]
-                                            [--max-seconds 300] [--postgres URL]
+                                            [--streams 16] [--max-seconds 300] [--postgres URL] [--out NAME]
 
 For each database and each client count a fresh home is made, one server process
 started (port chosen by the OS), and that many threads send requests over keep-alive
 connections: first
 ``--enrollments`` enrollments of speechocean762-train files (each speaker's files dealt
-over several clients), then ``--identifies`` identify calls on those files. Each phase
-stops early at ``--max-seconds``. Latency is the client's wall time per request. After
+over several clients), then ``--identifies`` identify calls on those files, then
+``--streams`` live identify sessions over WebSocket (enrolled files spread over the
+speakers, sent in real time; latency from the end of the audio to the final decision). The first two
+phases stop early at ``--max-seconds``. Latency is the client's wall time per request. After
 each server stops, the same identify calls are timed in-process (``Engine.identify``,
 one at a time), so the cost of the HTTP layer can be read off.
 PostgreSQL runs in a database created for the run and dropped after it (default URL:
@@ -19,6 +21,8 @@ the local test server); ``--postgres ""`` skips it. Writes bench/results/service
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import re
 import subprocess
 import sys
@@ -30,8 +34,11 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import soundfile as sf
 from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, read_manifest, write_result  # noqa: E402
@@ -102,6 +109,54 @@ def phase(url: str, key: str, requests: list[tuple[str, Path]], clients: int, ma
     }
 
 
+def stream_phase(url: str, key: str, paths: list[Path], clients: int) -> dict:
+    """Live identify sessions from ``clients`` threads, each file sent in 0.1 s frames at
+    real time (as a microphone would); the latency is from the last frame (the end of
+    speech) to the final decision."""
+    latencies: list[float] = []
+    partials: list[int] = []
+    codes: dict[int, int] = {}
+    lock = threading.Lock()
+    ws_url = url.replace("http://", "ws://") + "/v1/stream/identify"
+
+    def client(share: list[Path]) -> None:
+        for path in share:
+            samples, rate = sf.read(path, dtype="int16")
+            data, step = samples.astype("<i2").tobytes(), int(rate * 0.1) * 2
+            with connect(ws_url, additional_headers={"Authorization": f"Bearer {key}"}, open_timeout=60) as ws:
+                ws.send(json.dumps({"type": "start", "rate": rate}))
+                started = time.perf_counter()
+                for sent in range(0, len(data), step):
+                    ws.send(data[sent:sent + step])
+                    time.sleep(max(0.0, started + (sent + step) / 2 / rate - time.perf_counter()))
+                ended = time.perf_counter()
+                ws.send(json.dumps({"type": "end"}))
+                events = []
+                with contextlib.suppress(ConnectionClosed):
+                    for message in ws:
+                        events.append(json.loads(message))
+                took = time.perf_counter() - ended
+            with lock:
+                codes[ws.close_code] = codes.get(ws.close_code, 0) + 1
+                if events and events[-1]["event"] == "result":
+                    latencies.append(took)
+                    partials.append(sum(e["event"] == "partial" for e in events))
+
+    threads = [threading.Thread(target=client, args=(paths[i::clients],)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ms = np.array(latencies) * 1000
+    return {
+        "streams": len(latencies),
+        "end_to_decision_p50_ms": round(float(np.percentile(ms, 50)), 1),
+        "end_to_decision_p99_ms": round(float(np.percentile(ms, 99)), 1),
+        "partials_per_stream": round(float(np.mean(partials)), 2),
+        "close_codes": {str(k): v for k, v in sorted(codes.items())},
+    }
+
+
 def run(db: str | None, clients: int, args: argparse.Namespace, items) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp) / "home"
@@ -119,6 +174,9 @@ def run(db: str | None, clients: int, args: argparse.Namespace, items) -> dict:
                 "enroll": phase(url, key, enroll, clients, args.max_seconds),
                 "identify": phase(url, key, identify, clients, args.max_seconds),
             }
+            if args.streams:  # enrolled files spread over the speakers, as the identify phase uses
+                paths = [it.path for it in chosen[:: max(1, len(chosen) // args.streams)][: args.streams]]
+                result["live_identify"] = stream_phase(url, key, paths, clients)
         finally:
             proc.terminate()
             proc.wait(timeout=60)
@@ -144,6 +202,8 @@ def main() -> None:
     parser.add_argument("--identifies", type=int, default=400)
     parser.add_argument("--max-seconds", type=float, default=300.0, help="per phase")
     parser.add_argument("--postgres", default=DEFAULT_PG, help='admin URL of a PostgreSQL server; "" skips it')
+    parser.add_argument("--streams", type=int, default=16, help="live identify sessions per run, in real time (0: none)")
+    parser.add_argument("--out", default="service", help="result name under bench/results/ (default service)")
     args = parser.parse_args()
     items = read_manifest("speechocean762-train")
     results: dict = {"settings": {k: v for k, v in vars(args).items() if k != "postgres"}, "sqlite": [], "postgresql": []}
@@ -164,7 +224,7 @@ def main() -> None:
                 with admin.connect() as conn:
                     conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.dispose()
-    print(write_result("service", results))
+    print(write_result(args.out, results))
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ SAMPLE_RATE = 16_000
 _CLIP_LEVEL = 0.999  # |x| at or above this counts as clipped
 _PEAK_CEILING = 0.99  # the level gain is limited so the peak stays below full scale
 _VAD_CHUNK = 512  # samples per silero-vad probability at 16 kHz (fixed by the model)
+SNR_FRAME = SAMPLE_RATE // 50  # 20 ms frames for the SNR estimate
 # Kept around each speech segment: onsets, releases and breaths carry speaker information.
 # 150 ms beat 50 ms by 4 points of top-1 on speechocean762 (README, "Results").
 _VAD_PAD_MS = 150
@@ -373,11 +374,20 @@ def estimate_snr_db(samples: np.ndarray, segments: list[dict]) -> float:
     >>> round(estimate_snr_db(noisy, [{"start": 8000, "end": 40000}]))
     37
     """
-    frame = SAMPLE_RATE // 50
-    n = len(samples) // frame
+    return snr_of_frames(frame_powers(samples), segments)
+
+
+def frame_powers(samples: np.ndarray) -> np.ndarray:
+    """Mean power of each whole 20 ms frame of a 16 kHz signal (what the SNR estimate reads)."""
+    n = len(samples) // SNR_FRAME
+    return np.mean(np.square(samples[: n * SNR_FRAME].reshape(n, SNR_FRAME), dtype=np.float64), axis=1)
+
+
+def snr_of_frames(power: np.ndarray, segments: list[dict]) -> float:
+    """:func:`estimate_snr_db` from the frame powers (a live stream keeps them as it goes)."""
+    frame, n = SNR_FRAME, len(power)
     if n == 0:
         return 0.0
-    power = np.mean(np.square(samples[: n * frame].reshape(n, frame), dtype=np.float64), axis=1)
     speech = np.zeros(n, dtype=bool)
     for seg in segments:
         speech[seg["start"] // frame : -(-seg["end"] // frame)] = True
@@ -451,16 +461,22 @@ def _vad_forward(batch: torch.Tensor) -> torch.Tensor:
     with _vad_lock:
         if _vad_model is None:
             logger.info("loading the silero-vad model")
-            with warnings.catch_warnings():
-                # silero-vad locates its file with the deprecated importlib.resources.path.
-                warnings.simplefilter("ignore", DeprecationWarning)
-                _vad_model = _silero().load_silero_vad()
+            _vad_model = new_vad_model()
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
             return _vad_model.audio_forward(batch, SAMPLE_RATE)
         finally:
             torch.set_num_threads(threads)
+
+
+def new_vad_model() -> torch.jit.ScriptModule:
+    """A silero-vad model: the one of the batched passes, or one of a stream's own (fed chunk
+    by chunk, it keeps its recurrent state on itself, so two streams cannot share one)."""
+    with warnings.catch_warnings():
+        # silero-vad locates its file with the deprecated importlib.resources.path.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return _silero().load_silero_vad()  # its state starts fresh on the first chunk
 
 
 _import_lock = threading.Lock()

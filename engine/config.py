@@ -254,6 +254,23 @@ class ServiceConfig(Section):
 
 
 @dataclass(frozen=True)
+class LiveConfig(Section):
+    """Live audio over WebSocket (README, "Live audio"); a session's audio is also bounded
+    by ``[audio] max_duration_s`` (and, under ``voiceprint serve``, ``[service] max_audio_s``)."""
+
+    max_sessions: int = key(32, at_least=1, at_most=100_000)  # open sessions per process; more are refused (4503)
+    idle_timeout_s: float = key(10.0, above=0, at_most=3600)  # no message for this long: closed (4408)
+    max_session_s: float = key(600.0, above=0, at_most=86400)  # wall-clock length of one session (4408 past it)
+    # PCM bytes one session may send (4413 past it), whatever its rate and format allow in time
+    max_session_bytes: int = key(64 * 1024 * 1024, at_least=1, at_most=2**34)
+    # identify / verify: a running answer each time this much more speech has arrived (and at
+    # least a quarter more than at the last one, so a long session is not re-read every second)
+    partial_every_s: float = key(1.0, above=0, at_most=3600)
+    # enrollment: the speech so far checked against the profile each time this much more has arrived (idem)
+    check_every_s: float = key(3.0, above=0, at_most=3600)
+
+
+@dataclass(frozen=True)
 class Config:
     audio: AudioConfig = field(default_factory=AudioConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
@@ -264,6 +281,7 @@ class Config:
     refresh: RefreshConfig = field(default_factory=RefreshConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
+    live: LiveConfig = field(default_factory=LiveConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)

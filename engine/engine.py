@@ -184,6 +184,11 @@ class Engine:
             raise result
         return result
 
+    def preview_enrollment(self, speaker: str, source: Source, *, name: str | None = None) -> str:
+        """What enrolling ``source`` for ``speaker`` would answer now, storing nothing: ``OK``
+        or ``INCONSISTENT_SPEAKER``; bad audio raises what :meth:`enroll` would raise."""
+        return self.enroller.preview(speaker, source, name=name)
+
     def enroll_many(
         self, items: Sequence[Item | VoiceprintError], *, force: bool = False, by: str | None = None
     ) -> list[Outcome]:

@@ -21,9 +21,12 @@ import numpy as np
 
 from voiceprint.engine import audio, kept
 from voiceprint.engine.audio import Source
+from voiceprint.engine.centroids import RunningCentroid
 from voiceprint.engine.config import Config
 from voiceprint.engine.drift import GenuineScoreDrift
-from voiceprint.engine.errors import Clipped, InvalidInput, TooNoisy, UnknownUtterance, VersionChanged, VoiceprintError
+from voiceprint.engine.errors import (
+    Clipped, InvalidInput, TooNoisy, UnknownSpeaker, UnknownUtterance, VersionChanged, VoiceprintError,
+)
 from voiceprint.engine.home import actor
 from voiceprint.engine.models import ModelRegistry
 from voiceprint.engine.names import check_speaker_name
@@ -95,6 +98,27 @@ class Enroller:
                 speech = self._quality_problem(speech.quality, speech.source) or speech
             prepared[i] = speech if isinstance(speech, VoiceprintError) else (speakers[i], speech)
         return prepared
+
+    def preview(self, speaker: str, source: Source, *, name: str | None = None) -> str:
+        """The feedback enrolling ``source`` would get now, storing nothing: ``OK``,
+        ``INCONSISTENT_SPEAKER`` (by the commit's own rule and cut), or raises the error the
+        enrollment would raise (``TooShort``, ``Clipped``, ...). Live enrollment shows it
+        while the person is still speaking."""
+        prepared = self.prepare([(speaker, source, name)])[0]
+        if isinstance(prepared, VoiceprintError):
+            raise prepared
+        version = self.models.active()
+        cut = self._cut(version.number, False)
+        if cut is None or not self.store.profiles.has_speaker(speaker):
+            return "OK"
+        try:
+            centroid = self.store.profiles.centroid(speaker, version.number)
+        except UnknownSpeaker:  # only held utterances so far: no profile to compare with
+            return "OK"
+        embedding = self.models.embedder(version).embed([prepared[1].samples])[0]
+        running = RunningCentroid(dim=centroid.sum.size, sum=centroid.sum, count=centroid.count)
+        admitted, _ = running.admits(embedding, cut, self.config.enrollment.consistency_min_count)
+        return "OK" if admitted else "INCONSISTENT_SPEAKER"
 
     def _quality_problem(self, q: audio.Quality, source: str) -> VoiceprintError | None:
         """CLIPPED or TOO_NOISY for speech that would blur a profile, else None."""

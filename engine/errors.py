@@ -142,6 +142,13 @@ class InvalidInput(VoiceprintError):
     code = "invalid_input"
 
 
+class MalformedStream(InvalidInput):
+    """Live audio that breaks its protocol: PCM before the start message, a partial sample
+    at the end, an unknown format or rate, a message that is not what was expected."""
+
+    code = "malformed_stream"
+
+
 class UnknownUtterance(InvalidInput):
     """No stored utterance has this id (HTTP 404)."""
 

@@ -7,7 +7,7 @@ lock their speaker's row, and a refresh holds a database-wide lock, so only one 
 refreshes at a time.
 
 Errors are JSON ``{"error": code, "message": text}`` with a 4xx status for anything a
-client sent; see :data:`STATUS_OF`.
+client sent; see :data:`voiceprint.service.statuses.STATUS_OF`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ from voiceprint.engine.config import Config
 from voiceprint.engine.events import ACCESS, event, logfmt
 from voiceprint.engine.home import load_home_config, resolve_db, resolve_home
 from voiceprint.service.metrics import Metrics
+from voiceprint.service.live import router as live_router
 from voiceprint.service.routes import DIARIZE_JOBS, ApiError, router
+from voiceprint.service.statuses import SAFE_MESSAGES, status_of
 from voiceprint.service.uploads import DiarizationRunner
 from voiceprint.service.worker import JobWorker, recover_jobs
 
@@ -43,33 +45,6 @@ log = logging.getLogger(__name__)
 API_TITLE = "voiceprint"
 DOCS_ASSETS = "/docs-assets"  # where /docs and /redoc load their scripts and styles from
 MAX_HEADER_BYTES = 16 * 1024
-
-# The HTTP status of each error the engine raises on purpose (most specific class first).
-STATUS_OF: tuple[tuple[type[errors.VoiceprintError], int], ...] = (
-    (errors.TooLong, 413),
-    (errors.PathNotAllowed, 403),
-    (errors.AudioError, 422),
-    (errors.UnknownSpeaker, 404),
-    (errors.UnknownVersion, 404),
-    (errors.UnknownUtterance, 404),
-    (errors.UnknownCluster, 404),
-    (errors.DuplicateUtterance, 409),
-    (errors.RefreshBusy, 409),
-    (errors.UnfinishedVersion, 409),
-    (errors.WeightsPruned, 409),
-    (errors.NotEnoughData, 409),
-    (errors.InvalidInput, 400),
-    (errors.CheckpointError, 500),
-    (errors.StorageError, 503),
-    (errors.VoiceprintError, 400),
-)
-
-# What a client is told of a failure on the server's side; the log has the details.
-SAFE_MESSAGES = {
-    500: "the server could not complete the request; its log has the details",
-    503: "storage is unavailable (database unreachable or the disk full); try again later",
-}
-
 
 class SizeLimits:
     """Refuse headers over :data:`MAX_HEADER_BYTES` (431) and bodies over ``max_bytes``
@@ -107,10 +82,6 @@ class SizeLimits:
 
 def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": code, "message": message}, status_code=status, headers=headers)
-
-
-def status_of(exc: errors.VoiceprintError) -> int:
-    return next(status for cls, status in STATUS_OF if isinstance(exc, cls))
 
 
 def service_config(config: Config, home: Path) -> Config:
@@ -177,6 +148,8 @@ def create_app(home: str | None = None, db: str | None = None, *, background: bo
     _add_error_handlers(app)
     _add_request_metrics(app, metrics)
     app.include_router(router)
+    app.include_router(live_router)
+    app.state.live_sessions = 0
     _add_docs(app)
     return app
 

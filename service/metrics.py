@@ -36,6 +36,10 @@ class Metrics:
         self.refreshes = Counter(
             "voiceprint_refreshes", "Refreshes run by this process, by outcome", ["outcome"], registry=self.registry,
         )
+        self.live_sessions = Counter(
+            "voiceprint_live_sessions", "WebSocket sessions by route template and how they ended "
+            "(result, disconnect or an error code)", ["route", "outcome"], registry=self.registry,
+        )
         self.active_version = Gauge(
             "voiceprint_active_version", "The active model version", registry=self.registry,
         )

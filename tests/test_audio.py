@@ -434,3 +434,25 @@ def test_vad_leaves_torch_thread_count_alone():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["NoSpeech", "3"]
+
+
+def test_the_running_vad_of_live_audio_judges_each_chunk_as_the_file_path_does(utterance):
+    """LiveAudio feeds silero chunk by chunk with the session's own state; the model is
+    causal, so at 16 kHz its probabilities equal the batched pass over the whole file,
+    whatever sizes the frames came in."""
+    from voiceprint.engine.live import LiveAudio
+
+    samples, rate = sf.read(utterance, dtype="int16")
+    assert rate == audio.SAMPLE_RATE
+    live = LiveAudio(rate, "s16le", AudioConfig())
+    data, step = samples.astype("<i2").tobytes(), 3001  # odd: samples split across frames
+    for i in range(0, len(data), step):
+        live.add(data[i:i + step])
+        if i % (step * 7) == 0:
+            live.detect()
+    live.detect()
+    whole = audio.speech_probabilities([samples.astype(np.float32) / 32768])[0]
+    n = len(live._probs)
+    assert n == len(samples) // 512
+    np.testing.assert_allclose(live._probs, whole[:n], atol=1e-5)
+    assert audio.load(live.wav()).samples.tobytes() == audio.load(utterance).samples.tobytes()

@@ -133,13 +133,15 @@ def test_every_benchmark_flag_shown_exists():
 
 
 SMALL_REFRESH = "[refresh]\nsteps = 30\nspeakers_per_batch = 4\n"
+NEEDS_A_SERVER = {"serve", "listen"}
 
 
 def test_the_walk_through_runs_in_order(tmp_path, dev_data, capsys, monkeypatch):
     """Every walk-through command, in its order, on vctk-4: the placeholders become real
     files (alice is p225; a p227 clip streamed as hers is what ``pending`` shows,
     ``accept 42`` takes and ``remove-utterance 42`` removes again), and each command must succeed, except the ones the walk-through
-    itself says cannot here. ``serve`` blocks, so it is left to tests/test_service.py."""
+    itself says cannot here. ``serve`` blocks and ``listen`` needs it, so they are left to
+    tests/test_service.py and tests/test_live.py."""
     from voiceprint import cli
 
     vctk = dev_data / "vctk-4"
@@ -161,7 +163,7 @@ def test_the_walk_through_runs_in_order(tmp_path, dev_data, capsys, monkeypatch)
     ran, ran_on = [], {}
     shown = command_lines(block("Walk-through", "bash"), "voiceprint")
     for argv in shown:
-        if argv[0] == "serve":
+        if argv[0] in NEEDS_A_SERVER:
             continue
         if argv[0] == "accept":
             held = [u["id"] for u in json.loads(_run(cli, [*g, "--json", "pending"], capsys)[1])]
@@ -176,7 +178,7 @@ def test_the_walk_through_runs_in_order(tmp_path, dev_data, capsys, monkeypatch)
         ran_on[argv[0]] = argv[-1]
         if argv[0] == "init":
             (tmp_path / "home" / "config.toml").write_text(SMALL_REFRESH)
-    assert ran == [argv[0] for argv in shown if argv[0] != "serve"] and len(ran) > 20, ran
+    assert ran == [argv[0] for argv in shown if argv[0] not in NEEDS_A_SERVER] and len(ran) > 20, ran
     assert (work / "det.png").is_file()
 
 
