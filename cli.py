@@ -149,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", type=identifier, help="evaluate this kept version instead of the active one")
     p.add_argument("--min-speech", type=flag_for("audio", "min_speech_s"), help="seconds of speech a file needs, for this evaluation only")
     p.add_argument("--plot", type=Path, help="write a DET curve and score histograms to this PNG")
+    p.add_argument("--scoring", choices=["cosine", "asnorm", "asnorm+calibrated"],
+                   help="the back-end whose scores and thresholds are reported (default: the one the version decides with)")
 
     p = command("schedule", cmd_schedule, "set, list or clear when refreshes run (executed by `voiceprint serve`)")
     when = p.add_mutually_exclusive_group()
@@ -632,14 +634,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.min_speech is not None:
         config = replace(home_config, audio=replace(home_config.audio, min_speech_s=args.min_speech))
     with open_engine(args, config) as eng, closing(ProgressBars(args)) as bars:
-        report = eng.evaluate(files, enroll=args.enroll, trials=trials, version=args.version, on_progress=bars)
+        report = eng.evaluate(files, enroll=args.enroll, trials=trials, version=args.version, scoring=args.scoring, on_progress=bars)
     if args.plot:
         plot(report, args.plot)
     m = report.metrics
     lines = [
         f"version {report.version}: {report.speakers} speakers, {report.probes} probes, "
         f"{report.trials['target']} target / {report.trials['nontarget']} non-target trials",
-        f"  EER        {m['eer']:.2%}  (at cosine {m['eer_threshold']:.3f})",
+        f"  EER        {m['eer']:.2%}  (at {report.backend} {m['eer_threshold']:.3f})",
         f"  minDCF     {m['min_dcf_0.01']:.4f} (p_target 0.01)  {m['min_dcf_0.05']:.4f} (p_target 0.05)",
         f"  top-1      {m['top1']:.2%}   top-5 {m['top5']:.2%}",
         f"  at verify threshold {m['verify_threshold']:.2f}: false accepts {m['false_accept_rate']:.2%}, misses {m['miss_rate']:.2%}",

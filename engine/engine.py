@@ -361,13 +361,27 @@ class Engine:
 
     def evaluate(
         self, files: list[LabelledFile], *, enroll: int = 3, trials: list[Trial] | None = None,
-        version: int | None = None, on_progress: Progress | None = None,
+        version: int | None = None, scoring: str | None = None, on_progress: Progress | None = None,
     ) -> evaluation.EvalReport:
-        """Score a labelled set under ``version`` (default: the active one); stores nothing."""
+        """Score a labelled set under ``version`` (default: the active one); stores nothing.
+
+        ``scoring`` (cosine, asnorm or asnorm+calibrated) is the back-end whose scores and
+        thresholds are reported; by default the one the version decides with now (the
+        configured one, or cosine until it is calibrated). One the version cannot give
+        raises ``NotEnoughData`` saying why."""
         model = self.models.get(version) if version is not None else self.models.active()
-        return evaluation.evaluate(
-            self.models.embedder(model), model.number, self.config, files, enroll=enroll, trials=trials, on_progress=on_progress
+        state = self.recognizer.scoring(model.number)
+        cfg = self.config.scoring
+        backend, why = state.backend(scoring or cfg.backend, cfg.min_cohort)
+        if scoring is not None and backend != scoring:
+            raise NotEnoughData(f"eval --scoring {scoring}: {why.split(': ', 1)[-1]}")
+        report = evaluation.evaluate(
+            self.models.embedder(model), model.number, self.config, files, scoring=state, backend=backend,
+            threshold=lambda task, gallery: self.recognizer.threshold(state, backend, task, gallery),
+            enroll=enroll, trials=trials, on_progress=on_progress,
         )
+        report.notes.extend([why] if why else [])
+        return report
 
     # -- refresh, rollback and jobs ----------------------------------------------------
 

@@ -5,12 +5,17 @@ Nothing is written to the database. Speakers are enrolled in memory from their f
 against every enrolled speaker. With a trial list, only the listed (speaker, probe)
 pairs count as verification trials.
 
+Scores are those of one back-end, as the engine computes them for the version: cosine,
+AS-norm against the version's stored cohort, or the LLR of its stored calibration (and
+centred when the calibration centres). Speakers are ranked by cosine, as the engine
+ranks them; decisions are taken on the back-end's score of the winner, with the
+thresholds the engine decides with now.
+
 Reported: EER, minDCF at p_target 0.01 and 0.05, top-1 / top-5 identification, the
-false-accept and miss rates at the verify threshold an uncalibrated version uses (from
-the encoder's reference scores), the open-set false-accept rate at the identify
-threshold for the gallery's size (each probe with its own speaker removed from the
-gallery: would anyone else be accepted?), trial counts, per-duration buckets, and what
-was done with files that could not be used.
+false-accept and miss rates at the verify threshold, the open-set false-accept rate at
+the identify threshold for the gallery's size (each probe with its own speaker removed
+from the gallery: would anyone else be accepted?), trial counts, per-duration buckets,
+and what was done with files that could not be used.
 """
 
 from __future__ import annotations
@@ -20,14 +25,14 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from voiceprint.engine import audio
-from voiceprint.engine.calibration import reference_thresholds
 from voiceprint.engine.config import Config
-from voiceprint.engine.encoders import reference_scores
 from voiceprint.engine.errors import AudioError, InvalidInput
+from voiceprint.engine.index import CentroidIndex
 from voiceprint.engine.manifests import LabelledFile, Trial
 from voiceprint.engine.metrics import eer, error_rates, min_dcf, top_k_accuracy
 from voiceprint.engine.progress import Progress, report
@@ -51,6 +56,7 @@ class EvalReport:
     metrics: dict
     by_duration: dict[str, dict]
     notes: list[str] = field(default_factory=list)
+    backend: str = "cosine"  # the scores and thresholds reported: cosine, asnorm or asnorm+calibrated
     scores: dict = field(default_factory=dict, repr=False)  # target / nontarget arrays, for the plot
 
     def to_dict(self) -> dict:
@@ -65,11 +71,16 @@ def evaluate(
     config: Config,
     files: list[LabelledFile],
     *,
+    scoring,
+    backend: str,
+    threshold: Callable[[str, int], tuple[float | None, str]],
     enroll: int = 3,
     trials: list[Trial] | None = None,
     on_progress: Progress | None = None,
 ) -> EvalReport:
-    """Score ``files`` (and ``trials``) with ``embedder``, the encoder of ``version``."""
+    """Score ``files`` (and ``trials``) with ``embedder``, the encoder of ``version``, on
+    ``backend`` with the version's ``scoring`` state (centre, cohort, calibration);
+    ``threshold(task, gallery)`` is the engine's threshold for it and a note."""
     if enroll < 1:
         raise InvalidInput("--enroll must be at least 1")
     probe_paths = sorted({t.probe for t in trials}, key=str) if trials else []
@@ -79,12 +90,17 @@ def evaluate(
     gallery = _gallery(files, speeches, enroll, notes)
     names = sorted(gallery)
     centroids = np.stack([np.mean([embeddings[p] for p in gallery[s]], axis=0) for s in names])
-    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
     column = {s: i for i, s in enumerate(names)}
     probes, probe_speaker, pairs = _probes_and_pairs(files, trials, embeddings, gallery, names, notes)
-    scores = np.stack([embeddings[p] for p in probes]) @ centroids.T
+    index = CentroidIndex(names, scoring.centred(centroids), cohort=scoring.cohort, calibration=scoring.calibration)
+    on_scale = {"cosine": 0, "asnorm": 1, "asnorm+calibrated": 2}[backend]
+    every = [index.scores(scoring.centred(embeddings[p])) for p in probes]
+    if every[0][on_scale] is None:
+        raise InvalidInput(f"version {version} gives no {backend} scores (no cohort or no calibration)")
+    scores = np.stack([s[0] for s in every])  # cosine: what speakers are ranked by
+    decided = np.stack([s[on_scale] for s in every])  # the back-end's score: what decides
     pair_rows = np.array([i for i, _, _ in pairs])
-    pair_scores = np.array([scores[i, j] for i, j, _ in pairs])
+    pair_scores = np.array([decided[i, j] for i, j, _ in pairs])
     is_target = np.array([t for _, _, t in pairs])
     if is_target.all() or not is_target.any():
         raise InvalidInput("the trials need both target and non-target pairs")
@@ -93,14 +109,13 @@ def evaluate(
     known = np.array([probe_speaker.get(p) in column for p in probes])
     truth = np.array([column.get(probe_speaker.get(p), -1) for p in probes])
     durations = np.array([speeches[p].quality.speech_s for p in probes])
-    # Eval scores raw cosines with no stored calibration: the thresholds an uncalibrated
-    # version decides with (the encoder's reference; identify for the gallery searched).
-    reference = reference_scores(config.encoder.name)
-    if reference is None:
-        raise InvalidInput(f"encoder {config.encoder.name!r} has no reference scores to set eval's thresholds with")
-    cuts = reference_thresholds(reference, config.scoring.verify_far, config.scoring.identify_far, max(len(names) - 1, 1))
-    thresholds = cuts["verify"], cuts["identify"]
-    metrics = _metrics(scores, truth, known, pair_scores, is_target, *thresholds)
+    # The engine's thresholds for this back-end (identify: for the gallery a probe's
+    # open-set search sees, its own speaker left out).
+    (verify, basis), (identify, _) = threshold("verify", 1), threshold("identify", max(len(names) - 1, 1))
+    if verify is None or identify is None:
+        raise InvalidInput(f"no thresholds to evaluate with: {basis}")
+    thresholds = verify, identify
+    metrics = _metrics(scores, decided, truth, known, pair_scores, is_target, *thresholds)
     by_duration = {}
     for low, high, label in DURATION_BUCKETS:
         in_bucket = (durations >= low) & (durations < high)
@@ -108,7 +123,7 @@ def evaluate(
         if in_bucket.any() and is_target[pair_in].any() and (~is_target[pair_in]).any():
             by_duration[label] = {
                 "probes": int(in_bucket.sum()),
-                **_metrics(scores[in_bucket], truth[in_bucket], known[in_bucket], pair_scores[pair_in],
+                **_metrics(scores[in_bucket], decided[in_bucket], truth[in_bucket], known[in_bucket], pair_scores[pair_in],
                            is_target[pair_in], *thresholds, brief=True),
             }
     return EvalReport(
@@ -123,6 +138,7 @@ def evaluate(
         metrics=metrics,
         by_duration=by_duration,
         notes=notes,
+        backend=backend,
         scores={"target": pair_scores[is_target], "nontarget": pair_scores[~is_target]},
     )
 
@@ -193,7 +209,8 @@ def _probes_and_pairs(files, trials, embeddings, gallery, names, notes):
     return probes, probe_speaker, pairs
 
 
-def _metrics(scores, truth, known, pair_scores, is_target, verify_threshold, identify_threshold, brief=False) -> dict:
+def _metrics(scores, decided, truth, known, pair_scores, is_target, verify_threshold, identify_threshold, brief=False) -> dict:
+    """``scores``: cosine, which ranks; ``decided``: the back-end's score, which decides."""
     target, nontarget = pair_scores[is_target], pair_scores[~is_target]
     rate, threshold = eer(target, nontarget)
     out = {
@@ -210,11 +227,14 @@ def _metrics(scores, truth, known, pair_scores, is_target, verify_threshold, ide
     out["verify_threshold"] = verify_threshold
     out["false_accept_rate"] = round(float(np.mean(nontarget >= verify_threshold)), 4)
     out["miss_rate"] = round(float(np.mean(target < verify_threshold)), 4)
-    # Open set: hide each probe's own speaker; is anyone else accepted?
+    # Open set: hide each probe's own speaker; would the best of the others (by cosine) be
+    # accepted on the back-end's score?
+    rows = np.arange(int(known.sum()))
     others = scores[known].copy()
-    others[np.arange(len(others)), truth[known]] = -np.inf
+    others[rows, truth[known]] = -np.inf
+    winners = decided[known][rows, others.argmax(axis=1)] if len(rows) else np.zeros(0)
     out["identify_threshold"] = identify_threshold
-    out["open_set_false_accept_rate"] = round(float(np.mean(others.max(axis=1) >= identify_threshold)), 4) if len(others) else None
+    out["open_set_false_accept_rate"] = round(float(np.mean(winners >= identify_threshold)), 4) if len(rows) else None
     return out
 
 
@@ -276,7 +296,7 @@ def figure(report: EvalReport):
     det.set_yticks(norm.ppf(DET_TICKS), [f"{t * 100:g}%" for t in DET_TICKS])
     det.set_xlabel("false-accept rate")
     det.set_ylabel("miss rate")
-    det.set_title(f"DET, version {report.version}")
+    det.set_title(f"DET, version {report.version}, {report.backend}")
     det.grid(True, alpha=0.3)
     det.legend(fontsize=7, loc="lower left")  # a DET curve runs from upper left to lower right
     bins = np.linspace(min(target.min(), nontarget.min()), max(target.max(), nontarget.max()), 50)
@@ -284,7 +304,7 @@ def figure(report: EvalReport):
     hist.hist(target, bins=bins, density=True, alpha=0.6, label=f"target ({len(target)})")
     hist.axvline(report.metrics["verify_threshold"], color="k", linestyle="--", label="verify threshold")
     hist.axvline(report.metrics["identify_threshold"], color="k", linestyle=":", label="identify threshold")
-    hist.set_xlabel("cosine score")
+    hist.set_xlabel({"cosine": "cosine score", "asnorm": "AS-norm score"}.get(report.backend, "LLR"))
     hist.legend(fontsize=8)
     fig.tight_layout()
     return fig

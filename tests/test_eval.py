@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+from collections import Counter
 import logging
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import pytest
 from voiceprint.cli import main
 from voiceprint.engine import Engine
 from voiceprint.engine.manifests import read_manifest, read_trials
-from voiceprint.engine.errors import InvalidInput
+from voiceprint.engine.errors import InvalidInput, VoiceprintError
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +138,39 @@ def test_the_det_plot_reads_as_the_field_reads_it(home, dev_data):
     assert len(labels) == 4 and all(any(label.startswith(k) for label in labels) for k in marks)
     eer_point = det.get_lines()[1].get_xydata()[0]
     assert eer_point == pytest.approx([norm.ppf(m["eer"])] * 2)
+
+
+def test_eval_reports_what_a_calibrated_version_decides_with(tmp_path, dev_data, capsys):
+    """On a calibrated version, eval scores each back-end as the engine does (centred
+    cosine, AS-norm against the version's cohort, the calibration's LLR) and reports the
+    engine's own thresholds for it; ranking stays by cosine, so top-1 does not move; a
+    back-end the version cannot give is refused, not quietly replaced."""
+    files = read_manifest(dev_data / "speechocean762-train" / "manifest.csv")
+    speakers = sorted({f.speaker for f in files})
+    enrolled, held_out = speakers[:40], speakers[40:70]
+    home = tmp_path / "home"
+    taken: Counter = Counter()
+    with Engine.init(home=home) as eng:
+        for f in files:
+            if f.speaker in enrolled and taken[f.speaker] < 4:
+                taken[f.speaker] += 1
+                with contextlib.suppress(VoiceprintError):  # a short or noisy file: the others are enough
+                    eng.enroll(f.speaker, f.path)
+        calibration = eng.calibrate()
+        probes = [f for f in files if f.speaker in held_out]
+        reports = {b: eng.evaluate(probes, scoring=b) for b in ("cosine", "asnorm", "asnorm+calibrated")}
+        default = eng.evaluate(probes)
+    assert default.backend == "asnorm+calibrated" and default.metrics == reports["asnorm+calibrated"].metrics
+    assert len({r.metrics["top1"] for r in reports.values()}) == 1  # ranked by cosine whatever decides
+    for backend, report in reports.items():
+        assert report.backend == backend
+        assert report.metrics["verify_threshold"] == pytest.approx(calibration.thresholds[backend]["verify"])
+        assert report.metrics["identify_threshold"] == pytest.approx(calibration.identify_threshold(backend, 29))
+    llr = reports["asnorm+calibrated"].scores
+    assert llr["target"].mean() > 0 > llr["nontarget"].mean()  # log-likelihood ratios, not cosines
+    assert reports["asnorm"].metrics["eer"] != reports["cosine"].metrics["eer"]
+
+    code, out, err = run(capsys, "--home", str(tmp_path / "fresh"), "init")
+    code, out, err = run(capsys, "--home", str(tmp_path / "fresh"), "eval", str(dev_data / "vctk-4" / "manifest.csv"),
+                         "--scoring", "asnorm")
+    assert code == 2 and "eval --scoring asnorm: the version is not calibrated yet" in err
