@@ -109,11 +109,11 @@ class Enroller:
             raise prepared
         version = self.models.active()
         cut = self._cut(version.number, False)
-        if cut is None or not self.store.profiles.has_speaker(speaker):
+        if cut is None:
             return "OK"
         try:
             centroid = self.store.profiles.centroid(speaker, version.number)
-        except UnknownSpeaker:  # only held utterances so far: no profile to compare with
+        except UnknownSpeaker:  # a new speaker, or only held utterances so far: no profile to compare with
             return "OK"
         embedding = self.models.embedder(version).embed([prepared[1].samples])[0]
         running = RunningCentroid(dim=centroid.sum.size, sum=centroid.sum, count=centroid.count)

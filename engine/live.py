@@ -72,10 +72,6 @@ class LiveAudio:
     def received_s(self) -> float:
         return self._n / self.rate
 
-    @property
-    def bytes(self) -> int:
-        return self._n * self.width + len(self._stray)
-
     def add(self, frame: bytes) -> None:
         """Take one frame; raises ``TooLong`` past ``[audio] max_duration_s`` and
         ``NonFiniteAudio`` for NaN or infinite float samples (the frame is then not kept)."""

@@ -63,10 +63,6 @@ class Closing(Exception):
         self.status, self.code = status, code
 
 
-def _malformed(message: str) -> Closing:
-    return Closing(400, errors.MalformedStream.code, message)
-
-
 class Session:
     """One WebSocket session: its key, its audio and how it sends."""
 
@@ -124,13 +120,10 @@ class Enrolling:
         self.checking: asyncio.Task | None = None
 
     async def begin(self, s: Session, start: dict) -> dict:
-        try:
-            self.speaker = check_speaker_name(self.speaker)
-        except errors.InvalidInput as exc:
-            raise Closing(400, exc.code, str(exc)) from None
+        self.speaker = check_speaker_name(self.speaker)  # InvalidInput: closed with 4400, as every engine error
         self.force = start.get("force", False)
         if not isinstance(self.force, bool):
-            raise _malformed("force must be true or false")
+            raise errors.MalformedStream("force must be true or false")
         if self.force and not allows(s.key, "admin"):
             raise Closing(403, "forbidden", f"force needs an admin key; this key has the {s.key.role} role")
         self.check_at = s.config.live.check_every_s  # a second of speech says little about who speaks
@@ -222,7 +215,7 @@ class Identifying(Answering):
         most = s.config.service.max_top
         self.top = start.get("top", min(5, most))
         if not isinstance(self.top, int) or isinstance(self.top, bool) or not 1 <= self.top <= most:
-            raise _malformed(f"top must be a whole number from 1 to {most} ([service] max_top)")
+            raise errors.MalformedStream(f"top must be a whole number from 1 to {most} ([service] max_top)")
         return {}
 
     def answer(self, s: Session, wav: bytes):
@@ -322,7 +315,7 @@ async def _collect(s: Session, task, app) -> None:
     start = await _start_message(s, task)
     secret = _header_key(ws) or start.get("key")
     if secret is not None and not isinstance(secret, str):
-        raise _malformed("key must be a string")
+        raise errors.MalformedStream("key must be a string")
     s.key = await run_in_threadpool(app.state.engine.authenticate, secret)  # a database read: off the event loop
     if s.key is None:
         raise Closing(401, "unauthorized", "a valid API key is required (a header, or \"key\" in the start message)")
@@ -347,7 +340,7 @@ async def _collect(s: Session, task, app) -> None:
         else:
             doc = _json(message.get("text"))
             if doc.get("type") != "end" or len(doc) != 1:
-                raise _malformed('after the start message, send PCM frames and then {"type": "end"}')
+                raise errors.MalformedStream('after the start message, send PCM frames and then {"type": "end"}')
             return
 
 
@@ -356,11 +349,11 @@ async def _start_message(s: Session, task) -> dict:
     if message["type"] == "websocket.disconnect":
         raise _Disconnected
     if message.get("text") is None:
-        raise _malformed('the first message is the JSON start message, e.g. {"type": "start", "rate": 16000, "format": "s16le"}')
+        raise errors.MalformedStream('the first message is the JSON start message, e.g. {"type": "start", "rate": 16000, "format": "s16le"}')
     start = _json(message["text"])
     allowed = START_KEYS | task.extra
     if start.get("type") != "start" or "rate" not in start or set(start) - allowed:
-        raise _malformed(f'the start message is {{"type": "start", "rate": ...}} with any of {sorted(allowed - {"type", "rate"})}')
+        raise errors.MalformedStream(f'the start message is {{"type": "start", "rate": ...}} with any of {sorted(allowed - {"type", "rate"})}')
     return start
 
 
@@ -368,9 +361,9 @@ def _json(text: str | None) -> dict:
     try:
         doc = json.loads(text or "")
     except ValueError:
-        raise _malformed("a text message must be JSON") from None
+        raise errors.MalformedStream("a text message must be JSON") from None
     if not isinstance(doc, dict):
-        raise _malformed("a text message must be a JSON object")
+        raise errors.MalformedStream("a text message must be a JSON object")
     return doc
 
 
