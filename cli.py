@@ -622,7 +622,7 @@ def _expected_lines(fit: dict, indent: str) -> list[str]:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from voiceprint.engine.audio import check_root
-    from voiceprint.engine.evaluation import plot
+    from voiceprint.engine.det import plot
     from voiceprint.engine.home import load_home_config
     from voiceprint.engine.manifests import read_manifest, read_trials
 
@@ -636,7 +636,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     with open_engine(args, config) as eng, closing(ProgressBars(args)) as bars:
         report = eng.evaluate(files, enroll=args.enroll, trials=trials, version=args.version, scoring=args.scoring, on_progress=bars)
     if args.plot:
-        plot(report, args.plot)
+        plot(report.det(), args.plot)
     m = report.metrics
     lines = [
         f"version {report.version}: {report.speakers} speakers, {report.probes} probes, "

@@ -31,6 +31,7 @@ import numpy as np
 
 from voiceprint.engine import audio
 from voiceprint.engine.config import Config
+from voiceprint.engine.det import DetScores
 from voiceprint.engine.errors import AudioError, InvalidInput
 from voiceprint.engine.index import CentroidIndex
 from voiceprint.engine.manifests import LabelledFile, Trial
@@ -63,6 +64,13 @@ class EvalReport:
         out = dataclasses.asdict(self)
         out.pop("scores")
         return out
+
+    def det(self) -> DetScores:
+        """The trial scores and thresholds, as :mod:`voiceprint.engine.det` plots them."""
+        return DetScores(
+            self.version, self.backend, self.scores["target"], self.scores["nontarget"],
+            self.metrics["verify_threshold"], self.metrics["identify_threshold"], trials="eval trials",
+        )
 
 
 def evaluate(
@@ -249,71 +257,3 @@ def _notes(refused: Counter, rates: Counter, config: Config) -> list[str]:
     for rate, count in sorted(resampled.items()):
         notes.append(f"{count} file(s) at {rate} Hz resampled to {audio.SAMPLE_RATE} Hz")
     return notes
-
-
-# Both DET axes run from 0.1 % to 50 %: where operating points are read. Past 50 % a
-# system is worse than chance on that axis; under 0.1 % few test sets hold enough trials.
-DET_RANGE = (0.001, 0.5)
-DET_TICKS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
-
-
-def det_marks(report: EvalReport) -> dict[str, tuple[float, float]]:
-    """The points a DET plot marks, as (false-accept rate, miss rate) on the report's trials:
-    the EER, and the operating point of each threshold the version decides with."""
-    target, nontarget = report.scores["target"], report.scores["nontarget"]
-    m = report.metrics
-    marks = {f"EER {m['eer']:.2%}": (m["eer"], m["eer"])}
-    for task in ("verify", "identify"):
-        cut = m[f"{task}_threshold"]
-        marks[f"{task} threshold {cut:.3f}"] = (float(np.mean(nontarget >= cut)), float(np.mean(target < cut)))
-    return marks
-
-
-def figure(report: EvalReport):
-    """The DET curve (normal-deviate axes over :data:`DET_RANGE`, the EER and the thresholds'
-    operating points marked) beside the score histograms, as a matplotlib Figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
-    from scipy.stats import norm
-
-    target, nontarget = report.scores["target"], report.scores["nontarget"]
-    _, miss, fa = error_rates(target, nontarget)
-    low, high = norm.ppf(DET_RANGE)
-    # A rate of 0 or 1 has no probit: such points sit just outside the axes, which cut them off.
-    probit = lambda x: norm.ppf(np.clip(x, DET_RANGE[0] / 2, 1 - DET_RANGE[0] / 2))  # noqa: E731
-    fig, (det, hist) = plt.subplots(1, 2, figsize=(11, 4.5))
-    det.plot(probit(fa), probit(miss), label="DET")
-    for (label, (x, y)), marker in zip(det_marks(report).items(), ("o", "s", "^")):
-        shown = np.clip(probit(np.array([x, y])), low, high)  # a point off the axes is drawn on its edge
-        off = " (off the axes)" if not (DET_RANGE[0] <= x <= DET_RANGE[1] and DET_RANGE[0] <= y <= DET_RANGE[1]) else ""
-        det.plot(*shown, marker=marker, linestyle="none", markersize=8,
-                 label=f"{label}: FA {x:.2%}, miss {y:.2%}{off}")
-    det.set_xlim(low, high)
-    det.set_ylim(low, high)
-    det.set_xticks(norm.ppf(DET_TICKS), [f"{t * 100:g}%" for t in DET_TICKS])
-    det.set_yticks(norm.ppf(DET_TICKS), [f"{t * 100:g}%" for t in DET_TICKS])
-    det.set_xlabel("false-accept rate")
-    det.set_ylabel("miss rate")
-    det.set_title(f"DET, version {report.version}, {report.backend}")
-    det.grid(True, alpha=0.3)
-    det.legend(fontsize=7, loc="lower left")  # a DET curve runs from upper left to lower right
-    bins = np.linspace(min(target.min(), nontarget.min()), max(target.max(), nontarget.max()), 50)
-    hist.hist(nontarget, bins=bins, density=True, alpha=0.6, label=f"non-target ({len(nontarget)})")
-    hist.hist(target, bins=bins, density=True, alpha=0.6, label=f"target ({len(target)})")
-    hist.axvline(report.metrics["verify_threshold"], color="k", linestyle="--", label="verify threshold")
-    hist.axvline(report.metrics["identify_threshold"], color="k", linestyle=":", label="identify threshold")
-    hist.set_xlabel({"cosine": "cosine score", "asnorm": "AS-norm score"}.get(report.backend, "LLR"))
-    hist.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def plot(report: EvalReport, path: Path) -> None:
-    """:func:`figure`, written as a PNG."""
-    import matplotlib.pyplot as plt
-
-    fig = figure(report)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
