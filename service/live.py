@@ -118,6 +118,7 @@ class Enrolling:
         self.check_at = 0.0  # speech after which the next consistency check runs (set by begin)
         self.consistency = "OK"
         self.checking: asyncio.Task | None = None
+        self.shown_s = 0.0  # the most speech a progress event has reported
 
     async def begin(self, s: Session, start: dict) -> dict:
         self.speaker = check_speaker_name(self.speaker)  # InvalidInput: closed with 4400, as every engine error
@@ -138,7 +139,10 @@ class Enrolling:
 
     async def update(self, s: Session, speech_s: float) -> bool:
         rules = s.config.enrollment
-        progress = min(1.0, (self.profile_s + speech_s) / rules.required_speech_s)
+        # The cut's padding at a segment's open end can shrink by a few frames once the
+        # pause after it is heard: what a person was shown never goes back.
+        self.shown_s = max(speech_s, self.shown_s)
+        progress = min(1.0, (self.profile_s + self.shown_s) / rules.required_speech_s)
         feedback = s.live.feedback(rules)
         if self.has_profile and not self.force and speech_s >= s.config.audio.min_speech_s:
             if self.checking is None and speech_s >= self.check_at:
@@ -146,7 +150,7 @@ class Enrolling:
                 self.checking = s.spawn(self._check(s, s.live.wav()))
         if feedback == "OK":
             feedback = self.consistency
-        await s.send({"event": "progress", "progress": round(progress, 4), "speech_s": round(speech_s, 3),
+        await s.send({"event": "progress", "progress": round(progress, 4), "speech_s": round(self.shown_s, 3),
                       "received_s": round(s.live.received_s, 3), "feedback": feedback})
         # A profile that was complete before the session started does not end it: the
         # client, adding more speech, says when it is done.
