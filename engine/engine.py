@@ -21,7 +21,10 @@ from voiceprint.engine.diarize_jobs import DiarizationJobs
 from voiceprint.engine.diarizer import Diarizer
 from voiceprint.engine.discovery import Discovery
 from voiceprint.engine.enrollment import Enroller, Item
-from voiceprint.engine.errors import AudioError, DiskFull, InvalidInput, NotEnoughData, NotInitialised, UnknownSpeaker, VoiceprintError
+from voiceprint.engine.det import DetScores
+from voiceprint.engine.errors import (
+    AudioError, DiskFull, InvalidInput, NoAudioKept, NotEnoughData, NotInitialised, UnknownSpeaker, VoiceprintError,
+)
 from voiceprint.engine.events import event
 from voiceprint.engine.home import (
     RESERVE_BYTES, Home, actor, ensure_sqlite_folder, keep_reserve, release_reserve, sqlite_file, undone_on_failure,
@@ -210,6 +213,15 @@ class Engine:
         record = self.store.profiles.remove_utterance(utterance_id, actor=actor())
         return {"utterance": record.id, "speaker": record.speaker, "removed": True, "was": record.status}
 
+    def utterance_audio(self, utterance_id: int) -> bytes:
+        """The kept speech of an utterance (after VAD, 16 kHz) as a FLAC file, for a person
+        to listen to before accepting a held utterance. ``UnknownUtterance`` for no such
+        id; ``NoAudioKept`` when only its features were kept."""
+        data, codec, _ = self.store.profiles.utterance_audio(utterance_id)
+        if codec != "flac":
+            raise NoAudioKept(f"utterance {utterance_id} was kept as features only ([privacy] keep); there is no audio to play")
+        return data
+
     def erase_speaker(self, speaker: str, *, by: str | None = None) -> dict:
         """Delete everything stored about ``speaker``; the audit log keeps only that it
         happened. Returns the counts removed, ``trained_into`` (the versions whose training
@@ -346,6 +358,11 @@ class Engine:
     def calibration(self):
         """The active version's newest calibration, or None."""
         return self.recognizer.calibration()
+
+    def calibration_scores(self, version: int | None = None) -> DetScores:
+        """A version's (default: the active one's) leave-one-out trial scores on the
+        back-end it decides with, and its thresholds, for a DET plot; stores nothing."""
+        return self.recognizer.trial_scores(self.models.active().number if version is None else self.models.get(version).number)
 
     def calibrate_if_needed(self):
         """Calibrate the active version when its population changed enough since the last

@@ -66,6 +66,13 @@ class NotEnoughData(VoiceprintError):
     code = "not_enough_data"
 
 
+class NoAudioKept(VoiceprintError):
+    """An utterance was kept as encoder features only (``[privacy] keep = "features"``):
+    there is no recording to play back."""
+
+    code = "no_audio_kept"
+
+
 class UnknownSpeaker(VoiceprintError):
     code = "unknown_speaker"
 

@@ -35,7 +35,7 @@ from voiceprint.engine.det import DetScores
 from voiceprint.engine.errors import AudioError, InvalidInput
 from voiceprint.engine.index import CentroidIndex
 from voiceprint.engine.manifests import LabelledFile, Trial
-from voiceprint.engine.metrics import eer, error_rates, min_dcf, top_k_accuracy
+from voiceprint.engine.metrics import eer, min_dcf, top_k_accuracy
 from voiceprint.engine.progress import Progress, report
 
 log = logging.getLogger(__name__)

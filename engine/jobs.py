@@ -16,6 +16,7 @@ from contextlib import contextmanager
 
 from voiceprint.engine.errors import RefreshBusy, StorageError
 from voiceprint.engine.events import event
+from voiceprint.engine.progress import Progress, report
 from voiceprint.storage import Job, ModelVersion, Store
 from voiceprint.storage.jobs import UNFINISHED
 
@@ -44,6 +45,26 @@ class RunningJob:
     def attach(self, version: int) -> None:
         """Name the candidate version this job is building (a crash then rejects it)."""
         self.store.jobs.update_job(self.job.id, version=version)
+
+    def recording(self, on_progress: Progress | None, every_s: float = 1.0) -> Progress:
+        """``on_progress``, with the job's ``result["progress"]`` (stage, done, total)
+        written as the work advances, so that another process (``GET /v1/jobs``, the
+        console) can follow it: a new stage and its end at once, else at most every
+        ``every_s``. The finished job's result replaces it."""
+        last = {"at": 0.0, "stage": None}
+
+        def record(done: int, total: int, what: str) -> None:
+            report(on_progress, done, total, what)
+            now = time.monotonic()
+            if what == last["stage"] and done < total and now - last["at"] < every_s:
+                return
+            last.update(at=now, stage=what)
+            try:
+                self.store.jobs.update_job(self.job.id, result={"progress": {"stage": what, "done": done, "total": total}})
+            except StorageError as exc:  # progress is a courtesy; the work goes on
+                log.warning("job %d: progress not recorded (%s)", self.job.id, exc)
+
+        return record
 
     def finish(self, status: str, *, result: dict, version: int | None = None) -> None:
         self.store.jobs.update_job(self.job.id, status=status, version=version, result=result)

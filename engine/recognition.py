@@ -19,6 +19,7 @@ from voiceprint.engine.audio import Source
 from voiceprint.engine.calibration import Calibration, fit_calibration, reference_thresholds
 from voiceprint.engine.centroids import prototypes
 from voiceprint.engine.config import Config
+from voiceprint.engine.det import DetScores
 from voiceprint.engine.encoders import reference_scores
 from voiceprint.engine.errors import InvalidInput, NotEnoughData, UnknownSpeaker
 from voiceprint.engine.index import CentroidIndex
@@ -26,7 +27,7 @@ from voiceprint.engine.models import ModelRegistry
 from voiceprint.engine.names import normalise_speaker_name
 from voiceprint.engine.results import Identification, Verification
 from voiceprint.engine.scoring import Cohort, centred
-from voiceprint.engine.trials import leave_one_out_trials
+from voiceprint.engine.trials import TrialScores, leave_one_out_trials
 from voiceprint.storage import ModelVersion, Store
 
 log = logging.getLogger(__name__)
@@ -187,25 +188,7 @@ class Recognizer:
         """
         cfg = self.config.scoring
         version = self.models.active().number if version is None else version
-        ids, speakers, vectors = self.store.embeddings.version_embeddings(version)
-        _, counts = np.unique(np.asarray(speakers, dtype=object), return_counts=True)
-        usable = int(np.count_nonzero(counts >= 2))
-        if usable < max(cfg.min_calibration_speakers, 2):
-            raise NotEnoughData(
-                f"calibration needs {max(cfg.min_calibration_speakers, 2)} speakers with two or more utterances "
-                f"([scoring] min_calibration_speakers); version {version} has {usable}. Until then decisions use "
-                "the encoder's reference thresholds, which hold their rates better on a small population"
-            )
-        through = int(ids.max())
-        centre = vectors.astype(np.float64).mean(axis=0) if cfg.centre else None
-        cohort = self.cohort(version, through, centre)
-        try:
-            trials = leave_one_out_trials(
-                ids, speakers, vectors, cohort, probes_per_speaker=cfg.calibration_probes_per_speaker, seed=version,
-                centre=centre,
-            )
-        except ValueError as exc:
-            raise NotEnoughData(str(exc)) from None
+        trials, through, cohort = self._trials(version)
         settings = {
             "verify_far": cfg.verify_far,
             "identify_far": cfg.identify_far,
@@ -227,6 +210,52 @@ class Recognizer:
         new_id, created = self.store.registry.add_calibration(version, fitted.to_params())
         log.info("version %d calibrated on %s", version, fitted.trials)
         return Calibration.from_params(version, fitted.to_params(), id=new_id, created_at=created.isoformat())
+
+    def _trials(self, version: int) -> tuple[TrialScores, int, Cohort | None]:
+        """Leave-one-out trials of ``version``'s stored enrollments, the id of the newest
+        one, and the cohort they were normalised with."""
+        cfg = self.config.scoring
+        ids, speakers, vectors = self.store.embeddings.version_embeddings(version)
+        _, counts = np.unique(np.asarray(speakers, dtype=object), return_counts=True)
+        usable = int(np.count_nonzero(counts >= 2))
+        if usable < max(cfg.min_calibration_speakers, 2):
+            raise NotEnoughData(
+                f"calibration needs {max(cfg.min_calibration_speakers, 2)} speakers with two or more utterances "
+                f"([scoring] min_calibration_speakers); version {version} has {usable}. Until then decisions use "
+                "the encoder's reference thresholds, which hold their rates better on a small population"
+            )
+        through = int(ids.max())
+        centre = vectors.astype(np.float64).mean(axis=0) if cfg.centre else None
+        cohort = self.cohort(version, through, centre)
+        try:
+            trials = leave_one_out_trials(
+                ids, speakers, vectors, cohort, probes_per_speaker=cfg.calibration_probes_per_speaker, seed=version,
+                centre=centre,
+            )
+        except ValueError as exc:
+            raise NotEnoughData(str(exc)) from None
+        return trials, through, cohort
+
+    def trial_scores(self, version: int) -> DetScores:
+        """``version``'s leave-one-out trials (those its calibration is fitted on, with
+        today's enrollments) on the back-end it decides with now, and its thresholds:
+        what the console's DET view draws. Stores nothing; ``NotEnoughData`` as for
+        :meth:`calibrate`, or when the version has no threshold to decide with."""
+        cfg = self.config.scoring
+        scoring = self.scoring(version)
+        backend, _ = scoring.backend(cfg.backend, cfg.min_cohort)
+        trials, _, _ = self._trials(version)
+        if backend == "asnorm+calibrated":
+            target, nontarget = (scoring.calibration.llr(t["asnorm"]) for t in (trials.target, trials.nontarget))
+        else:
+            target, nontarget = trials.target[backend], trials.nontarget[backend]
+        speakers = self.store.profiles.count_speakers(version)
+        (verify, why), (identify, _) = (self.threshold(scoring, backend, "verify"),
+                                        self.threshold(scoring, backend, "identify", max(speakers - 1, 1)))
+        if verify is None or identify is None:
+            raise NotEnoughData(why)
+        return DetScores(version, backend, np.asarray(target), np.asarray(nontarget), verify, identify,
+                         trials="leave-one-out trials of the enrolled speakers")
 
     def calibration(self) -> Calibration | None:
         """The active version's newest calibration, or None."""

@@ -73,7 +73,7 @@ class Refresher:
             result = RefreshReport(job=job.id, status="skipped", parent=parent.number)
             job.snapshot = result.to_dict
             try:
-                self._refresh(job, parent, result, dry_run=dry_run, on_progress=on_progress)
+                self._refresh(job, parent, result, dry_run=dry_run, on_progress=job.recording(on_progress))
             except NothingToTrain as exc:
                 result.status, result.reasons = "skipped", [str(exc)]
             status = {"promoted": "succeeded", "dry-run": "succeeded"}.get(result.status, result.status)
@@ -274,7 +274,7 @@ class Refresher:
             previous = self.models.active().number
             added, calibration = 0, None
             if previous != number:
-                added = self.activate_complete(target, reason=f"{reason} (job {job.id})", on_progress=on_progress)
+                added = self.activate_complete(target, reason=f"{reason} (job {job.id})", on_progress=job.recording(on_progress))
                 if self.store.registry.latest_calibration(number) is None:
                     calibration = self.calibrate_quietly(number, previous=previous)
             result = {

@@ -24,7 +24,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -35,6 +35,7 @@ from voiceprint.engine.events import ACCESS, event, logfmt
 from voiceprint.engine.home import load_home_config, resolve_db, resolve_home
 from voiceprint.service.metrics import Metrics
 from voiceprint.service.live import router as live_router
+from voiceprint.service.model_routes import router as model_router
 from voiceprint.service.routes import DIARIZE_JOBS, ApiError, router
 from voiceprint.service.statuses import SAFE_MESSAGES, status_of
 from voiceprint.service.uploads import DiarizationRunner
@@ -148,10 +149,26 @@ def create_app(home: str | None = None, db: str | None = None, *, background: bo
     _add_error_handlers(app)
     _add_request_metrics(app, metrics)
     app.include_router(router)
+    app.include_router(model_router)
     app.include_router(live_router)
     app.state.live_sessions = 0
     _add_docs(app)
+    _add_console(app)
     return app
+
+
+CONSOLE = Path(__file__).resolve().parent / "console"  # the web console's files, shipped in the package
+
+
+def _add_console(app: FastAPI) -> None:
+    """The web console at /console: static, framework-free files (no CDN, works offline)
+    that call the same HTTP and WebSocket routes with the key a person logs in with."""
+
+    @app.get("/console", include_in_schema=False)
+    async def console_root() -> RedirectResponse:
+        return RedirectResponse("/console/")  # relative links in the page need the slash
+
+    app.mount("/console", StaticFiles(directory=CONSOLE, html=True), name="console")
 
 
 def _add_docs(app: FastAPI) -> None:

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, Path, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -23,9 +23,9 @@ from voiceprint.engine import errors
 from voiceprint.engine.bounds import MAX_ID
 from voiceprint.engine.results import (
     Cluster, Diarization, EnrollmentResult, Identification, ProbeAnswer, UnlabeledResult, Verification, diarization_job_dict,
-    job_dict, utterance_dict,
+    utterance_dict,
 )
-from voiceprint.service.keys import allows
+from voiceprint.service.keys import GRANTS, allows
 from voiceprint.service.uploads import receive_upload
 
 router = APIRouter()
@@ -64,7 +64,7 @@ def require(role: str):
         bearer: HTTPAuthorizationCredentials | None = Depends(_bearer),
         header: str | None = Depends(_header),
     ) -> None:
-        key = _engine(request).authenticate(bearer.credentials if bearer else header)
+        key = engine_of(request).authenticate(bearer.credentials if bearer else header)
         if key is None:
             raise ApiError(401, "unauthorized", "a valid API key is required", {"WWW-Authenticate": "Bearer"})
         if not allows(key, role):
@@ -72,6 +72,19 @@ def require(role: str):
         request.state.key = key
 
     return Depends(check)
+
+
+def any_key(
+    request: Request,
+    bearer: HTTPAuthorizationCredentials | None = Depends(_bearer),
+    header: str | None = Depends(_header),
+):
+    """A dependency that lets the request through with any live key, whatever its role."""
+    key = engine_of(request).authenticate(bearer.credentials if bearer else header)
+    if key is None:
+        raise ApiError(401, "unauthorized", "a valid API key is required", {"WWW-Authenticate": "Bearer"})
+    request.state.key = key
+    return key
 
 
 # -- request bodies --------------------------------------------------------------------
@@ -114,14 +127,14 @@ def _force_needs_admin(key, force: bool) -> None:
         raise ApiError(403, "forbidden", f"force=true needs an admin key; this key has the {key.role} role")
 
 
-def _engine(request: Request):
+def engine_of(request: Request):
     return request.app.state.engine
 
 
 async def infer(request: Request, fn, *args, **kwargs):
     """Run speech work in the thread pool, with ``[service] torch_threads`` PyTorch threads
     (a per-thread OpenMP setting, so it is set in the pool thread itself)."""
-    threads = _engine(request).config.service.torch_threads
+    threads = engine_of(request).config.service.torch_threads
 
     def call():
         if torch.get_num_threads() != threads:
@@ -144,7 +157,7 @@ def healthz() -> dict:
 def readyz(request: Request) -> JSONResponse:
     """Readiness: the database answers, the active checkpoint loads and verifies, and the
     disk takes a write; 503 when any fails, each check reported on its own."""
-    report = _engine(request).readiness()
+    report = engine_of(request).readiness()
     return JSONResponse(report, status_code=200 if report["ready"] else 503)
 
 
@@ -152,6 +165,13 @@ def readyz(request: Request) -> JSONResponse:
 def prometheus(request: Request) -> Response:
     """Prometheus metrics of this process."""
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/whoami", tags=["service"], responses=ERRORS)
+def whoami(key=Depends(any_key)) -> dict:
+    """The key this request carries: its id, role and which roles' routes it may call
+    (the console shows each view only to a key that may use it)."""
+    return {"key": key.id, "role": key.role, "may": sorted(r for r in GRANTS if allows(key, r))}
 
 
 @router.post(
@@ -172,7 +192,7 @@ async def enroll(request: Request, speaker: str, force: bool = False) -> Enrollm
     data, name = await audio_body(request)
     outcomes = request.app.state.metrics.enrollments
     try:
-        result = await infer(request, _engine(request).enroll, speaker, data, name=name, force=force, by=f"key:{key.id}")
+        result = await infer(request, engine_of(request).enroll, speaker, data, name=name, force=force, by=f"key:{key.id}")
     except errors.VoiceprintError as exc:
         outcomes.labels(exc.code).inc()
         raise
@@ -183,7 +203,7 @@ async def enroll(request: Request, speaker: str, force: bool = False) -> Enrollm
 @router.get("/v1/speakers", tags=["enrollment"], responses=ERRORS, dependencies=[require("enroll")])
 def speakers(request: Request) -> list[dict]:
     """Every enrolled speaker: utterances in the profile, speech seconds, held for review."""
-    return [asdict(s) for s in _engine(request).speakers()]
+    return [asdict(s) for s in engine_of(request).speakers()]
 
 
 # ``{speaker:path}``: a name stored before the name policy refused '/' stays reachable
@@ -191,7 +211,7 @@ def speakers(request: Request) -> list[dict]:
 @router.get("/v1/speakers/{speaker:path}", tags=["enrollment"], responses=ERRORS, dependencies=[require("enroll")])
 def speaker(request: Request, speaker: str) -> dict:
     """One speaker's profile summary and the ids of utterances held for review."""
-    engine = _engine(request)
+    engine = engine_of(request)
     summary = engine.speaker(speaker)
     held = [u.id for u in engine.utterances(speaker, status="pending")]
     return {**asdict(summary), "held_for_review": held}
@@ -201,7 +221,7 @@ def speaker(request: Request, speaker: str) -> dict:
 def erase(request: Request, speaker: str) -> dict:
     """Erase everything stored about a speaker: audio or features, embeddings under every
     version, centroids, held utterances. The audit log keeps only that an erasure happened."""
-    return _engine(request).erase_speaker(speaker, by=f"key:{request.state.key.id}")
+    return engine_of(request).erase_speaker(speaker, by=f"key:{request.state.key.id}")
 
 
 HELD = {"enrolled": "enrolled", "held_for_review": "pending", "all": None}  # the query's words -> the stored status
@@ -212,21 +232,34 @@ def utterances(request: Request, speaker: str, status: Literal["enrolled", "held
     """One speaker's stored utterances, oldest first: id, source name, seconds of audio and
     of speech, quality report, and whether it is held for review (it did not sound like
     the speaker: accept or remove it). 404 for a speaker who is not enrolled."""
-    return [utterance_dict(u) for u in _engine(request).speaker_utterances(speaker, status=HELD[status])]
+    return [utterance_dict(u) for u in engine_of(request).speaker_utterances(speaker, status=HELD[status])]
 
 
 @router.post("/v1/utterances/{utterance_id}/accept", tags=["enrollment"], responses=ERRORS, dependencies=[require("admin")])
 def accept(request: Request, utterance_id: Id) -> dict:
     """Move an utterance held for review into its speaker's profile (a person listened to
     it); 400 if it is not held, 404 if there is no such utterance."""
-    return _engine(request).accept_utterance(utterance_id)
+    return engine_of(request).accept_utterance(utterance_id)
+
+
+FLAC = {200: {"content": {"audio/flac": {}}, "description": "the kept speech as FLAC"}}
+
+
+@router.get("/v1/utterances/{utterance_id}/audio", tags=["enrollment"], response_class=Response,
+            responses={**ERRORS, **FLAC}, dependencies=[require("admin")])
+def utterance_audio(request: Request, utterance_id: Id) -> Response:
+    """The kept speech of an utterance (after VAD, 16 kHz FLAC), to listen to before
+    accepting or removing a held one. Voiceprints are biometric data: admin only, never
+    cached. 409 ``no_audio_kept`` under ``[privacy] keep = "features"``."""
+    data = engine_of(request).utterance_audio(utterance_id)
+    return Response(data, media_type="audio/flac", headers={"Cache-Control": "no-store"})
 
 
 @router.delete("/v1/utterances/{utterance_id}", tags=["enrollment"], responses=ERRORS, dependencies=[require("admin")])
 def remove_utterance(request: Request, utterance_id: Id) -> dict:
     """Delete one utterance (its audio or features and embeddings) and take it out of its
     speaker's profile under every version, exactly; 404 if there is no such utterance."""
-    return _engine(request).remove_utterance(utterance_id)
+    return engine_of(request).remove_utterance(utterance_id)
 
 
 @router.post(
@@ -238,7 +271,7 @@ async def add_unlabeled(request: Request) -> UnlabeledResult:
     until a cluster holding it is named. The quality checks of an enrollment apply (422,
     nothing stored); the same bytes twice are a 409."""
     data, name = await audio_body(request)
-    result = await infer(request, _engine(request).add_unlabeled, data, name=name)
+    result = await infer(request, engine_of(request).add_unlabeled, data, name=name)
     request.app.state.metrics.enrollments.labels(result.feedback).inc()
     return result
 
@@ -248,7 +281,7 @@ async def clusters(request: Request) -> list[Cluster]:
     """The unlabeled utterances grouped into likely speakers by the active version, each
     ``proposed`` (a new speaker), ``known`` (decided for an enrolled speaker, ``candidate``)
     or ``small`` (too few utterances or too little speech yet)."""
-    return await infer(request, _engine(request).clusters)
+    return await infer(request, engine_of(request).clusters)
 
 
 @router.post("/v1/clusters/{number}/name", tags=["unlabeled"], responses=ERRORS, dependencies=[require("enroll")])
@@ -258,14 +291,14 @@ async def name_cluster(request: Request, number: Id, speaker: str, force: bool =
     404 when no cluster has that number now. ``force`` needs an admin key, as for enroll."""
     key = request.state.key
     _force_needs_admin(key, force)
-    return await infer(request, _engine(request).name_cluster, number, speaker, force=force, by=f"key:{key.id}")
+    return await infer(request, engine_of(request).name_cluster, number, speaker, force=force, by=f"key:{key.id}")
 
 
 @router.delete("/v1/clusters/{number}", tags=["unlabeled"], responses=ERRORS, dependencies=[require("admin")])
 def delete_cluster(request: Request, number: Id) -> dict:
     """Erase cluster ``number``'s utterances (kept speech and embeddings); counts, and
     whether the SQLite files are scrubbed yet (as for a speaker's erasure)."""
-    return _engine(request).delete_cluster(number, by=f"key:{request.state.key.id}")
+    return engine_of(request).delete_cluster(number, by=f"key:{request.state.key.id}")
 
 
 @router.post(
@@ -280,7 +313,7 @@ async def identify(request: Request, top: int | None = None) -> Identification:
     """
     top = _top(request, top)
     data, name = await audio_body(request)
-    result = await infer(request, _engine(request).identify, data, top=top, name=name)
+    result = await infer(request, engine_of(request).identify, data, top=top, name=name)
     request.app.state.metrics.decisions.labels("identify", "known" if result.decision else "unknown").inc()
     return result
 
@@ -295,7 +328,7 @@ async def diarize(request: Request, speakers: int | None = None) -> Diarization:
     decision, with its threshold). ``speakers``: the number of speakers, when known.
     The upload is bounded by ``[service] max_request_bytes``; stores nothing."""
     data, name = await audio_body(request)
-    return await infer(request, _engine(request).diarize, data, speakers=speakers, name=name)
+    return await infer(request, engine_of(request).diarize, data, speakers=speakers, name=name)
 
 
 DIARIZE_JOBS = "/v1/diarize/jobs"
@@ -311,7 +344,7 @@ async def submit_diarization(request: Request, speakers: int | None = None) -> d
     server's disk as it arrives, its header checked (422 and nothing kept when it is not
     audio or too long), and the job queued: 202 with its id. Follow it with
     ``GET /v1/diarize/jobs/{id}``; the upload is deleted when the job ends."""
-    engine = _engine(request)
+    engine = engine_of(request)
     partial = engine.new_upload()
     try:
         await receive_upload(request, partial)
@@ -330,14 +363,14 @@ def diarization_job(request: Request, job_id: Id) -> dict:
     ``failed`` (``result``: ``error`` and ``message``; ``interrupted`` when its server
     stopped). 404 for no such job."""
     try:
-        return diarization_job_dict(_engine(request).diarization_job(job_id))
+        return diarization_job_dict(engine_of(request).diarization_job(job_id))
     except errors.InvalidInput as exc:
         raise ApiError(404, "unknown_job", str(exc)) from None
 
 
 def _top(request: Request, top: int | None) -> int:
     """The ``top`` asked for (default 5), within ``[service] max_top``."""
-    most = _engine(request).config.service.max_top
+    most = engine_of(request).config.service.max_top
     top = min(5, most) if top is None else top
     if not 1 <= top <= most:
         raise ApiError(422, "invalid_request", f"top must be between 1 and {most} ([service] max_top), got {top}")
@@ -372,7 +405,7 @@ async def identify_batch(request: Request, top: int | None = None) -> list[Probe
     file does not fail the others. At most ``[service] max_batch_files`` files (413 for
     more), the whole body within ``[service] max_request_bytes``.
     """
-    top, most = _top(request, top), _engine(request).config.service.max_batch_files
+    top, most = _top(request, top), engine_of(request).config.service.max_batch_files
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind != "multipart/form-data":
         raise ApiError(415, "unsupported_media_type", f"send a multipart form with one `file` field per audio file, not {kind or 'no type'}")
@@ -387,7 +420,7 @@ async def identify_batch(request: Request, top: int | None = None) -> list[Probe
         raise ApiError(400, "invalid_input", "the form needs one or more `file` fields, each holding an audio file")
     names = [u.filename or f"file {i}" for i, u in enumerate(uploads, 1)]
     probes = [(await u.read(), f"upload:{name}") for u, name in zip(uploads, names)]
-    results = await infer(request, lambda: list(_engine(request).identify_each(probes, top=top)))
+    results = await infer(request, lambda: list(engine_of(request).identify_each(probes, top=top)))
     answers = []
     for name, result in zip(names, results):
         if isinstance(result, errors.VoiceprintError):
@@ -411,78 +444,6 @@ async def verify(request: Request, speaker: str) -> Verification:
     """
     disclose = allows(request.state.key, "admin")
     data, name = await audio_body(request)
-    result = await infer(request, _engine(request).verify, speaker, data, name=name, disclose=disclose)
+    result = await infer(request, engine_of(request).verify, speaker, data, name=name, disclose=disclose)
     request.app.state.metrics.decisions.labels("verify", "accepted" if result.accepted else "rejected").inc()
     return result
-
-
-class RefreshRequest(BaseModel):
-    """The optional JSON body of ``POST /v1/refresh``; a key it does not name is a 422."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    dry_run: StrictBool = False  # train and evaluate a candidate, store no version
-    reason: StrictStr | None = None  # recorded with the job (instead of the query's)
-
-
-@router.post("/v1/refresh", tags=["models"], status_code=202, responses=ERRORS, dependencies=[require("admin")])
-def refresh(request: Request, body: RefreshRequest | None = None, reason: str = "requested over HTTP") -> dict:
-    """Queue a refresh; poll ``GET /v1/jobs/{id}``. A job another refresh covered reads
-    ``skipped`` with ``result.covered_by``.
-
-    ``{"dry_run": true}`` queues a dry run: the candidate is trained and evaluated, and no
-    version is stored (the job's ``dry_run`` says so, its result holds the gate metrics).
-    A dry run and a real refresh never cover each other's requests.
-    """
-    body = body or RefreshRequest()
-    job = _engine(request).request_refresh((body.reason or reason)[:200], dry_run=body.dry_run)
-    worker = request.app.state.worker
-    if worker is not None:
-        worker.wake.set()
-    return job_dict(job)
-
-
-@router.post("/v1/calibrate", tags=["models"], responses=ERRORS, dependencies=[require("admin")])
-async def calibrate(request: Request) -> dict:
-    """Fit the active version's calibration again (as ``voiceprint calibrate``): the
-    thresholds of every back-end, their fit, and how many trials they rest on."""
-    return asdict(await run_in_threadpool(_engine(request).calibrate))
-
-
-@router.get("/v1/status", tags=["models"], responses=ERRORS, dependencies=[require("admin")])
-def status(request: Request) -> dict:
-    """The state of the home (as ``voiceprint status``): active version, new utterances
-    since it was trained, held for review, queued / running / last job, calibration,
-    scrub, and the stored refresh schedule."""
-    from voiceprint.engine import scheduler
-
-    return {**_engine(request).status(), "schedule": scheduler.list_schedule(request.app.state.db)}
-
-
-@router.get("/v1/jobs/{job_id}", tags=["models"], responses=ERRORS, dependencies=[require("admin")])
-def job(request: Request, job_id: Id) -> dict:
-    """A refresh or rollback job: queued, running, succeeded, rejected, failed or skipped."""
-    try:
-        return job_dict(_engine(request).job(job_id))
-    except errors.InvalidInput as exc:
-        raise ApiError(404, "unknown_job", str(exc)) from None
-
-
-@router.get("/v1/versions", tags=["models"], responses=ERRORS, dependencies=[require("admin")])
-def versions(request: Request) -> list[dict]:
-    """Every model version, with status, gate metrics and which one is active."""
-    return [_version(v) for v in _engine(request).versions()]
-
-
-@router.post("/v1/versions/{number}/activate", tags=["models"], responses=ERRORS, dependencies=[require("admin")])
-def activate(request: Request, number: Id, reason: str = "rollback over HTTP", force: bool = False) -> dict:
-    """Make a kept version active again (rollback); utterances it lacks are embedded first.
-    A candidate whose refresh stopped before promoting it gets a 409 unless ``force``."""
-    return _engine(request).rollback(number, reason=reason[:200], force=force)
-
-
-def _version(version) -> dict:
-    out = asdict(version)
-    out["created_at"] = version.created_at.isoformat()
-    out.pop("config")  # large, and readable from the checkpoint's version in the CLI
-    return out

@@ -20,6 +20,7 @@ STATUS_OF: tuple[tuple[type[errors.VoiceprintError], int], ...] = (
     (errors.UnfinishedVersion, 409),
     (errors.WeightsPruned, 409),
     (errors.NotEnoughData, 409),
+    (errors.NoAudioKept, 409),
     (errors.InvalidInput, 400),
     (errors.CheckpointError, 500),
     (errors.StorageError, 503),

@@ -278,6 +278,8 @@ class Profiles:
         """The kept speech audio of an utterance: ``(data, codec, sample_rate)``."""
         with self._db.session(f"read the audio of utterance {utterance_id}") as s:
             row = ids.get(s, m.UtteranceAudio, utterance_id)
+            if row is None and ids.get(s, m.Utterance, utterance_id) is None:
+                raise UnknownUtterance(f"no utterance has id {utterance_id}")
             if row is None:
                 raise StorageError(f"no audio stored for utterance {utterance_id}")
             return row.data, row.codec, row.sample_rate
