@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from contextlib import closing
@@ -188,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("openapi", cmd_openapi, "print the HTTP API's OpenAPI schema (JSON)")
     command("status", cmd_status, "active version, pending utterances, running and last job, next scheduled runs")
+    p = command("index", cmd_index, "the 1:N index of the active version: kind, size, memory, revision of the change feed")
+    p.add_argument("action", choices=["status"])
 
     p = command("db", cmd_db, "database schema")
     p.add_argument("action", choices=["upgrade", "current"])
@@ -773,6 +776,17 @@ def cmd_schedule(args: argparse.Namespace) -> int:
         notes = ["runs while `voiceprint serve` is up"] if jobs else []
     answer(args, {"ok": True, "jobs": jobs, "removed": removed}, lines, notes)
     return EXIT_OK
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    with open_engine(args) as eng:
+        started = time.perf_counter()
+        rows = eng.index_status()
+        built_s = time.perf_counter() - started
+    lines = [f"version {r['version']}: {r['kind']}, {r['speakers']} speakers, {r['memory_bytes'] / 2**20:.1f} MiB, "
+             f"revision {r['revision']} of the feed's {r['feed_revision']} ({r['behind']} behind)" for r in rows]
+    answer(args, {"ok": True, "versions": rows, "built_s": round(built_s, 3)}, [*lines, f"built in {built_s:.2f} s"])
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:

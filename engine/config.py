@@ -271,6 +271,16 @@ class LiveConfig(Section):
 
 
 @dataclass(frozen=True)
+class IndexConfig(Section):
+    """The 1:N index each process holds per version, kept current from the database's
+    centroid change feed (README, "Scale")."""
+
+    # Another process's enrollments reach this one's answers within this many seconds
+    # (its own at once): the feed is read at most this often, one indexed query.
+    refresh_s: float = key(0.5, at_least=0, at_most=3600)
+
+
+@dataclass(frozen=True)
 class Config:
     audio: AudioConfig = field(default_factory=AudioConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
@@ -282,6 +292,7 @@ class Config:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
     live: LiveConfig = field(default_factory=LiveConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)

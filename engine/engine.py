@@ -359,6 +359,12 @@ class Engine:
         """The active version's newest calibration, or None."""
         return self.recognizer.calibration()
 
+    def index_status(self) -> list[dict]:
+        """The 1:N index this process holds of each version (the active one built if it is
+        not yet): kind, speakers, memory, and how far behind the change feed it is."""
+        self.recognizer.gallery(self.models.active().number)
+        return self.recognizer.index_status()
+
     def calibration_scores(self, version: int | None = None) -> DetScores:
         """A version's (default: the active one's) leave-one-out trial scores on the
         back-end it decides with, and its thresholds, for a DET plot; stores nothing."""

@@ -9,6 +9,7 @@ this process or any other sharing the database.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 
@@ -22,6 +23,8 @@ from voiceprint.engine.config import Config
 from voiceprint.engine.det import DetScores
 from voiceprint.engine.encoders import reference_scores
 from voiceprint.engine.errors import InvalidInput, NotEnoughData, UnknownSpeaker
+from voiceprint.engine.gallery import Gallery
+from voiceprint.engine.live_index import LiveIndexes
 from voiceprint.engine.index import CentroidIndex
 from voiceprint.engine.models import ModelRegistry
 from voiceprint.engine.names import normalise_speaker_name
@@ -31,6 +34,7 @@ from voiceprint.engine.trials import TrialScores, leave_one_out_trials
 from voiceprint.storage import ModelVersion, Store
 
 log = logging.getLogger(__name__)
+_SERIALS = itertools.count()
 
 
 class VersionScoring:
@@ -50,6 +54,7 @@ class VersionScoring:
         self._centroids = np.zeros((0, 0), dtype=np.float32)
         self._stats = (np.zeros(0), np.zeros(0))
         self._lock = threading.Lock()  # the service scores from several threads
+        self.serial = next(_SERIALS)  # tells a rebuilt state from the one an index was made with
 
     def centred(self, vectors: np.ndarray) -> np.ndarray:
         return centred(vectors, self.centre)
@@ -110,6 +115,7 @@ class Recognizer:
         self.store, self.models, self.config = store, models, config
         self._lock = threading.Lock()
         self._scoring: dict[int, tuple[tuple, VersionScoring]] = {}
+        self.indexes = LiveIndexes(store, config)
 
     def scoring(self, version: int) -> VersionScoring:
         """Centre, cohort, calibration and cached statistics of a version, rebuilt when a
@@ -326,18 +332,16 @@ class Recognizer:
         utt = audio.load(source, self.config.audio, name=name)
         return utt, self.models.embedder(version).embed([utt.samples])[0]
 
+    def gallery(self, version: int) -> Gallery:
+        """``version``'s centroids in this process, current to the change feed."""
+        return self.indexes.gallery(version)
+
+    def index_status(self) -> list[dict]:
+        return self.indexes.status()
+
     def index(self, version: int, scoring: VersionScoring) -> CentroidIndex:
-        names, centroids = self.store.profiles.centroid_matrix(version)
-        centroids = scoring.centred(centroids)
-        stats = scoring.enrollment_stats(names, centroids) if scoring.cohort is not None and names else None
-        protos = None
-        if scoring.prototypes:
-            rows = [(i, p) for i, n in enumerate(names) for p in scoring.prototypes.get(n, [])]
-            if rows:
-                protos = (np.array([i for i, _ in rows]), np.stack([p for _, p in rows]))
-        return CentroidIndex(
-            names, centroids, cohort=scoring.cohort, enroll_stats=stats, calibration=scoring.calibration, prototypes=protos
-        )
+        """The 1:N index of ``version`` with ``scoring``'s statistics (see :class:`LiveIndexes`)."""
+        return self.indexes.index(version, scoring)
 
     def identify(self, source: Source, *, top: int = 5, name: str | None = None) -> Identification:
         """Rank every enrolled speaker against one utterance (1:N, open set).

@@ -79,6 +79,14 @@ def status(request: Request) -> dict:
     return {**engine_of(request).status(), "schedule": scheduler.list_schedule(request.app.state.db)}
 
 
+@router.get("/v1/index", tags=["models"], responses=ERRORS, dependencies=[require("admin")])
+async def index_status(request: Request) -> list[dict]:
+    """The 1:N index this server process holds of each version (as ``voiceprint index
+    status``): kind, speakers, memory, the change-feed revision it is current to and how
+    far the database has moved past it."""
+    return await run_in_threadpool(engine_of(request).index_status)
+
+
 @router.get("/v1/jobs", tags=["models"], responses=ERRORS, dependencies=[require("admin")])
 def jobs(request: Request, limit: Annotated[int, Query(ge=1, le=200)] = 20) -> list[dict]:
     """The newest refresh and rollback jobs, newest first, with their progress."""

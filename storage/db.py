@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
 from voiceprint.engine.errors import DiskFull, DuplicateUtterance, RefreshBusy, StorageError, UnknownVersion, VersionChanged
+from voiceprint.storage import feed
 from voiceprint.storage import models as m
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,8 @@ class Database:
                 pass
         self._read_sessions = sessionmaker(self._read, expire_on_commit=False)
         self._write_sessions = sessionmaker(self._write, expire_on_commit=False)
+        event.listen(self._write_sessions, "before_commit", feed.stamp)  # the centroid change feed
+        self.writes = 0  # write transactions this process committed (a cached index syncs after its own)
         # Run after each committed write transaction (storage.scrub retries a pending scrub there).
         self.after_write: Callable[[], None] | None = None
 
@@ -108,6 +111,8 @@ class Database:
                 yield session
         finally:
             session.close()
+        if write:
+            self.writes += 1
         if write and self.after_write is not None:
             self.after_write()
 

@@ -10,7 +10,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from voiceprint.engine.errors import InvalidInput
-from voiceprint.storage import db, ids
+from voiceprint.storage import db, feed, ids
 from voiceprint.storage import models as m
 from voiceprint.storage.records import Job
 
@@ -156,7 +156,7 @@ def _fail(s: Session, job: m.Job, now: datetime, result: dict) -> None:
         version = s.get(m.ModelVersion, job.version)
         if version is not None and version.status == "candidate":
             version.status, version.note = "rejected", UNFINISHED
-            s.execute(delete(m.Centroid).where(m.Centroid.version == job.version))
+            feed.delete_centroids(s, m.Centroid.version == job.version)
             s.execute(delete(m.Embedding).where(m.Embedding.version == job.version))
 
 

@@ -14,10 +14,12 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     CheckConstraint,
     DateTime,
     Double,
     ForeignKey,
+    Index,
     false,
     LargeBinary,
     MetaData,
@@ -236,6 +238,37 @@ class Centroid(Base):
     sum: Mapped[bytes]  # float64 little-endian, exact running sum
     mean: Mapped[bytes]  # float32 little-endian, sum / count, what 1:N search loads
     updated_at: Mapped[datetime]
+    # The change feed: the revision of the transaction that last wrote the row (see
+    # CentroidFeed); a process holding a version's centroids reads only newer rows.
+    revision: Mapped[int] = mapped_column(BigInteger, server_default="0")
+
+    __table_args__ = (Index("ix_centroids_version_revision", "version", "revision"),)
+
+
+class CentroidFeed(Base):
+    """One row: the revision of the newest committed transaction that changed a centroid.
+
+    A writer bumps it as the last statement before its commit, holding the row's lock
+    until then, so revisions commit in their own order and a reader that takes this value
+    first finds every change up to it already visible."""
+
+    __tablename__ = "centroid_feed"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    revision: Mapped[int] = mapped_column(BigInteger)
+
+
+class CentroidTombstone(Base):
+    """A centroid that was deleted (an erasure, a removed last utterance, a dropped
+    version), so that the processes holding it drop it too. Integers only: no name."""
+
+    __tablename__ = "centroid_tombstones"
+
+    version: Mapped[int] = mapped_column(primary_key=True)
+    speaker_id: Mapped[int] = mapped_column(primary_key=True)
+    revision: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (Index("ix_centroid_tombstones_version_revision", "version", "revision"),)
 
 
 class Job(Base):

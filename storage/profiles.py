@@ -11,9 +11,9 @@ from sqlalchemy.orm import Session
 
 from voiceprint.engine.centroids import RunningCentroid
 from voiceprint.engine.errors import DuplicateUtterance, InvalidInput, StorageError, UnknownSpeaker, UnknownUtterance
-from voiceprint.storage import db, ids
+from voiceprint.storage import db, feed, ids
 from voiceprint.storage import models as m
-from voiceprint.storage.records import Centroid, Enrollment, SpeakerSummary, UtteranceRecord
+from voiceprint.storage.records import Centroid, CentroidChanges, Enrollment, SpeakerSummary, UtteranceRecord
 from voiceprint.storage.registry import ACTIVE, require_active
 from voiceprint.storage.scrub import ERASURE, Scrub
 from voiceprint.storage.unlabeled import take_unlabeled
@@ -232,6 +232,19 @@ class Profiles:
             running = running_centroid(row)
             return Centroid(speaker, version, running.count, running.sum, running.mean)
 
+    def centroid_changes(self, version: int, since: int = -1) -> CentroidChanges:
+        """``version``'s centroids written after feed revision ``since`` (all of them from
+        -1) and the speakers whose centroid was deleted since: one indexed read."""
+        with self._db.session(f"read the centroid changes of version {version}") as s:
+            now, rows, removed = feed.changes(s, version, since)
+        means = np.stack([from_f32(r[2]) for r in rows]) if rows else np.zeros((0, 0), dtype=np.float32)
+        return CentroidChanges(now, np.array([r[0] for r in rows], dtype=np.int64), [r[1] for r in rows], means, removed)
+
+    def centroid_revision(self) -> int:
+        """The change feed's revision: bumped by every committed centroid change."""
+        with self._db.session("read the centroid feed") as s:
+            return feed.current(s)
+
     def centroid_matrix(self, version: int) -> tuple[list[str], np.ndarray]:
         """Speaker names (sorted) and their centroid means at ``version``, float32 [N, D].
 
@@ -339,7 +352,7 @@ class Profiles:
             s.execute(delete(m.UtteranceAudio).where(m.UtteranceAudio.utterance_id.in_(ids)))
             counts = {
                 "embeddings": s.execute(delete(m.Embedding).where(m.Embedding.utterance_id.in_(ids))).rowcount,
-                "centroids": s.execute(delete(m.Centroid).where(m.Centroid.speaker_id == speaker_id)).rowcount,
+                "centroids": feed.delete_centroids(s, m.Centroid.speaker_id == speaker_id),
                 "utterances": s.execute(delete(m.Utterance).where(m.Utterance.speaker_id == speaker_id)).rowcount,
             }
             s.execute(delete(m.Speaker).where(m.Speaker.id == speaker_id))

@@ -36,6 +36,18 @@ class UtteranceRecord:
 
 
 @dataclass(frozen=True)
+class CentroidChanges:
+    """A version's centroids written or deleted between two revisions of the change feed
+    (:mod:`voiceprint.storage.feed`); from revision -1, every centroid of the version."""
+
+    revision: int  # the feed's revision a reader holding these is current to
+    speaker_ids: np.ndarray  # [n] int64, the rows written
+    names: list[str]
+    means: np.ndarray  # [n, D] float32
+    removed: list[int]  # speaker ids whose centroid is gone (an erasure, a dropped version)
+
+
+@dataclass(frozen=True)
 class DiarizationJob:
     """A long upload being diarized in the background (``POST /v1/diarize/jobs``)."""
 

@@ -9,7 +9,7 @@ from sqlalchemy import delete, func, insert, select, text
 from sqlalchemy.orm import Session
 
 from voiceprint.engine.errors import IncompleteVersion, NotInitialised, TrainingDataErased, UnknownVersion, VersionChanged
-from voiceprint.storage import db, ids
+from voiceprint.storage import db, feed, ids
 from voiceprint.storage import models as m
 from voiceprint.storage.embeddings import missing_embeddings_query
 from voiceprint.storage.records import AliasMove, ModelVersion
@@ -214,7 +214,7 @@ class Registry:
     def discard_version_data(self, version: int) -> None:
         """Delete every embedding and centroid stored under ``version`` (an abandoned candidate)."""
         with self._db.session(f"discard the embeddings of version {version}", write=True) as s:
-            s.execute(delete(m.Centroid).where(m.Centroid.version == version))
+            feed.delete_centroids(s, m.Centroid.version == version)
             s.execute(delete(m.Embedding).where(m.Embedding.version == version))
             s.execute(delete(m.Calibration).where(m.Calibration.version == version))
 

@@ -81,6 +81,12 @@ class Store:
         """The database URL with its password masked."""
         return self._db.url
 
+    @property
+    def writes(self) -> int:
+        """Write transactions this Store committed: an in-memory index of this process
+        reads the change feed at once after its own writes, not only on its timer."""
+        return self._db.writes
+
     def __repr__(self) -> str:
         return f"Store({self.url!r})"
 

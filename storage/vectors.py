@@ -10,10 +10,11 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from voiceprint.engine.centroids import RunningCentroid
+from voiceprint.storage import feed
 from voiceprint.storage import models as m
 
 
@@ -45,8 +46,9 @@ def save_centroid(
     """Insert or update one centroid row from its running statistics; an emptied one is deleted."""
     where = (m.Centroid.speaker_id == speaker_id, m.Centroid.version == version)
     if running.count == 0:
-        session.execute(delete(m.Centroid).where(*where))
+        feed.delete_centroids(session, *where)
         return
+    feed.touched(session, version, speaker_id)
     values = {"count": running.count, "sum": f64(running.sum), "mean": f32(running.mean), "updated_at": now}
     if exists:
         session.execute(update(m.Centroid).where(*where).values(**values))

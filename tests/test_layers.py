@@ -65,6 +65,7 @@ ORCHESTRATION = frozenset(
         "engine.diarizer",
         "engine.discovery",
         "engine.diarize_jobs",
+        "engine.live_index",
     }
 )
 STORAGE_MAY_IMPORT = frozenset({"engine.errors", "engine.centroids"})
@@ -79,7 +80,7 @@ LONG_FILES_ALLOWED = {
     # command's text rendering; split across files, a command's flags and its output
     # would live apart. DESIGN.md fixes cli.py as one file at the top level, so the
     # ceiling grows only with new commands.
-    "cli.py": 910,
+    "cli.py": 924,  # 910 before `voiceprint index status`
 }
 LENGTH_CHECKED = ("engine", "storage", "service", "migrations", "bench", "cli.py")
 SOURCE_SUFFIXES = (".py",)

@@ -39,6 +39,8 @@ def test_models_define_the_expected_tables() -> None:
         "unlabeled_utterances",
         "unlabeled_embeddings",
         "diarization_jobs",
+        "centroid_feed",
+        "centroid_tombstones",
     }
 
 
