@@ -5,7 +5,7 @@ applying only what changed since the revision it holds (:meth:`Gallery.apply` wi
 :class:`voiceprint.storage.CentroidChanges`): new and moved profiles are written in place,
 removed ones swapped out. Memory: one float32 row of the embedding's dimension per
 speaker (1 KiB at 256 dimensions, so about 1 GiB for a million speakers), kept in an
-array that grows by doubling.
+array allocated once for the first build and grown by a quarter after that.
 
 >>> import numpy as np
 >>> from types import SimpleNamespace as Changes
@@ -53,6 +53,7 @@ class Gallery:
                 self._remove(int(speaker_id))
             if len(changes.names) and not self._ids and self._means.shape[1] != changes.means.shape[1]:
                 self._means = np.zeros((0, changes.means.shape[1]), dtype=np.float32)  # the dimension, learnt
+            self._reserve(len(self._ids) + len(changes.names))  # a first build allocates once, not by doubling
             for speaker_id, name, mean in zip(changes.speaker_ids.tolist(), changes.names, changes.means):
                 row = self._row.get(speaker_id)
                 if row is None:
@@ -67,12 +68,16 @@ class Gallery:
         with self._lock:
             return list(self._names), self._means[: len(self._ids)].copy()
 
+    def _reserve(self, rows: int) -> None:
+        if rows > len(self._means):
+            grown = np.zeros((rows, self._means.shape[1]), dtype=np.float32)
+            grown[: len(self._ids)] = self._means[: len(self._ids)]
+            self._means = grown
+
     def _append(self, speaker_id: int) -> int:
         row = len(self._ids)
         if row == len(self._means):
-            grown = np.zeros((max(16, 2 * row), self._means.shape[1]), dtype=np.float32)
-            grown[:row] = self._means
-            self._means = grown
+            self._reserve(max(16, row + row // 4))  # by a quarter: at a million rows, doubling would take another GiB
         self._row[speaker_id] = row
         self._ids.append(speaker_id)
         self._names.append("")
