@@ -273,7 +273,7 @@ class LiveConfig(Section):
 @dataclass(frozen=True)
 class IndexConfig(Section):
     """The 1:N index each process holds per version, kept current from the database's
-    centroid change feed (README, "Scale")."""
+    centroid change feed (README, "The 1:N index")."""
 
     # Another process's enrollments reach this one's answers within this many seconds
     # (its own at once): the feed is read at most this often, one indexed query.

@@ -56,6 +56,14 @@ _bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <key>
 _header = APIKeyHeader(name="X-API-Key", auto_error=False, description="the key in an X-API-Key header instead")
 
 
+def _live_key(request: Request, bearer: HTTPAuthorizationCredentials | None, header: str | None):
+    """The live key the request carries (bearer or X-API-Key); 401 without one."""
+    key = engine_of(request).authenticate(bearer.credentials if bearer else header)
+    if key is None:
+        raise ApiError(401, "unauthorized", "a valid API key is required", {"WWW-Authenticate": "Bearer"})
+    return key
+
+
 def require(role: str):
     """A dependency that lets the request through only with a live key allowed ``role``."""
 
@@ -64,9 +72,7 @@ def require(role: str):
         bearer: HTTPAuthorizationCredentials | None = Depends(_bearer),
         header: str | None = Depends(_header),
     ) -> None:
-        key = engine_of(request).authenticate(bearer.credentials if bearer else header)
-        if key is None:
-            raise ApiError(401, "unauthorized", "a valid API key is required", {"WWW-Authenticate": "Bearer"})
+        key = _live_key(request, bearer, header)
         if not allows(key, role):
             raise ApiError(403, "forbidden", f"this key has the {key.role} role; this route needs {role}")
         request.state.key = key
@@ -80,10 +86,7 @@ def any_key(
     header: str | None = Depends(_header),
 ):
     """A dependency that lets the request through with any live key, whatever its role."""
-    key = engine_of(request).authenticate(bearer.credentials if bearer else header)
-    if key is None:
-        raise ApiError(401, "unauthorized", "a valid API key is required", {"WWW-Authenticate": "Bearer"})
-    request.state.key = key
+    key = request.state.key = _live_key(request, bearer, header)
     return key
 
 

@@ -66,6 +66,11 @@ async function api(method, path, { json, body, raw } = {}) {
   return raw ? response : response.json();
 }
 
+async function blobUrl(path) {
+  // What an <audio> or <img> shows from a route that needs the key in a header: fetched, not linked.
+  return URL.createObjectURL(await (await api("GET", path, { raw: true })).blob());
+}
+
 function showError(target, error) {
   target.replaceChildren(el("span", { class: "error" }, error.code ? `${error.code}: ${error.message}` : String(error)));
 }
@@ -389,10 +394,8 @@ async function loadUtterances(speaker) {
 }
 
 async function play(id, button) {
-  // The kept speech comes with the key in a header, so it is fetched, not linked.
   try {
-    const blob = await (await api("GET", `/v1/utterances/${id}/audio`, { raw: true })).blob();
-    const audio = el("audio", { controls: true, src: URL.createObjectURL(blob), "data-utterance": id });
+    const audio = el("audio", { controls: true, src: await blobUrl(`/v1/utterances/${id}/audio`), "data-utterance": id });
     button.replaceWith(audio);
     audio.play().catch(() => {}); // a browser without a sound device still shows the player
   } catch (error) {
@@ -541,9 +544,9 @@ async function loadCalibration() {
     table.replaceChildren(el("tr", {}, el("td", {}, error.message)));
   }
   try {
-    const blob = await (await api("GET", "/v1/calibration/det.png", { raw: true })).blob();
+    const src = await blobUrl("/v1/calibration/det.png");
     if (image.src) URL.revokeObjectURL(image.src);
-    image.src = URL.createObjectURL(blob);
+    image.src = src;
     image.hidden = false;
     $("#det-note").textContent = "Leave-one-out trials of the enrolled speakers, as the calibration is fitted: they flatter the version a little; voiceprint eval on other speakers tells more.";
   } catch (error) {
