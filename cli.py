@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("index", cmd_index, "the 1:N index of the active version: kind, size, memory, revision of the change feed")
     p.add_argument("action", choices=["status"])
 
-    p = command("db", cmd_db, "database schema")
+    p = command("db", cmd_db, "database schema (upgrade also stores the home's checkpoint files in the database)")
     p.add_argument("action", choices=["upgrade", "current"])
     return parser
 
@@ -907,17 +907,25 @@ def cmd_openapi(args: argparse.Namespace) -> int:
 
 def cmd_db(args: argparse.Namespace) -> int:
     # The one command below the engine: it must work on a database the engine cannot open yet.
-    from voiceprint.engine.home import ensure_sqlite_folder
+    from voiceprint.engine.home import Home, ensure_sqlite_folder
+    from voiceprint.engine.models import ModelRegistry
     from voiceprint.storage import Store
 
-    _, url = _home_and_db(args)
-    ensure_sqlite_folder(url)
-    with Store(url) as store:
+    home = Home.resolve(args.home, args.db)
+    ensure_sqlite_folder(home.url)
+    weights: dict[str, list] = {}
+    with Store(home.url) as store:
         if args.action == "upgrade":
             store.schema.upgrade()
+            weights = ModelRegistry(home, store).import_files()  # what a home from before 0011 holds only as files
         doc = {"db": str(store.url), "revision": store.schema.current_revision(), "head": store.schema.head_revision()}
-    answer(args, doc, [f"{doc['db']}: revision {doc['revision'] or '(empty)'}, newest {doc['head']}"])
-    return EXIT_OK
+    lines = [f"{doc['db']}: revision {doc['revision'] or '(empty)'}, newest {doc['head']}"]
+    if weights:
+        doc["checkpoints"] = weights
+        lines.append(f"checkpoints: {len(weights['imported'])} imported from {home.path}, {len(weights['stored'])} stored already")
+    notes = [f"version {n}: its checkpoint is neither in {home.path} nor in the database" for n in weights.get("missing", [])]
+    answer(args, doc, lines, notes + [f"version {m['version']}: not imported: {m['error']}" for m in weights.get("mismatched", [])])
+    return EXIT_NEGATIVE if weights.get("mismatched") else EXIT_OK
 
 
 if __name__ == "__main__":

@@ -5,6 +5,9 @@ a temporary file, flushed to disk and renamed into place, so a crash never leave
 half-written checkpoint under the final name; the sha256 stored with the model version
 catches any later corruption, and ``weights_only=True`` means a tampered file cannot
 execute code.
+
+A checkpoint read from the database (:func:`write_verified`) reaches its file the same
+way, hashed on the way: bytes that do not match the recorded sha256 never get the name.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import errno
 import hashlib
 import io
 import os
+import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -47,11 +52,42 @@ def save_checkpoint(state_dict: dict[str, torch.Tensor], path: Path, *, label: s
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        what = f"cannot write checkpoint {label or path.name} ({len(data) / 2**20:.1f} MiB)"
-        if exc.errno in DISK_FULL:
-            raise DiskFull(f"disk full: {what}: free space on the disk that holds the home, then try again") from None
-        raise CheckpointError(f"{what}: {exc.strerror or exc}") from None
+        raise _write_error(exc, f"cannot write checkpoint {label or path.name} ({len(data) / 2**20:.1f} MiB)") from None
     return sha256_bytes(data)
+
+
+def write_verified(chunks: Iterable[bytes], path: Path, sha256: str, *, label: str) -> None:
+    """Write ``chunks`` to ``path`` through a temporary file beside it, hashing them on
+    the way; only bytes whose sha256 is ``sha256`` are renamed into place.
+
+    A mismatch raises :class:`CheckpointError` ("corrupted") and leaves no file; so does
+    any failure of ``chunks`` itself. Errors name the checkpoint by ``label`` only.
+    """
+    tmp = path.with_name(f".incoming-{uuid.uuid4().hex}{path.suffix}")  # unique: another process may fetch it too
+    digest = hashlib.sha256()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as fh:
+            for chunk in chunks:
+                digest.update(chunk)
+                fh.write(chunk)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if digest.hexdigest() != sha256:
+            raise CheckpointError(
+                f"{label} is corrupted: sha256 {digest.hexdigest()[:12]}... != recorded {sha256[:12]}..."
+            )
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise _write_error(exc, f"cannot write {label} to the home's cache") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_error(exc: OSError, what: str) -> DiskFull | CheckpointError:
+    if exc.errno in DISK_FULL:
+        return DiskFull(f"disk full: {what}: free space on the disk that holds the home, then try again")
+    return CheckpointError(f"{what}: {exc.strerror or exc}")
 
 
 def load_checkpoint(path: Path, sha256: str) -> dict[str, torch.Tensor]:

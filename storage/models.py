@@ -271,6 +271,33 @@ class CentroidTombstone(Base):
     __table_args__ = (Index("ix_centroid_tombstones_version_revision", "version", "revision"),)
 
 
+class CheckpointBlob(Base):
+    """A model checkpoint stored in the database, once per content (its sha256, what a
+    version's ``checkpoint_sha256`` records), so that every host on the database loads any
+    version with nothing shared but the URL; the home's file is a cache of it. The bytes
+    are in :class:`CheckpointChunk` rows, written in the same transaction as this row: a
+    blob that is here is whole."""
+
+    __tablename__ = "checkpoint_blobs"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    chunks: Mapped[int]
+    created_at: Mapped[datetime]
+
+
+class CheckpointChunk(Base):
+    """One piece (about a MiB) of a stored checkpoint: no query moves a whole checkpoint."""
+
+    __tablename__ = "checkpoint_chunks"
+
+    sha256: Mapped[str] = mapped_column(
+        String(64), ForeignKey("checkpoint_blobs.sha256", ondelete="CASCADE"), primary_key=True
+    )
+    seq: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)  # 0, 1, ... in order
+    data: Mapped[bytes]
+
+
 class Job(Base):
     """A refresh, queued (by a drift signal or a request), running, or finished.
 

@@ -94,6 +94,16 @@ class ModelVersion:
 
 
 @dataclass(frozen=True)
+class CheckpointBlob:
+    """A checkpoint stored in the database (its bytes are read by ``Checkpoints.chunks``)."""
+
+    sha256: str
+    size_bytes: int
+    chunks: int
+    created_at: datetime
+
+
+@dataclass(frozen=True)
 class AliasMove:
     alias: str
     version: int

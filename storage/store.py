@@ -13,6 +13,7 @@ from contextlib import AbstractContextManager
 from sqlalchemy import func, select
 
 from voiceprint.storage import models as m
+from voiceprint.storage.checkpoints import Checkpoints
 from voiceprint.storage.db import Database
 from voiceprint.storage.diarizations import DiarizationJobs
 from voiceprint.storage.embeddings import Embeddings
@@ -43,6 +44,8 @@ class Store:
         Alembic migrations: ``upgrade``, ``downgrade``, ``check_schema``, ...
     registry : Registry
         Model versions, aliases and their history, calibrations.
+    checkpoints : Checkpoints
+        The versions' weights, by sha256, in chunks.
     profiles : Profiles
         Speakers and utterances: enrollment, review, removal, erasure, centroids.
     embeddings : Embeddings
@@ -68,6 +71,7 @@ class Store:
         self._db = Database(url, echo=echo)
         self.schema = Schema(self._db)
         self.registry = Registry(self._db)
+        self.checkpoints = Checkpoints(self._db)
         self.scrub = Scrub(self._db)
         self.profiles = Profiles(self._db, self.scrub)
         self.embeddings = Embeddings(self._db)

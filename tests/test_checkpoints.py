@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from voiceprint.engine.checkpoints import load_checkpoint, save_checkpoint
+from voiceprint.engine.checkpoints import load_checkpoint, save_checkpoint, sha256_bytes, write_verified
 from voiceprint.engine.encoders import create_encoder
 from voiceprint.engine.errors import CheckpointError
 
@@ -42,3 +42,14 @@ def test_pickled_code_is_not_executed(tmp_path):
     torch.save({"w": torch.ones(1), "payload": print}, path)
     with pytest.raises(CheckpointError, match="cannot be loaded"):
         load_checkpoint(path, hashlib.sha256(path.read_bytes()).hexdigest())
+
+
+def test_streamed_bytes_take_the_name_only_when_their_sha256_matches(tmp_path):
+    data = bytes(range(256)) * 1000
+    pieces = [data[i : i + 4096] for i in range(0, len(data), 4096)]
+    path = tmp_path / "cache" / "v1.pt"  # the folder is made
+    with pytest.raises(CheckpointError, match="version 1 is corrupted"):
+        write_verified(iter(pieces), path, sha256_bytes(data[:-1] + b"x"), label="version 1")
+    assert list(path.parent.iterdir()) == []  # neither the name nor a temporary file
+    write_verified(iter(pieces), path, sha256_bytes(data), label="version 1")
+    assert path.read_bytes() == data and [p.name for p in path.parent.iterdir()] == ["v1.pt"]

@@ -21,6 +21,7 @@ import pytest
 import soundfile as sf
 from sqlalchemy import MetaData, create_engine, select as sql_select
 
+from test_stored_checkpoints import spoil_stored_checkpoint
 from voiceprint import cli
 
 pytestmark = pytest.mark.data
@@ -209,9 +210,11 @@ def test_unknown_speaker_in_verify_is_an_error(home, dev_data, capsys):
 
 
 def test_corrupted_checkpoint_is_refused(home, dev_data, capsys):
+    """Both copies spoilt: the home's file, and the database's (which alone would replace it)."""
     root, url = home
     checkpoint = root / "checkpoints" / "v0001.pt"
     data = bytearray(checkpoint.read_bytes())
+    spoil_stored_checkpoint(url, hashlib.sha256(data).hexdigest())
     data[-100] ^= 0xFF
     checkpoint.write_bytes(bytes(data))
     before = fingerprint(url)

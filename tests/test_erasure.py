@@ -99,6 +99,7 @@ def test_a_speaker_erased_while_a_refresh_trains_on_them_is_never_promoted(gate,
         candidate = eng.version(report.version)
         assert candidate.status == "rejected" and ERASED_MEANWHILE in candidate.note
         assert not (home / candidate.checkpoint).exists()  # the weights that learned from p225
+        assert eng.store.checkpoints.blob(candidate.checkpoint_sha256) is None  # nor their copy in the database
         assert eng.store.embeddings.version_embeddings(report.version)[0].size == 0
         job = eng.job(job_id)
         assert job.status == "rejected" and ERASED_MEANWHILE in job.result["reasons"]

@@ -6,7 +6,6 @@ engine's answers within ``[index] refresh_s``."""
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 
@@ -116,8 +115,8 @@ def test_a_reader_following_the_feed_while_writers_commit_ends_where_a_full_read
 
 @pytest.mark.data
 def test_another_process_s_enrollments_and_erasures_reach_identify_within_refresh_s(db_url: str, tmp_path, by_speaker) -> None:
-    """Two engines on one database, each with its own home (as two hosts would be; the
-    checkpoint files are copied, as they are not in the database yet)."""
+    """Engines on one database, each with its own home (as hosts would be): the readers'
+    homes start empty, and load the active version's weights from the database."""
     voices = by_speaker("vctk-4")
     a, b, c, new = sorted(voices)
     homes = {}
@@ -130,8 +129,6 @@ def test_another_process_s_enrollments_and_erasures_reach_identify_within_refres
             for path in voices[speaker][:3]:
                 writer.enroll(speaker, path)
         probe = voices[new][5]
-        for name in ("reader", "slow"):
-            shutil.copytree(homes["writer"] / "checkpoints", homes[name] / "checkpoints")
         with Engine.open(home=homes["reader"], db=db_url) as reader, Engine.open(home=homes["slow"], db=db_url) as slow:
             assert new not in [h.speaker for h in reader.identify(probe).candidates]
             assert new not in [h.speaker for h in slow.identify(probe).candidates]

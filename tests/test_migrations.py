@@ -41,6 +41,8 @@ def test_models_define_the_expected_tables() -> None:
         "diarization_jobs",
         "centroid_feed",
         "centroid_tombstones",
+        "checkpoint_blobs",
+        "checkpoint_chunks",
     }
 
 

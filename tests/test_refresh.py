@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from test_stored_checkpoints import spoil_stored_checkpoint
 from voiceprint.engine import Engine
 from voiceprint.engine import audio
 from voiceprint.engine.errors import CheckpointError, InvalidInput, RefreshBusy, TooShort, UnknownVersion, WeightsPruned
@@ -358,6 +359,7 @@ def test_rollback_to_a_corrupted_checkpoint_changes_nothing(vctk_home):
         assert report.status == "promoted", report.reasons
         path = vctk_home / "checkpoints" / "v0001.pt"
         path.write_bytes(path.read_bytes()[:-10] + b"0123456789")
+        spoil_stored_checkpoint(f"sqlite:///{vctk_home / 'voiceprint.db'}", eng.version(1).checkpoint_sha256)  # else it replaces the file
     with Engine.open(home=vctk_home) as eng:  # a new process: no cached embedder hides the file
         with pytest.raises(CheckpointError):
             eng.rollback(1)

@@ -13,6 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 
+from test_stored_checkpoints import spoil_stored_checkpoint
 from voiceprint.engine import Engine
 from voiceprint.engine.errors import InvalidInput
 from voiceprint.service import create_app
@@ -166,8 +167,10 @@ def test_failures_on_the_server_side_name_no_urls_or_paths(tmp_path, fresh_pg_ur
 def test_a_corrupted_active_checkpoint_is_not_ready_and_says_no_path(vctk_home, by_speaker):
     home, db, keys = vctk_home
     with Store(db) as store:
-        checkpoint = home / store.registry.active_version().checkpoint
+        active = store.registry.active_version()
+    checkpoint = home / active.checkpoint
     checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
+    spoil_stored_checkpoint(db, active.checkpoint_sha256)  # the database's copy too, else it would replace the file
     clip = by_speaker("vctk-4")[sorted(by_speaker("vctk-4"))[0]][-1]
     with TestClient(create_app(str(home), db, background=False)) as client:
         ready = client.get("/readyz")
