@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("openapi", cmd_openapi, "print the HTTP API's OpenAPI schema (JSON)")
     command("status", cmd_status, "active version, pending utterances, running and last job, next scheduled runs")
-    p = command("index", cmd_index, "the 1:N index of the active version: kind, size, memory, revision of the change feed")
+    p = command("index", cmd_index, "the 1:N index of the active version: kind, size, memory, revision of the change feed, recall")
     p.add_argument("action", choices=["status"])
 
     p = command("db", cmd_db, "database schema (upgrade also stores the home's checkpoint files in the database)")
@@ -784,7 +784,9 @@ def cmd_index(args: argparse.Namespace) -> int:
         rows = eng.index_status()
         built_s = time.perf_counter() - started
     lines = [f"version {r['version']}: {r['kind']}, {r['speakers']} speakers, {r['memory_bytes'] / 2**20:.1f} MiB, "
-             f"revision {r['revision']} of the feed's {r['feed_revision']} ({r['behind']} behind)" for r in rows]
+             f"revision {r['revision']} of the feed's {r['feed_revision']} ({r['behind']} behind)"
+             + (f", recall@1 {r['recall_at_1']:.4f} on {r['recall_probes']} stored utterances" if r["recall_at_1"] is not None else "")
+             for r in rows]
     answer(args, {"ok": True, "versions": rows, "built_s": round(built_s, 3)}, [*lines, f"built in {built_s:.2f} s"])
     return 0
 

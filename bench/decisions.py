@@ -109,7 +109,7 @@ def main() -> None:
 def evaluate(eng: Engine, probes, calibration) -> dict:
     version = eng.active_version()
     scoring = eng.recognizer.scoring(version.number)
-    index = eng.recognizer.index(version.number, scoring)
+    index = eng.recognizer.indexes.index(version.number, scoring).index
     names = index.names
     test_speakers = sorted({p.speaker for p in probes})
     columns = np.array([names.index(s) for s in test_speakers])

@@ -361,9 +361,11 @@ class Engine:
 
     def index_status(self) -> list[dict]:
         """The 1:N index this process holds of each version (the active one built if it is
-        not yet): kind, speakers, memory, and how far behind the change feed it is."""
-        self.recognizer.gallery(self.models.active().number)
-        return self.recognizer.index_status()
+        not yet): kind, speakers, memory, how far behind the change feed it is, and an
+        approximate index's recall@1 against exact search."""
+        number = self.models.active().number
+        self.recognizer.indexes.index(number, self.recognizer.scoring(number))
+        return self.recognizer.indexes.status()
 
     def calibration_scores(self, version: int | None = None) -> DetScores:
         """A version's (default: the active one's) leave-one-out trial scores on the

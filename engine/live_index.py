@@ -3,78 +3,231 @@ centroid change feed (:mod:`voiceprint.storage.feed`) instead of read again per 
 
 A version's :class:`~voiceprint.engine.gallery.Gallery` is built from every centroid on
 first use, then brought up to date with only what changed, at most every ``[index]
-refresh_s`` and at once after this process's own writes; the search index made from it
-(with the version's scoring state) is kept until the gallery's revision or that state moves.
+refresh_s`` and at once after this process's own writes. The same changes are written
+into the version's :class:`~voiceprint.engine.index.CentroidIndex` in place (each moved
+profile's cohort statistics computed for it alone), so one enrollment costs one row.
+
+The index is built again only for a new scoring state (a calibration, an erasure that
+changes the cohort or the centre) or a version this process has not served yet. From
+``[index] background_from`` speakers that build runs in a background thread, and the
+index it replaces keeps answering until it is ready: each answer names the version it
+came from, and is scored with that index's own calibration and thresholds.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from dataclasses import dataclass
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from voiceprint.engine.config import Config
 from voiceprint.engine.gallery import Gallery
 from voiceprint.engine.index import CentroidIndex
 from voiceprint.storage import Store
 
+log = logging.getLogger(__name__)
+RECALL_PROBES = 200  # real stored embeddings the approximate index is checked against exact search with
+
+
+@dataclass
+class Served:
+    """An index and the scoring state (a ``VersionScoring``) it was built with."""
+
+    index: CentroidIndex
+    scoring: object
+    built_s: float
+
 
 class LiveIndexes:
     """Galleries and search indexes of the versions this process answers for."""
 
     def __init__(self, store: Store, config: Config) -> None:
+        # numpy's OpenBLAS splits even one probe's product with the profiles over every
+        # core, then waits for the busiest: on two cores that are also embedding audio, a
+        # 5,000-row cohort product took 8 ms instead of 0.2. One BLAS thread for the
+        # process keeps each search on its own core (torch's encoder threads are apart).
+        threadpool_limits(1, user_api="blas")
         self.store, self.config = store, config
-        self._galleries: dict[int, tuple[Gallery, float, int]] = {}  # version -> (gallery, synced at, writes seen)
-        self._indexes: dict[int, tuple[tuple, CentroidIndex]] = {}
-        self._lock = threading.Lock()  # the service answers from several threads
+        self._galleries: dict[int, _Feed] = {}
+        self._served: dict[int, Served] = {}
+        self._building: dict[int, int] = {}  # version -> serial of the scoring state being indexed in the background
+        self._last: int | None = None  # the version answered for last
+        self._lock = threading.Lock()  # guards the dicts above; each version's feed has its own
 
     def gallery(self, version: int) -> Gallery:
         """``version``'s centroids in this process, current to the database's change feed:
         built once, then read again at most every ``[index] refresh_s`` (at once after
-        this process's own writes), and only what changed."""
+        this process's own writes), and only what changed; the changes go into the
+        version's index as well."""
+        feed = self._feed(version)
+        with feed.lock:
+            self._sync(version, feed)
+        return feed.gallery
+
+    def ready(self, version: int) -> bool:
+        return version in self._served
+
+    def answering(self, version: int, scoring) -> int:
+        """The version to answer with when ``version`` is the active one: itself, or while
+        it is indexed in the background (a large gallery, newly promoted or rolled back
+        to), the version this process answered with before."""
         with self._lock:
-            gallery, synced, seen = self._galleries.get(version) or (Gallery(), 0.0, -1)
-            writes, now = self.store.writes, time.monotonic()
-            if gallery.revision < 0 or writes != seen or now - synced >= self.config.index.refresh_s:
-                gallery.apply(self.store.profiles.centroid_changes(version, gallery.revision))
-                synced, seen = now, writes
-            self._galleries[version] = (gallery, synced, seen)
-            return gallery
+            last = self._last
+            if version in self._served or last is None or last == version or last not in self._served:
+                return version
+            if scoring.prototypes or len(self._served[last].index) < self.config.index.background_from:
+                return version
+        self._start(version, scoring)
+        return last
+
+    def index(self, version: int, scoring) -> Served:
+        """The 1:N index of ``version`` and the scoring state it answers with: built with
+        ``scoring`` (a ``VersionScoring``) on first use; for a newer scoring state built
+        again, in the background from ``[index] background_from`` speakers (the older
+        index answering meanwhile)."""
+        feed = self._feed(version)
+        with feed.lock:
+            self._sync(version, feed)
+            with self._lock:
+                self._last = version
+                served = self._served.get(version)
+            if served is not None and served.scoring.serial == scoring.serial:
+                return served
+            if served is None or scoring.prototypes or len(feed.gallery) < self.config.index.background_from:
+                served = self._make(feed.gallery, scoring)[0]  # the feed's lock held: nothing can be missed
+                with self._lock:
+                    self._served[version] = served
+                return served
+        self._start(version, scoring)
+        return served
 
     def status(self) -> list[dict]:
-        """Each version this process holds an index of: its size, memory, the revision it
-        is current to, and how far the database's feed has moved past it."""
-        feed = self.store.profiles.centroid_revision()
+        """Each version this process holds an index of: its kind and size, memory, the
+        revision it is current to and how far the database's feed has moved past it, and
+        for an approximate index its recall@1 against exact search, measured now on up to
+        ``RECALL_PROBES`` stored utterances of the version (its AS-norm cohort: real
+        speech, centred as the profiles are)."""
+        feed_revision = self.store.profiles.centroid_revision()
         with self._lock:
             held = sorted(self._galleries.items())
-        return [
-            {"version": version, "kind": "exact", "speakers": len(g), "memory_bytes": g.nbytes,
-             "revision": g.revision, "feed_revision": feed, "behind": max(0, feed - g.revision),
-             "synced_s_ago": round(time.monotonic() - synced, 3)}
-            for version, (g, synced, _) in held
-        ]
+            served = dict(self._served)
+            building = dict(self._building)
+        out = []
+        for version, feed in held:
+            g, index = feed.gallery, served.get(version)
+            probe = _recall_probes(index.scoring, version) if index is not None and index.index.kind != "exact" else None
+            recall = index.index.recall(probe) if probe is not None else None
+            out.append({
+                "version": version,
+                "kind": index.index.kind if index is not None else "exact",
+                "speakers": len(g),
+                "memory_bytes": g.nbytes + (index.index.nbytes if index is not None else 0),
+                "revision": g.revision,
+                "feed_revision": feed_revision,
+                "behind": max(0, feed_revision - g.revision),
+                "synced_s_ago": round(time.monotonic() - feed.synced, 3),
+                "built_s": round(index.built_s, 3) if index is not None else None,
+                "rebuilding": version in building,
+                "recall_at_1": None if recall is None else round(recall, 4),
+                "recall_probes": 0 if recall is None else len(probe),
+            })
+        return out
 
-    def index(self, version: int, scoring) -> CentroidIndex:
-        """The 1:N index of ``version``: its gallery with ``scoring``'s centre, cohort
-        statistics and calibration (a ``VersionScoring``), rebuilt only when either changed."""
-        gallery = self.gallery(version)
-        key = (gallery.revision, scoring.serial)
+    def _feed(self, version: int) -> _Feed:
         with self._lock:
-            cached = self._indexes.get(version)
-            if cached is not None and cached[0] == key:
-                return cached[1]
-        names, centroids = gallery.snapshot()
-        centroids = scoring.centred(centroids)
-        stats = scoring.enrollment_stats(names, centroids) if scoring.cohort is not None and names else None
+            return self._galleries.setdefault(version, _Feed())
+
+    def _sync(self, version: int, feed: _Feed, force: bool = False) -> None:
+        """Read the feed if it is due (the caller holds ``feed.lock``) and write what
+        changed into the gallery and the served index."""
+        writes, now = self.store.writes, time.monotonic()
+        if not (force or feed.gallery.revision < 0 or writes != feed.seen or now - feed.synced >= self.config.index.refresh_s):
+            return
+        changes = self.store.profiles.centroid_changes(version, feed.gallery.revision)
+        feed.gallery.apply(changes)
+        feed.synced, feed.seen = now, writes
+        with self._lock:
+            served = self._served.get(version)
+        if served is None:
+            return
+        if served.scoring.prototypes:  # prototypes are rows per speaker: small galleries, built again
+            with self._lock:
+                self._served.pop(version, None)
+            return
+        _write(served, changes)
+
+    def _make(self, gallery: Gallery, scoring) -> tuple[Served, int]:
+        """An index of ``gallery`` under ``scoring``, and the feed revision it is current to."""
+        start = time.perf_counter()
+        ids, names, means, revision = gallery.snapshot()
         protos = None
         if scoring.prototypes:
-            rows = [(i, p) for i, n in enumerate(names) for p in scoring.prototypes.get(n, [])]
+            where = {name: i for i, name in enumerate(names)}
+            rows = [(where[n], p) for n in names for p in scoring.prototypes.get(n, [])]
             if rows:
                 protos = (np.array([i for i, _ in rows]), np.stack([p for _, p in rows]))
         index = CentroidIndex(
-            names, centroids, cohort=scoring.cohort, enroll_stats=stats, calibration=scoring.calibration, prototypes=protos
+            names, scoring.centred(means), ids=ids, cohort=scoring.cohort, calibration=scoring.calibration,
+            prototypes=protos, approximate=len(names) >= self.config.index.approximate_from,
         )
+        return Served(index, scoring, time.perf_counter() - start), revision
+
+    def _start(self, version: int, scoring) -> None:
+        """Index ``version`` with ``scoring`` in a background thread (once per state); the
+        index it replaces answers until then."""
         with self._lock:
-            self._indexes[version] = (key, index)
-        return index
+            if self._building.get(version) == scoring.serial:
+                return
+            self._building[version] = scoring.serial
+
+        def build() -> None:
+            try:
+                feed = self._feed(version)
+                self.gallery(version)  # a version not served yet: its first read, outside every other lock
+                served, revision = self._make(feed.gallery, scoring)
+                with feed.lock:
+                    self._sync(version, feed, force=True)
+                    # What the feed brought while it was built: each changed row's current value.
+                    _write(served, self.store.profiles.centroid_changes(version, revision))
+                    with self._lock:
+                        current = self._served.get(version)
+                        if current is None or current.scoring.serial < scoring.serial:
+                            self._served[version] = served
+                log.info("version %d indexed in the background in %.1f s", version, served.built_s)
+            except Exception:  # the older index keeps answering; the next request tries again
+                log.exception("indexing version %d in the background failed", version)
+            finally:
+                with self._lock:
+                    if self._building.get(version) == scoring.serial:
+                        del self._building[version]
+
+        threading.Thread(target=build, name=f"index-v{version}", daemon=True).start()
+
+
+class _Feed:
+    """One version's gallery and when it last read the change feed."""
+
+    def __init__(self) -> None:
+        self.gallery = Gallery()
+        self.synced = 0.0
+        self.seen = -1  # the store's write count when the feed was read last
+        self.lock = threading.Lock()  # one reader of a version's feed at a time
+
+
+def _write(served: Served, changes) -> None:
+    """Write feed changes into a served index, in place."""
+    served.index.remove(changes.removed)
+    if len(changes.names):
+        served.index.put(changes.speaker_ids.tolist(), changes.names, served.scoring.centred(changes.means))
+
+
+def _recall_probes(scoring, version: int) -> np.ndarray | None:
+    cohort = scoring.cohort
+    if cohort is None or not len(cohort):
+        return None
+    rows = np.random.default_rng(version).permutation(len(cohort))[:RECALL_PROBES]
+    return cohort.vectors[np.sort(rows)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 
 import numpy as np
 
@@ -23,7 +24,6 @@ from voiceprint.engine.config import Config
 from voiceprint.engine.det import DetScores
 from voiceprint.engine.encoders import reference_scores
 from voiceprint.engine.errors import InvalidInput, NotEnoughData, UnknownSpeaker
-from voiceprint.engine.gallery import Gallery
 from voiceprint.engine.live_index import LiveIndexes
 from voiceprint.engine.index import CentroidIndex
 from voiceprint.engine.models import ModelRegistry
@@ -39,8 +39,8 @@ _SERIALS = itertools.count()
 
 class VersionScoring:
     """What scoring a version needs beyond its centroids: the domain centre, the AS-norm
-    cohort, the newest calibration and, cached, every profile's enrollment-side cohort
-    statistics. Every vector is centred (:meth:`centred`) before it is scored."""
+    cohort and the newest calibration. Every vector is centred (:meth:`centred`) before
+    it is scored; each profile's enrollment-side statistics are kept by the index."""
 
     def __init__(
         self, cohort: Cohort | None, calibration: Calibration | None, protos, centre: np.ndarray | None = None, cohort_rows: int = 0
@@ -50,42 +50,10 @@ class VersionScoring:
         self.calibration = calibration
         self.prototypes = protos  # {speaker: [k, D]} or None, centred
         self.centre = centre  # the mean of the version's enrolled embeddings, or None
-        self._names: list[str] = []
-        self._centroids = np.zeros((0, 0), dtype=np.float32)
-        self._stats = (np.zeros(0), np.zeros(0))
-        self._lock = threading.Lock()  # the service scores from several threads
         self.serial = next(_SERIALS)  # tells a rebuilt state from the one an index was made with
 
     def centred(self, vectors: np.ndarray) -> np.ndarray:
         return centred(vectors, self.centre)
-
-    def enrollment_stats(self, names: list[str], centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Cohort statistics of every profile, recomputed only for profiles that changed."""
-        with self._lock:
-            return self._enrollment_stats(names, centroids)
-
-    def _enrollment_stats(self, names: list[str], centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        assert self.cohort is not None
-        if names == self._names and centroids.shape == self._centroids.shape:
-            # The usual case on the search path: the same speakers, a few profiles moved.
-            # One vectorised comparison instead of a Python loop over every speaker.
-            mean, std = self._stats[0].copy(), self._stats[1].copy()
-            stale = np.flatnonzero(np.any(centroids != self._centroids, axis=1)).tolist()
-        else:
-            old = {name: i for i, name in enumerate(self._names)}
-            mean, std = np.zeros(len(names)), np.zeros(len(names))
-            stale = []
-            for i, name in enumerate(names):
-                j = old.get(name)
-                if j is not None and np.array_equal(self._centroids[j], centroids[i]):
-                    mean[i], std[i] = self._stats[0][j], self._stats[1][j]
-                else:
-                    stale.append(i)
-        if stale:
-            m, sd = self.cohort.enrollment_stats([names[i] for i in stale], centroids[stale])
-            mean[stale], std[stale] = m, sd
-        self._names, self._centroids, self._stats = list(names), centroids.copy(), (mean, std)
-        return mean, std
 
     def backend(self, wanted: str, min_cohort: int) -> tuple[str, str]:
         """The back-end that can decide now, and why it is not ``wanted`` ("" when it is).
@@ -114,21 +82,27 @@ class Recognizer:
     def __init__(self, store: Store, models: ModelRegistry, config: Config) -> None:
         self.store, self.models, self.config = store, models, config
         self._lock = threading.Lock()
-        self._scoring: dict[int, tuple[tuple, VersionScoring]] = {}
+        self._scoring: dict[int, tuple[tuple, VersionScoring, int, float]] = {}  # version -> (key, state, writes seen, checked at)
         self.indexes = LiveIndexes(store, config)
 
     def scoring(self, version: int) -> VersionScoring:
-        """Centre, cohort, calibration and cached statistics of a version, rebuilt when a
-        newer calibration appears (a ``calibrate`` in another process included) or a
-        profile changes after the fact."""
+        """Centre, cohort and calibration of a version, rebuilt when a newer calibration
+        appears (a ``calibrate`` in another process included) or a profile changes after
+        the fact. Like the change feed, the database is asked at most every ``[index]
+        refresh_s``, and at once after this process's own writes."""
+        writes, now = self.store.writes, time.monotonic()
+        with self._lock:
+            cached = self._scoring.get(version)
+        if cached is not None and cached[2] == writes and now - cached[3] < self.config.index.refresh_s:
+            return cached[1]
         latest = self.store.registry.latest_calibration(version)
         # An erasure, removal or accepted utterance (in any process) must also reach the
         # in-memory cohort and centre.
         key = (latest[0] if latest else None, self.store.keys.profile_changes())
-        with self._lock:
-            cached = self._scoring.get(version)
-            if cached is not None and cached[0] == key:
-                return cached[1]
+        if cached is not None and cached[0] == key:
+            with self._lock:
+                self._scoring[version] = (key, cached[1], writes, now)
+            return cached[1]
         calibration = None
         if latest is not None:
             calibration = Calibration.from_params(version, latest[2], id=latest[0], created_at=latest[1].isoformat())
@@ -140,7 +114,7 @@ class Recognizer:
         cohort, rows = self._cohort(version, through, centre)
         state = VersionScoring(cohort, calibration, self._prototypes(version, centre), centre, rows)
         with self._lock:
-            self._scoring[version] = (key, state)
+            self._scoring[version] = (key, state, writes, now)
         return state
 
     def centre(self, version: int, through: int | None) -> np.ndarray | None:
@@ -194,8 +168,9 @@ class Recognizer:
         """
         cfg = self.config.scoring
         version = self.models.active().number if version is None else version
-        trials, through, cohort = self._trials(version)
+        trials, through, cohort, enrolled = self._trials(version)
         settings = {
+            "speakers_enrolled": enrolled,  # the fit may have seen a sample of them
             "verify_far": cfg.verify_far,
             "identify_far": cfg.identify_far,
             "consistency_hold_rate": self.config.enrollment.consistency_hold_rate,
@@ -217,11 +192,12 @@ class Recognizer:
         log.info("version %d calibrated on %s", version, fitted.trials)
         return Calibration.from_params(version, fitted.to_params(), id=new_id, created_at=created.isoformat())
 
-    def _trials(self, version: int) -> tuple[TrialScores, int, Cohort | None]:
-        """Leave-one-out trials of ``version``'s stored enrollments, the id of the newest
-        one, and the cohort they were normalised with."""
+    def _trials(self, version: int) -> tuple[TrialScores, int, Cohort | None, int]:
+        """Leave-one-out trials of ``version``'s stored enrollments (of ``[scoring]
+        calibration_speakers`` of its speakers at most), the id of the newest one, the
+        cohort they were normalised with, and how many speakers the version has."""
         cfg = self.config.scoring
-        ids, speakers, vectors = self.store.embeddings.version_embeddings(version)
+        (ids, speakers, vectors), enrolled = self.store.embeddings.sampled_embeddings(version, cfg.calibration_speakers, seed=version)
         _, counts = np.unique(np.asarray(speakers, dtype=object), return_counts=True)
         usable = int(np.count_nonzero(counts >= 2))
         if usable < max(cfg.min_calibration_speakers, 2):
@@ -240,7 +216,7 @@ class Recognizer:
             )
         except ValueError as exc:
             raise NotEnoughData(str(exc)) from None
-        return trials, through, cohort
+        return trials, through, cohort, enrolled
 
     def trial_scores(self, version: int) -> DetScores:
         """``version``'s leave-one-out trials (those its calibration is fitted on, with
@@ -250,7 +226,7 @@ class Recognizer:
         cfg = self.config.scoring
         scoring = self.scoring(version)
         backend, _ = scoring.backend(cfg.backend, cfg.min_cohort)
-        trials, _, _ = self._trials(version)
+        trials, _, _, _ = self._trials(version)
         if backend == "asnorm+calibrated":
             target, nontarget = (scoring.calibration.llr(t["asnorm"]) for t in (trials.target, trials.nontarget))
         else:
@@ -276,7 +252,7 @@ class Recognizer:
         return {
             "id": calibration.id,
             "created_at": calibration.created_at,
-            "speakers_then": calibration.trials["speakers"],
+            "speakers_then": calibration.settings.get("speakers_enrolled", calibration.trials["speakers"]),
             "speakers_now": speakers,
             "backends": sorted(calibration.thresholds),
             "centred": bool(calibration.settings.get("centre", False)),
@@ -316,7 +292,7 @@ class Recognizer:
             return self.store.profiles.count_speakers(version, at_least=2) >= cfg.min_calibration_speakers
         if speakers is None:
             speakers = self.store.profiles.count_speakers(version)
-        then = max(int(latest[2]["trials"]["speakers"]), 1)
+        then = max(int(latest[2]["settings"].get("speakers_enrolled", latest[2]["trials"]["speakers"])), 1)
         return abs(speakers - then) >= cfg.recalibrate_change * then
 
     def consistency_threshold(self, version: int) -> float:
@@ -332,17 +308,6 @@ class Recognizer:
         utt = audio.load(source, self.config.audio, name=name)
         return utt, self.models.embedder(version).embed([utt.samples])[0]
 
-    def gallery(self, version: int) -> Gallery:
-        """``version``'s centroids in this process, current to the change feed."""
-        return self.indexes.gallery(version)
-
-    def index_status(self) -> list[dict]:
-        return self.indexes.status()
-
-    def index(self, version: int, scoring: VersionScoring) -> CentroidIndex:
-        """The 1:N index of ``version`` with ``scoring``'s statistics (see :class:`LiveIndexes`)."""
-        return self.indexes.index(version, scoring)
-
     def identify(self, source: Source, *, top: int = 5, name: str | None = None) -> Identification:
         """Rank every enrolled speaker against one utterance (1:N, open set).
 
@@ -354,6 +319,9 @@ class Recognizer:
         if top < 1:
             raise InvalidInput("--top must be at least 1")
         version = self.models.active()
+        answering = self.indexes.answering(version.number, self.scoring(version.number))
+        if answering != version.number:  # the active version's index is still being built
+            version = self.models.get(answering)
         utt, embedding = self._embed_probe(source, name, version)
         return self.identify_embedding(embedding, version, top=top, source=utt.source, speech_s=utt.quality.speech_s)
 
@@ -369,9 +337,11 @@ class Recognizer:
     ) -> list[Identification]:
         """:meth:`identify_embedding` for each row of ``embeddings``, the profiles read once."""
         cfg = self.config.scoring
-        scoring = self.scoring(version.number)
+        # The index answers with the scoring state it was built with (while a newer one is
+        # indexed in the background, the older one's calibration and thresholds).
+        served = self.indexes.index(version.number, self.scoring(version.number))
+        scoring, index = served.scoring, served.index
         backend, switched = scoring.backend(cfg.backend, cfg.min_cohort)
-        index = self.index(version.number, scoring)
         threshold, basis = self.threshold(scoring, backend, "identify", len(index))
         notes = tuple(n for n in (switched, basis if threshold is not None else "") if n)
         answers = []

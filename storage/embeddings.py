@@ -73,14 +73,26 @@ class Embeddings:
         """The embedding at ``version`` of every enrolled (not pending) utterance: utterance
         ids (ascending), their speakers, and the float32 matrix [n, D]."""
         with self._db.session(f"read the embeddings of version {version}") as s:
-            rows = s.execute(
-                select(m.Embedding.utterance_id, m.Speaker.name, m.Embedding.vector)
-                .join(m.Utterance, m.Utterance.id == m.Embedding.utterance_id)
-                .join(m.Speaker, m.Speaker.id == m.Utterance.speaker_id)
-                .where(m.Embedding.version == version, m.Utterance.status == "enrolled")
-                .order_by(m.Embedding.utterance_id)
-            ).all()
+            rows = s.execute(_enrolled(version).order_by(m.Embedding.utterance_id)).all()
         return _matrix(rows)
+
+    def sampled_embeddings(self, version: int, speakers: int, *, seed: int) -> tuple[tuple[np.ndarray, list[str], np.ndarray], int]:
+        """:meth:`version_embeddings` of at most ``speakers`` speakers of ``version``, drawn
+        at random (``seed``) when it has more, and how many it has: a calibration at a
+        million speakers reads what it fits on, not every stored embedding."""
+        with self._db.session(f"read a sample of the embeddings of version {version}") as s:
+            enrolled = s.scalars(
+                select(m.Centroid.speaker_id).where(m.Centroid.version == version).order_by(m.Centroid.speaker_id)
+            ).all()
+            if len(enrolled) <= speakers:
+                rows = s.execute(_enrolled(version).order_by(m.Embedding.utterance_id)).all()
+            else:
+                chosen = np.sort(np.random.default_rng(seed).choice(np.array(enrolled), speakers, replace=False)).tolist()
+                rows = []
+                for start in range(0, len(chosen), 900):  # SQLite binds at most 999 parameters
+                    rows += s.execute(_enrolled(version).where(m.Utterance.speaker_id.in_(chosen[start : start + 900]))).all()
+                rows.sort(key=lambda r: r[0])
+        return _matrix(rows), len(enrolled)
 
     def audio_many(self, utterance_ids: Sequence[int]) -> dict[int, tuple[bytes, str, int]]:
         """The kept audio of several utterances: ``{id: (data, codec, sample_rate)}``;
@@ -163,6 +175,16 @@ def _learn_centroids(s: Session, version: int, by_speaker: dict[int, list[np.nda
         for vector in vectors:
             running.learn_one(vector)
         save_centroid(s, speaker_id, version, running, now, exists=row is not None)
+
+
+def _enrolled(version: int) -> Select:
+    """``(utterance id, speaker, vector)`` of the enrolled utterances embedded at ``version``."""
+    return (
+        select(m.Embedding.utterance_id, m.Speaker.name, m.Embedding.vector)
+        .join(m.Utterance, m.Utterance.id == m.Embedding.utterance_id)
+        .join(m.Speaker, m.Speaker.id == m.Utterance.speaker_id)
+        .where(m.Embedding.version == version, m.Utterance.status == "enrolled")
+    )
 
 
 def _matrix(rows: Sequence) -> tuple[np.ndarray, list[str], np.ndarray]:

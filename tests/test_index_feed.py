@@ -65,7 +65,7 @@ def test_each_committed_transaction_is_one_revision_and_readers_get_only_what_ch
     gallery = Gallery()
     for since in (-1, 3, 5):
         gallery.apply(store.profiles.centroid_changes(v, since) if since < 0 else store.profiles.centroid_changes(v, gallery.revision))
-    names, means = gallery.snapshot()
+    _, names, means, _ = gallery.snapshot()
     full = store.profiles.centroid_changes(v)
     assert names == full.names == ["ann"]
     np.testing.assert_array_equal(means, full.means)
@@ -106,7 +106,7 @@ def test_a_reader_following_the_feed_while_writers_commit_ends_where_a_full_read
         full = reader.profiles.centroid_changes(v)
     assert not errors, errors
     assert steps > 3  # it really followed along
-    names, means = gallery.snapshot()
+    _, names, means, _ = gallery.snapshot()
     order = np.argsort(names)
     expected = np.argsort(full.names)
     assert [names[i] for i in order] == [full.names[i] for i in expected]
@@ -144,7 +144,7 @@ def test_another_process_s_enrollments_and_erasures_reach_identify_within_refres
             writer.erase_speaker(new)
             time.sleep(0.6)
             assert new not in [h.speaker for h in reader.identify(probe).candidates]
-            status = reader.recognizer.index_status()
+            status = reader.index_status()
             assert [(s["version"], s["kind"], s["speakers"], s["behind"]) for s in status] == [(1, "exact", 3, 0)]
             assert status[0]["memory_bytes"] >= 3 * 256 * 4
 

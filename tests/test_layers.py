@@ -80,7 +80,7 @@ LONG_FILES_ALLOWED = {
     # command's text rendering; split across files, a command's flags and its output
     # would live apart. DESIGN.md fixes cli.py as one file at the top level, so the
     # ceiling grows only with new commands.
-    "cli.py": 932,  # 910 before `voiceprint index status`, 924 before `db upgrade` imported checkpoint files
+    "cli.py": 934,  # 910 before `voiceprint index status`, 924 before `db upgrade` imported checkpoint files, 932 before recall
 }
 LENGTH_CHECKED = ("engine", "storage", "service", "migrations", "bench", "cli.py")
 SOURCE_SUFFIXES = (".py",)
