@@ -122,6 +122,8 @@ class CentroidIndex:
             stats = self._cohort.enrollment_stats(names, centroids)
         if stats is None:
             stats = (np.zeros(len(names)), np.ones(len(names)))
+        if not len(self._rows) and self._rows.column("unit").shape[1] != centroids.shape[1]:
+            self._rows.reshape("unit", centroids.shape[1:])  # an index built empty learns the dimension
         return self._rows.put(ids, names, unit=normalise_rows(centroids), enroll_mean=stats[0], enroll_std=stats[1])
 
     def scores(self, embedding: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:

@@ -68,9 +68,6 @@ class LiveIndexes:
             self._sync(version, feed)
         return feed.gallery
 
-    def ready(self, version: int) -> bool:
-        return version in self._served
-
     def answering(self, version: int, scoring) -> int:
         """The version to answer with when ``version`` is the active one: itself, or while
         it is indexed in the background (a large gallery, newly promoted or rolled back
@@ -96,6 +93,9 @@ class LiveIndexes:
                 self._last = version
                 served = self._served.get(version)
             if served is not None and served.scoring.serial == scoring.serial:
+                grown = len(served.index) >= self.config.index.approximate_from and not scoring.prototypes
+                if served.index.kind == "exact" and grown:
+                    self._start(version, scoring)  # grown past approximate_from by enrollments
                 return served
             if served is None or scoring.prototypes or len(feed.gallery) < self.config.index.background_from:
                 served = self._make(feed.gallery, scoring)[0]  # the feed's lock held: nothing can be missed
@@ -195,7 +195,7 @@ class LiveIndexes:
                     _write(served, self.store.profiles.centroid_changes(version, revision))
                     with self._lock:
                         current = self._served.get(version)
-                        if current is None or current.scoring.serial < scoring.serial:
+                        if current is None or current.scoring.serial <= scoring.serial:
                             self._served[version] = served
                 log.info("version %d indexed in the background in %.1f s", version, served.built_s)
             except Exception:  # the older index keeps answering; the next request tries again

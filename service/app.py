@@ -16,6 +16,7 @@ import dataclasses
 import importlib.util
 import logging
 import os
+import threading
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -124,6 +125,9 @@ def create_app(home: str | None = None, db: str | None = None, *, background: bo
         await run_in_threadpool(engine.recover_diarization_jobs)
         runner = app.state.diarize = DiarizationRunner(engine, config.service.diarize_threads)
         runner.start()
+        # The active version's index is built now rather than by the first identify, which
+        # would wait for it (minutes at a million speakers, with every cohort statistic).
+        threading.Thread(target=_warm_index, args=(engine,), name="index-warm", daemon=True).start()
         event("server_started", pid=os.getpid(), active_version=engine.active_version().number, job_worker=worker is not None)
         try:
             yield
@@ -252,3 +256,10 @@ def _add_request_metrics(app: FastAPI, metrics: Metrics) -> None:
             key = getattr(request.state, "key", None)  # set by routes.require once a key is accepted
             ACCESS.info(logfmt(method=request.method, route=label, status=status, ms=round(elapsed * 1000, 1),
                                key=key.id if key else None, role=key.role if key else None))
+
+
+def _warm_index(engine) -> None:
+    try:
+        engine.index_status()
+    except Exception as exc:  # the server may be stopping, or the store down: the first identify builds it
+        log.info("the index was not built at start: %s", exc)

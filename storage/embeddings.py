@@ -78,21 +78,28 @@ class Embeddings:
 
     def sampled_embeddings(self, version: int, speakers: int, *, seed: int) -> tuple[tuple[np.ndarray, list[str], np.ndarray], int]:
         """:meth:`version_embeddings` of at most ``speakers`` speakers of ``version``, drawn
-        at random (``seed``) when it has more, and how many it has: a calibration at a
-        million speakers reads what it fits on, not every stored embedding."""
+        at random (``seed``) when more have embeddings there, and how many speakers the
+        version has (centroids): a calibration at a million speakers reads what it fits
+        on, not every stored embedding."""
         with self._db.session(f"read a sample of the embeddings of version {version}") as s:
-            enrolled = s.scalars(
-                select(m.Centroid.speaker_id).where(m.Centroid.version == version).order_by(m.Centroid.speaker_id)
+            enrolled = s.scalar(select(func.count()).select_from(m.Centroid).where(m.Centroid.version == version))
+            # Drawn among the speakers with embeddings stored at the version: those are the
+            # ones a trial can be made of.
+            held = s.scalars(
+                select(m.Utterance.speaker_id.distinct())
+                .join(m.Embedding, m.Embedding.utterance_id == m.Utterance.id)
+                .where(m.Embedding.version == version, m.Utterance.status == "enrolled")
+                .order_by(m.Utterance.speaker_id)
             ).all()
-            if len(enrolled) <= speakers:
+            if len(held) <= speakers:
                 rows = s.execute(_enrolled(version).order_by(m.Embedding.utterance_id)).all()
             else:
-                chosen = np.sort(np.random.default_rng(seed).choice(np.array(enrolled), speakers, replace=False)).tolist()
+                chosen = np.sort(np.random.default_rng(seed).choice(np.array(held), speakers, replace=False)).tolist()
                 rows = []
                 for start in range(0, len(chosen), 900):  # SQLite binds at most 999 parameters
                     rows += s.execute(_enrolled(version).where(m.Utterance.speaker_id.in_(chosen[start : start + 900]))).all()
                 rows.sort(key=lambda r: r[0])
-        return _matrix(rows), len(enrolled)
+        return _matrix(rows), enrolled
 
     def audio_many(self, utterance_ids: Sequence[int]) -> dict[int, tuple[bytes, str, int]]:
         """The kept audio of several utterances: ``{id: (data, codec, sample_rate)}``;

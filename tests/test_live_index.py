@@ -104,6 +104,24 @@ def test_an_engine_above_approximate_from_answers_and_reports_recall(tmp_path, b
         assert eng.index_status()[0]["recall_at_1"] is None
 
 
+@pytest.mark.data
+def test_an_index_built_empty_takes_the_first_speakers_and_turns_approximate_as_it_grows(tmp_path, by_speaker) -> None:
+    voices = by_speaker("vctk-4")
+    a, b = sorted(voices)[:2]
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "config.toml").write_text("[index]\napproximate_from = 2\n")
+    with Engine.init(home=home) as eng:
+        assert eng.identify(voices[a][0]).reason == "no speaker is enrolled"  # an index of nobody, built
+        eng.enroll(a, voices[a][0])
+        assert eng.identify(voices[a][1]).candidates[0].speaker == a  # written into it: it learnt the dimension
+        assert eng.index_status()[0]["kind"] == "exact"
+        eng.enroll(b, voices[b][0])
+        assert eng.identify(voices[b][1]).candidates[0].speaker == b
+        _until(lambda: eng.index_status()[0]["kind"] == "approximate")  # built again, in the background
+        assert eng.identify(voices[b][1]).candidates[0].speaker == b
+
+
 def _until(check, seconds: float = 60.0):
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
