@@ -99,3 +99,52 @@ class Resemblyzer:
 
     def embed_file(self, path: Path):
         return self.encoder.embed_utterance(self._preprocess(path))
+
+
+class SyntheticSpeakers:
+    """Speaker centroids and probes drawn to look like the encoder's real embeddings, for
+    galleries larger than any data set here (SYNTHETIC: say so wherever they are used).
+
+    Isotropic random vectors are the worst case for an approximate index, and nothing like
+    speaker embeddings, whose energy sits in a few directions. So the pretrained encoder
+    embeds every file of ``speechocean762-train`` once (cached under
+    ``~/.cache/voiceprint-bench``), and speakers are drawn from a Gaussian with those
+    embeddings' mean and covariance; a genuine probe is a speaker plus a deviation drawn
+    from the within-speaker covariance, an impostor a speaker never enrolled.
+    """
+
+    def __init__(self, seed: int = 0, data_set: str = "speechocean762-train") -> None:
+        vectors, speakers = self._embeddings(data_set)
+        self.dim = vectors.shape[1]
+        self.mean = vectors.mean(axis=0)
+        shrink = 1e-4 * np.eye(self.dim)  # the covariances of ~1,500 rows need a little help to factorise
+        self._between = np.linalg.cholesky(np.cov(vectors, rowvar=False) + shrink)
+        within = np.concatenate([vectors[speakers == s] - vectors[speakers == s].mean(axis=0) for s in np.unique(speakers)])
+        self._within = np.linalg.cholesky(np.cov(within, rowvar=False) + shrink)
+        self.rng = np.random.default_rng(seed)
+
+    @staticmethod
+    def _embeddings(data_set: str) -> tuple[np.ndarray, np.ndarray]:
+        cache = Path.home() / ".cache" / "voiceprint-bench" / f"{data_set}-ge2e.npz"
+        if cache.exists():
+            held = np.load(cache, allow_pickle=False)
+            return held["vectors"], held["speakers"]
+        import tempfile
+
+        from voiceprint.engine import Engine
+
+        with tempfile.TemporaryDirectory() as home, Engine.init(home=home) as eng:
+            vectors, speakers = embed_set(data_set, eng)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cache, vectors=vectors.astype(np.float64), speakers=speakers.astype(str))
+        return vectors.astype(np.float64), speakers.astype(str)
+
+    def speakers(self, n: int) -> np.ndarray:
+        """``n`` unit-length speaker centroids ``[n, D]`` float32."""
+        rows = self.mean + self.rng.standard_normal((n, self.dim)) @ self._between.T
+        return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+    def probes(self, centroids: np.ndarray) -> np.ndarray:
+        """One genuine probe per centroid row: the speaker plus a within-speaker deviation."""
+        rows = centroids + self.rng.standard_normal(centroids.shape) @ self._within.T
+        return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)

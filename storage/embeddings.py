@@ -86,9 +86,10 @@ class Embeddings:
             # Drawn among the speakers with embeddings stored at the version: those are the
             # ones a trial can be made of.
             held = s.scalars(
-                select(m.Utterance.speaker_id.distinct())
+                select(m.Utterance.speaker_id)
                 .join(m.Embedding, m.Embedding.utterance_id == m.Utterance.id)
                 .where(m.Embedding.version == version, m.Utterance.status == "enrolled")
+                .distinct()
                 .order_by(m.Utterance.speaker_id)
             ).all()
             if len(held) <= speakers:
