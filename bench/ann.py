@@ -1,6 +1,7 @@
 """Which approximate-nearest-neighbour library the 1:N index uses above ``[index]
 approximate_from``: FAISS (``faiss-cpu``) or ``usearch``, measured side by side on one gallery.
 
+    .venv/bin/pip install usearch    # the rival, not a dependency of voiceprint
     .venv/bin/python bench/ann.py [--sizes 100000,1000000] [--probes 2000] [--out ann]
 
 The gallery is SYNTHETIC (no data set here has enough speakers): speakers drawn from a
