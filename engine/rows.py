@@ -13,6 +13,8 @@ million rows; a first fill allocates once). Not thread-safe: the owner locks.
 >>> rows.remove([7])
 >>> rows.ids, rows.names, rows.column("mean").tolist()
 ([9], ['al'], [[0.0, 1.0]])
+>>> _ = rows.put([4, 5], ["cy", "di"], mean=np.ones((2, 2))); rows.nbytes  # room for 16 rows now, not 3
+128
 """
 
 from __future__ import annotations
@@ -49,14 +51,16 @@ class Rows:
     def put(self, ids, names, **values) -> list[int]:
         """Write rows for ``ids`` (new ids are appended); the rows written, in order."""
         ids = [int(i) for i in ids]
-        self.reserve(len(self.ids) + sum(1 for i in ids if i not in self.at))
+        needed = len(self.ids) + len(set(ids) - self.at.keys())
+        if needed > self._capacity:
+            # A first fill allocates exactly; later growth is by a quarter at least, or each
+            # new speaker would copy every column (2 GiB at a million speakers).
+            self.reserve(needed if not self.ids else max(needed, self._capacity + self._capacity // 4, 16))
         rows = []
         for speaker_id, name in zip(ids, names):
             row = self.at.get(speaker_id)
             if row is None:
                 row = len(self.ids)
-                if row == self._capacity:
-                    self.reserve(max(16, row + row // 4))
                 self.at[speaker_id] = row
                 self.ids.append(speaker_id)
                 self.names.append(name)
