@@ -33,21 +33,29 @@ class ApproximateSearch:
     """An inverted-file index over unit rows keyed by speaker id. Not thread-safe: a
     search must not run beside a change (the owning index locks)."""
 
-    def __init__(self, keys, vectors: np.ndarray, *, threads: int = 2) -> None:
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        n, dim = vectors.shape
+    def __init__(self, keys, vectors, *, threads: int = 2) -> None:
+        """``vectors``: the unit rows ``[N, D]``, or consecutive blocks of them (added one at
+        a time, never copied into one array)."""
+        blocks = [vectors] if isinstance(vectors, np.ndarray) else list(vectors)
+        starts = np.cumsum([0] + [len(b) for b in blocks])
+        keys = np.asarray(keys, dtype=np.int64)
+        n, dim = int(starts[-1]), blocks[0].shape[1]
         lists = max(1, min(int(LISTS_PER_ROOT * np.sqrt(n)), n // 39))  # FAISS wants 39 training rows per list
         # Rows held as 8-bit codes, a quarter of float32: a scan reads less memory, and
         # the caller rescores the candidates on the float32 rows it keeps anyway.
         self._index = faiss.IndexIVFScalarQuantizer(
             faiss.IndexFlatIP(dim), dim, lists, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
         )
-        sample = np.random.default_rng(0).permutation(n)[: TRAINING_PER_LIST * lists]
+        sample = np.sort(np.random.default_rng(0).permutation(n)[: TRAINING_PER_LIST * lists])
+        training = np.concatenate([
+            block[sample[(sample >= lo) & (sample < hi)] - lo] for block, lo, hi in zip(blocks, starts, starts[1:])
+        ])
         # OpenMP's thread count belongs to the calling thread: a build (in the background)
         # uses the cores, a search runs on its request's one thread.
         faiss.omp_set_num_threads(threads)
-        self._index.train(vectors[np.sort(sample)])
-        self._index.add_with_ids(vectors, np.asarray(keys, dtype=np.int64))
+        self._index.train(np.ascontiguousarray(training, dtype=np.float32))
+        for block, lo, hi in zip(blocks, starts, starts[1:]):
+            self._index.add_with_ids(np.ascontiguousarray(block, dtype=np.float32), keys[lo:hi])
         self._index.nprobe = min(NPROBE, lists)
 
     def __len__(self) -> int:

@@ -8,8 +8,6 @@ row of the embedding's dimension per speaker (1 KiB at 256 dimensions, so about 
 for a million speakers).
 
 >>> import numpy as np
-
-from voiceprint.engine.rows import Rows
 >>> from types import SimpleNamespace as Changes
 >>> g = Gallery(dim=2)
 >>> g.apply(Changes(revision=3, speaker_ids=np.array([7, 9]), names=["bo", "al"],
@@ -51,7 +49,7 @@ class Gallery:
         """Apply written rows and removals (a ``CentroidChanges``); how many rows changed."""
         with self._lock:
             self._rows.remove(changes.removed)
-            if len(changes.names) and not len(self._rows) and self._rows.column("mean").shape[1] != changes.means.shape[1]:
+            if len(changes.names) and not len(self._rows) and self._rows.shape("mean") != changes.means.shape[1:]:
                 self._rows.reshape("mean", changes.means.shape[1:])  # the dimension, learnt
             self._rows.put(changes.speaker_ids.tolist(), changes.names, mean=changes.means)
             self.revision = changes.revision
@@ -61,4 +59,4 @@ class Gallery:
         """Speaker ids, names, a copy of their means ``[n, D]`` (safe from later changes)
         and the revision they are current to."""
         with self._lock:
-            return list(self._rows.ids), list(self._rows.names), self._rows.column("mean").copy(), self.revision
+            return list(self._rows.ids), list(self._rows.names), self._rows.array("mean"), self.revision

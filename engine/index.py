@@ -80,7 +80,7 @@ class CentroidIndex:
         self._put(list(ids), list(names), centroids, enroll_stats)
         self._ann = None
         if approximate and prototypes is None and len(self._rows):
-            self._ann = ApproximateSearch(self._rows.ids, self._rows.column("unit"))
+            self._ann = ApproximateSearch(self._rows.ids, self._rows.blocks("unit"))
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -106,7 +106,7 @@ class CentroidIndex:
         with self._lock:
             rows = self._put(list(ids), list(names), np.asarray(centroids), None)
             if self._ann is not None:
-                self._ann.put([self._rows.ids[r] for r in rows], self._rows.column("unit")[rows])
+                self._ann.put([self._rows.ids[r] for r in rows], self._rows.take("unit", rows))
 
     def remove(self, ids) -> None:
         """Drop the profiles of ``ids`` (unknown ids are ignored)."""
@@ -122,7 +122,7 @@ class CentroidIndex:
             stats = self._cohort.enrollment_stats(names, centroids)
         if stats is None:
             stats = (np.zeros(len(names)), np.ones(len(names)))
-        if not len(self._rows) and self._rows.column("unit").shape[1] != centroids.shape[1]:
+        if not len(self._rows) and self._rows.shape("unit") != centroids.shape[1:]:
             self._rows.reshape("unit", centroids.shape[1:])  # an index built empty learns the dimension
         return self._rows.put(ids, names, unit=normalise_rows(centroids), enroll_mean=stats[0], enroll_std=stats[1])
 
@@ -134,8 +134,11 @@ class CentroidIndex:
 
     def _raw(self, probe: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
         """Cosines with ``rows`` (None: every row, without copying the matrix)."""
-        unit = self._rows.column("unit")
-        raw = ((unit if rows is None else unit[rows]) @ probe).astype(np.float64)
+        if rows is None:  # block by block: the rows are never copied
+            raw = np.concatenate([block @ probe for block in self._rows.blocks("unit")] or [np.zeros(0)])
+        else:
+            raw = self._rows.take("unit", rows) @ probe
+        raw = raw.astype(np.float64)
         if self._prototypes is not None and len(self._prototypes[0]):
             owner, vectors = self._prototypes
             best = np.full(len(self._rows), -np.inf)
@@ -149,7 +152,7 @@ class CentroidIndex:
         if self._cohort is not None and len(raw):
             names = self._rows.names if rows is None else [self._rows.names[r] for r in rows]
             t_mean, t_std = self._cohort.test_stats(probe, names, positions={name: i for i, name in enumerate(names)})
-            e_mean, e_std = (self._rows.column(c) if rows is None else self._rows.column(c)[rows] for c in ("enroll_mean", "enroll_std"))
+            e_mean, e_std = (self._rows.array(c) if rows is None else self._rows.take(c, rows) for c in ("enroll_mean", "enroll_std"))
             normalised = asnorm(raw, e_mean, e_std, t_mean, t_std)
             if self._calibration is not None:
                 llr = self._calibration.llr(normalised)
@@ -194,7 +197,14 @@ class CentroidIndex:
             return None
         units = normalise_rows(probes)
         with self._lock:
-            expected = [self._rows.names[i] for i in np.argmax(units @ self._rows.column("unit").T, axis=1)]
+            best, where, start = np.full(len(units), -np.inf), np.zeros(len(units), dtype=np.int64), 0
+            for block in self._rows.blocks("unit"):  # a block at a time: [probes, N] could be gigabytes
+                scores = units @ block.T
+                top = np.argmax(scores, axis=1)
+                better = scores[np.arange(len(units)), top] > best
+                best[better], where[better] = scores[better, top[better]], start + top[better]
+                start += len(block)
+            expected = [self._rows.names[i] for i in where]
         found = [hits[0].speaker if (hits := self.search(p, 1)) else None for p in units]
         return float(np.mean([f == e for f, e in zip(found, expected)]))
 
