@@ -126,6 +126,7 @@ class Engine:
         return cls(resolved, store)
 
     def close(self) -> None:
+        self.recognizer.close()
         self.store.close()
 
     def __enter__(self) -> Engine:

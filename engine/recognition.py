@@ -24,7 +24,7 @@ from voiceprint.engine.config import Config
 from voiceprint.engine.det import DetScores
 from voiceprint.engine.encoders import reference_scores
 from voiceprint.engine.errors import InvalidInput, NotEnoughData, UnknownSpeaker
-from voiceprint.engine.live_index import LiveIndexes
+from voiceprint.engine.live_index import LATE, LiveIndexes
 from voiceprint.engine.index import CentroidIndex
 from voiceprint.engine.models import ModelRegistry
 from voiceprint.engine.names import normalise_speaker_name
@@ -84,17 +84,57 @@ class Recognizer:
         self._lock = threading.Lock()
         self._scoring: dict[int, tuple[tuple, VersionScoring, int, float]] = {}  # version -> (key, state, writes seen, checked at)
         self.indexes = LiveIndexes(store, config)
+        self._follower: threading.Thread | None = None
+        self._closed = threading.Event()
+
+    def close(self) -> None:
+        """Stop the follower thread (the engine closes its store next)."""
+        self._closed.set()
+        if self._follower is not None:
+            self._follower.join()
 
     def scoring(self, version: int) -> VersionScoring:
         """Centre, cohort and calibration of a version, rebuilt when a newer calibration
         appears (a ``calibrate`` in another process included) or a profile changes after
-        the fact. Like the change feed, the database is asked at most every ``[index]
-        refresh_s``, and at once after this process's own writes."""
+        the fact. Like the change feed, the database is asked every ``[index] refresh_s``
+        by the follower thread (started here), and by an answer only at once after this
+        process's own writes or when the follower is late."""
+        self._follow_in_background()
         writes, now = self.store.writes, time.monotonic()
         with self._lock:
             cached = self._scoring.get(version)
-        if cached is not None and cached[2] == writes and now - cached[3] < self.config.index.refresh_s:
+        if cached is not None and cached[2] == writes and now - cached[3] < LATE * self.config.index.refresh_s:
             return cached[1]
+        return self._check(version, cached, writes, now)
+
+    def _follow_in_background(self) -> None:
+        """Start the thread that keeps every version's scoring state and index current
+        (once; none with ``refresh_s`` 0, where every answer reads the database)."""
+        if self._follower is not None or self.config.index.refresh_s <= 0 or self._closed.is_set():
+            return
+        with self._lock:
+            if self._follower is None:
+                self._follower = threading.Thread(target=self._follow, name="index-follower", daemon=True)
+                self._follower.start()
+
+    def _follow(self) -> None:
+        # Awake four times per refresh_s, reading what was read three ticks ago or more:
+        # each read starts within refresh_s of the one before, so a change committed
+        # elsewhere is in the answers within refresh_s and one read.
+        tick = self.config.index.refresh_s / 4
+        while not self._closed.wait(tick):
+            try:
+                with self._lock:
+                    due = [(v, c) for v, c in self._scoring.items() if time.monotonic() - c[3] >= 3 * tick]
+                for version, cached in due:
+                    self._check(version, cached, self.store.writes, time.monotonic())
+                self.indexes.follow(3 * tick)
+            except Exception:  # a database hiccup: answers read for themselves once LATE
+                log.exception("following the database's changes failed; trying again in %.2f s", tick)
+
+    def _check(self, version: int, cached, writes: int, now: float) -> VersionScoring:
+        """Ask the database whether ``version``'s scoring state is still current; rebuild
+        it if not. ``writes``: the store's write count before asking."""
         latest = self.store.registry.latest_calibration(version)
         # An erasure, removal or accepted utterance (in any process) must also reach the
         # in-memory cohort and centre.

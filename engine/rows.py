@@ -75,10 +75,16 @@ class Rows:
 
     def take(self, name: str, rows) -> np.ndarray:
         """The rows ``rows`` of a column, in that order (a copy)."""
-        rows = np.asarray(rows, dtype=np.int64)
+        rows, blocks = np.asarray(rows, dtype=np.int64), self._blocks[name]
+        if len(blocks) == 1:
+            return blocks[0][rows]
         out = np.empty((len(rows), *self._shapes[name]), dtype=np.float32)
+        if len(rows) <= 64:  # a search's candidates: a row at a time beats grouping them by block
+            for i, row in enumerate(rows.tolist()):
+                out[i] = blocks[row // BLOCK][row % BLOCK]
+            return out
         for block, (where, offsets) in self._by_block(rows):
-            out[where] = self._blocks[name][block][offsets]
+            out[where] = blocks[block][offsets]
         return out
 
     def put(self, ids, names, **values) -> list[int]:

@@ -14,9 +14,14 @@ import pytest
 
 from test_storage import enroll, new_version
 from voiceprint.engine import Engine
+from voiceprint.engine.audio import load as audio_load
 from voiceprint.engine.errors import DuplicateUtterance
 from voiceprint.engine.gallery import Gallery
 from voiceprint.storage import Store
+
+
+def audio_of(path) -> np.ndarray:
+    return audio_load(path).samples
 
 
 def _unit(rng: np.random.Generator, dim: int = 8) -> np.ndarray:
@@ -147,6 +152,56 @@ def test_another_process_s_enrollments_and_erasures_reach_identify_within_refres
             status = reader.index_status()
             assert [(s["version"], s["kind"], s["speakers"], s["behind"]) for s in status] == [(1, "exact", 3, 0)]
             assert status[0]["memory_bytes"] >= 3 * 256 * 4
+
+
+@pytest.mark.data
+def test_answers_do_not_wait_on_the_database_while_the_follower_reads_it(db_url: str, tmp_path, by_speaker) -> None:
+    """The follower thread reads the feed and the scoring state every refresh_s; an
+    answer reads the database only after this process's own writes. Counted on the real
+    database connection, per thread."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine as SqlEngine
+
+    voices = by_speaker("vctk-4")
+    a, b, new = sorted(voices)[:3]
+    homes = {name: tmp_path / name for name in ("writer", "reader")}
+    for home in homes.values():
+        home.mkdir()
+        (home / "config.toml").write_text("[index]\nrefresh_s = 0.2\n")
+    queries: list[int] = []  # the thread of each statement sent to any database
+
+    def count(*_args) -> None:
+        queries.append(threading.get_ident())
+
+    with Engine.init(home=homes["writer"], db=db_url) as writer, Engine.open(home=homes["reader"], db=db_url) as reader:
+        for speaker in (a, b):
+            writer.enroll(speaker, voices[speaker][0])
+        version = reader.active_version()
+        embedder = reader.embedder(version)
+        probe = embedder.embed([audio_of(voices[new][5])])[0]
+        assert reader.recognizer.identify_embedding(probe, version).candidates[0].speaker != new  # builds; follower starts
+        for path in voices[new][:3]:
+            writer.enroll(new, path)
+        event.listen(SqlEngine, "before_cursor_execute", count)
+        try:
+            deadline, seen = time.monotonic() + 3, False
+            while time.monotonic() < deadline and not seen:
+                seen = reader.recognizer.identify_embedding(probe, version).candidates[0].speaker == new
+                time.sleep(0.01)
+            answered_in = queries.count(threading.get_ident())
+            for _ in range(30):  # a second and a half of answers: the follower reads about 8 times
+                reader.recognizer.identify_embedding(probe, version)
+                time.sleep(0.05)
+            followed = len(queries) - queries.count(threading.get_ident())
+            answered = queries.count(threading.get_ident())
+        finally:
+            event.remove(SqlEngine, "before_cursor_execute", count)
+        assert seen, "another engine's enrollment never reached the reader's answers"
+        assert answered_in == 0 and answered == 0  # not one statement on the answering thread
+        assert followed >= 8  # the follower's reads (the writer enrolls nothing meanwhile)
+        follower = reader.recognizer._follower
+        assert follower is not None and follower.is_alive()
+    assert not follower.is_alive()  # closing the engine stops it
 
 
 @pytest.mark.data

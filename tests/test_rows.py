@@ -66,6 +66,10 @@ def test_growth_past_a_block_adds_blocks_and_leaves_the_held_ones_in_place(small
     assert table._blocks["vec"][0] is first  # the full block was not copied
     assert [len(b) for b in table.blocks("vec")] == [4, 4, 3]
     assert table.nbytes == 3 * SMALL_BLOCK * 2 * 4
+    table.put(range(11, 111), [str(i) for i in range(11, 111)], vec=np.arange(200.0).reshape(100, 2))
+    order = np.random.default_rng(0).permutation(len(table))
+    for rows in (order, order[:40]):  # grouped by block, and a row at a time
+        np.testing.assert_array_equal(table.take("vec", rows), table.array("vec")[rows])
 
 
 def test_a_first_block_doubles_from_sixteen_rows_before_blocks_are_added():
